@@ -1,0 +1,3 @@
+from noop_rt.cli import run
+
+run()

@@ -1,0 +1,322 @@
+"""`noop-rt`: the command line. Thin: parse, call the library, print; NoopError -> one line on stderr + exit code."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from noop_rt.errors import BadInputError, NoopError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Diffusion classifiers at one UNet pass per class: train NoOp, export to ONNX, build "
+                       "TensorRT engines, classify.")
+_state: dict[str, bool] = {"debug": False}
+
+
+def _fail(exc: BaseException) -> None:
+    code = exc.exit_code if isinstance(exc, NoopError) else 1
+    if _state["debug"]:
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    message = str(exc) if isinstance(exc, NoopError) else f"internal error: {type(exc).__name__}: {exc}"
+    print(f"error: {message.splitlines()[0] if message else type(exc).__name__}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call the library; map any exception to one line on stderr (traceback only with --debug)."""
+    try:
+        return fn(*args, **kwargs)
+    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        _fail(exc)
+
+
+@app.callback()
+def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
+    _state["debug"] = debug
+
+
+BundleOpt = Annotated[Path | None, typer.Option("--bundle", help="Exported bundle folder (onnxruntime/TensorRT).")]
+CkptOpt = Annotated[Path | None, typer.Option("--ckpt", help="NoOp checkpoint NAME.pt (torch backend).")]
+ModelOpt = Annotated[str | None, typer.Option("--model", help="A local diffusers SD folder, or 'demo'.")]
+ClassesOpt = Annotated[str | None, typer.Option("--classes", help="Comma-separated class names.")]
+TemplateOpt = Annotated[str | None, typer.Option("--template", help="Prompt template with one '{}'.")]
+BackendOpt = Annotated[str, typer.Option("--backend", help="auto|tensorrt|onnxruntime|torch")]
+MethodOpt = Annotated[str | None, typer.Option("--method", help="noop|baseline|adaptive|pruned (default: noop "
+                                                                "when a learned noise is loaded, else baseline)")]
+NoisesOpt = Annotated[int, typer.Option("--noises", min=1, help="(t, eps) pairs for baseline/adaptive/pruned.")]
+LossOpt = Annotated[str | None, typer.Option("--loss", help="l2|l1|huber (default: the checkpoint's, else l2).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto|cpu|cuda[:N] for the torch backend.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+MaxBatchOpt = Annotated[int, typer.Option("--max-batch", min=1, help="Largest UNet batch (B*C chunks).")]
+
+
+def _request(bundle: Path | None, ckpt: Path | None, model: str | None, backend: str, classes: str | None,
+             data: Path | None, template: str | None, device: str, max_batch: int, fp16: bool = False):
+    from noop_rt.data import ImageFolder, parse_class_list
+    from noop_rt.runtime.loader import Request
+
+    class_list = None
+    if classes is not None:
+        class_list = parse_class_list(classes)
+    elif data is not None:
+        class_list = ImageFolder.scan(data).classes
+    return Request(bundle=bundle, ckpt=ckpt, model=model, backend=backend, classes=class_list, template=template,
+                   device=device, fp16=fp16, max_batch=max_batch)
+
+
+def _options(classifier: Any, method: str | None, noises: int, loss: str | None, seed: int):
+    from noop_rt.runtime.classifier import StrategyOptions
+    from noop_rt.runtime.loader import suggest
+    from noop_rt.scoring import LOSSES, METHODS
+
+    method = method or classifier.default_method()
+    if method not in METHODS:
+        raise suggest(method, METHODS, "method")
+    if loss is not None and loss not in LOSSES:
+        raise suggest(loss, LOSSES, "loss")
+    classifier.check_method(method)
+    return StrategyOptions(method=method, noises=noises, seed=seed, loss=loss)
+
+
+def _speed_line(timings: Any, classifier: Any, method: str) -> str:
+    ms = timings.per_image_ms()
+    r = classifier.backend.resolution
+    return (f"Speed: {ms['preprocess']:.1f} ms preprocess, {ms['model']:.1f} ms noise+UNet, {ms['scoring']:.1f} ms "
+            f"scoring per image at {r}x{r} ({len(classifier.classes)} classes, method {method}, "
+            f"backend {classifier.backend.name} on {classifier.backend.device})")
+
+
+def _classify(images: list[Path], req: Any, method: str | None, noises: int, loss: str | None, seed: int,
+              top_k: int, as_json: bool) -> None:
+    from noop_rt.data import load_image
+    from noop_rt.runtime.classifier import Timings, predict_arrays
+    from noop_rt.runtime.loader import open_classifier
+
+    if not images:
+        raise BadInputError("no images given")
+    classifier = open_classifier(req)
+    options = _options(classifier, method, noises, loss, seed)
+    import torch
+
+    start = time.perf_counter()
+    arrays = [torch.from_numpy(load_image(p, classifier.backend.resolution)) for p in images]
+    pre = Timings(preprocess=time.perf_counter() - start)
+    preds, timings, per_image = predict_arrays(classifier, arrays, options, top_k)
+    timings.add(pre)
+    pre_each = pre.preprocess / len(images)
+    results = [{"image": str(p), "top": pr.top, "method": options.method, "backend": classifier.backend.name,
+                "latency_ms": round(1e3 * (t + pre_each), 3), "unet_evals": pr.unet_evals}
+               for p, pr, t in zip(images, preds, per_image, strict=True)]
+    if as_json:
+        print(json.dumps(results, indent=2))
+    else:
+        for res in results:
+            best = res["top"][0]
+            rest = ", ".join(f"{t['class']} {t['prob']:.2f}" for t in res["top"][1:])
+            print(f"{res['image']}: {best['class']} ({best['prob']:.2f})" + (f"  | {rest}" if rest else ""))
+    print(_speed_line(timings, classifier, options.method), file=sys.stderr)
+
+
+@app.command()
+def classify(
+    images: Annotated[list[Path], typer.Argument(help="Image files.", show_default=False)],
+    bundle: BundleOpt = None, ckpt: CkptOpt = None, model: ModelOpt = None, classes: ClassesOpt = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Take the class names from an image-folder tree.")] = None,
+    template: TemplateOpt = None, backend: BackendOpt = "auto", method: MethodOpt = None, noises: NoisesOpt = 100,
+    loss: LossOpt = None, seed: Annotated[int, typer.Option(help="Noise seed for random strategies.")] = 0,
+    top_k: Annotated[int, typer.Option("--top-k", min=1)] = 5, device: DeviceOpt = "auto",
+    fp16: Annotated[bool, typer.Option("--fp16", help="torch backend in half precision.")] = False,
+    max_batch: MaxBatchOpt = 256, as_json: JsonOpt = False,
+) -> None:
+    """Classify images. No --bundle/--ckpt/--model: the built-in demo (handwritten digits)."""
+    def go() -> None:
+        req = _request(bundle, ckpt, model, backend, classes, data, template, device, max_batch, fp16)
+        _classify(images, req, method, noises, loss, seed, top_k, as_json)
+
+    _run(go)
+
+
+def evaluate(classifier: Any, dataset: Any, options: Any, show_progress: bool = True) -> dict[str, Any]:
+    """Accuracy, per-class accuracy and confusion matrix of `classifier` on an ImageFolder (classes by name)."""
+    import torch
+    from tqdm import tqdm
+
+    from noop_rt.data import load_image
+    from noop_rt.runtime.classifier import images_per_call
+
+    index = {name: i for i, name in enumerate(classifier.classes)}
+    missing = [name for name in dataset.classes if name not in index]
+    if missing:
+        raise BadInputError(f"data classes not known to the classifier: {', '.join(missing[:5])}"
+                            f"{' ...' if len(missing) > 5 else ''} (classifier classes: "
+                            f"{', '.join(classifier.classes[:10])}{' ...' if len(classifier.classes) > 10 else ''})")
+    c = len(classifier.classes)
+    confusion = torch.zeros(c, c, dtype=torch.long)
+    step = images_per_call(classifier, options.method)
+    evals = 0
+    start = time.perf_counter()
+    bar = tqdm(total=len(dataset), desc=f"eval {options.method}", unit="img", disable=not show_progress,
+               file=sys.stderr)
+    for s in range(0, len(dataset), step):
+        chunk = dataset.samples[s:s + step]
+        batch = torch.stack([torch.from_numpy(load_image(p, classifier.backend.resolution)) for p, _ in chunk])
+        scores, _ = classifier.score(batch, options)
+        for (_, label), pred in zip(chunk, scores.predictions().tolist(), strict=True):
+            confusion[index[dataset.classes[label]], pred] += 1
+        evals += int(scores.unet_evals.sum())
+        bar.update(len(chunk))
+        bar.set_postfix(acc=f"{confusion.diag().sum().item() / confusion.sum().item():.3f}")
+    bar.close()
+    seen = confusion.sum(dim=1)
+    per_class = {name: (confusion[i, i].item() / seen[i].item()) for i, name in enumerate(classifier.classes)
+                 if seen[i] > 0}
+    return {"accuracy": confusion.diag().sum().item() / max(confusion.sum().item(), 1), "n": len(dataset),
+            "per_class": per_class, "confusion": confusion.tolist(), "classes": classifier.classes,
+            "method": options.method, "backend": classifier.backend.name,
+            "unet_evals_per_image": evals / max(len(dataset), 1), "seconds": time.perf_counter() - start}
+
+
+@app.command("eval")
+def eval_command(
+    data: Annotated[Path, typer.Option("--data", help="Image-folder tree: DIR/<class>/<images>.")],
+    bundle: BundleOpt = None, ckpt: CkptOpt = None, model: ModelOpt = None, template: TemplateOpt = None,
+    backend: BackendOpt = "auto", method: MethodOpt = None, noises: NoisesOpt = 100, loss: LossOpt = None,
+    seed: Annotated[int, typer.Option(help="Noise seed for random strategies.")] = 0, device: DeviceOpt = "auto",
+    fp16: Annotated[bool, typer.Option("--fp16", help="torch backend in half precision.")] = False,
+    max_batch: MaxBatchOpt = 256, as_json: JsonOpt = False,
+) -> None:
+    """Accuracy, per-class accuracy and confusion matrix on a labelled image folder."""
+    def go() -> None:
+        from noop_rt.data import ImageFolder
+        from noop_rt.runtime.loader import open_classifier
+
+        dataset = ImageFolder.scan(data)
+        classes = None if (ckpt or bundle or model in (None, "demo")) else ",".join(dataset.classes)
+        req = _request(bundle, ckpt, model, backend, classes, None, template, device, max_batch, fp16)
+        classifier = open_classifier(req)
+        options = _options(classifier, method, noises, loss, seed)
+        report = evaluate(classifier, dataset, options)
+        if as_json:
+            print(json.dumps(report, indent=2))
+            return
+        print(f"accuracy {report['accuracy']:.4f} on {report['n']} images ({report['method']}, "
+              f"{report['unet_evals_per_image']:.0f} UNet evals/image, backend {report['backend']})")
+        width = max(len(n) for n in report["classes"])
+        for name, acc in report["per_class"].items():
+            print(f"  {name:<{width}}  {acc:.3f}")
+        print("confusion (rows: true, columns: predicted):")
+        for name, row in zip(report["classes"], report["confusion"], strict=True):
+            print(f"  {name:<{width}}  " + " ".join(f"{v:4d}" for v in row))
+
+    _run(go)
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option("--data", help="Image-folder tree (DIR/<class>/…, or DIR/train + DIR/val).")],
+    out: Annotated[Path, typer.Option("--out", help="Checkpoint to write, e.g. pets.pt.")],
+    model: Annotated[str, typer.Option("--model", help="'demo' or a local diffusers SD folder.")] = "demo",
+    shots: Annotated[int, typer.Option("--shots", min=1, help="Training images per class.")] = 16,
+    val_shots: Annotated[int, typer.Option("--val-shots", min=1, help="Validation images per class "
+                                                                      "(when DIR has no val/).")] = 10,
+    timestep: Annotated[int, typer.Option("--timestep", min=0, help="NoOp's fixed timestep t*.")] = 500,
+    meta_net: Annotated[bool, typer.Option("--meta-net/--no-meta-net", help="Learn the image-specific offset.")] = True,
+    prompt_tuning: Annotated[bool, typer.Option("--prompt-tuning", help="Also learn CoOp-style context.")] = False,
+    epochs: Annotated[int, typer.Option(min=1)] = 20,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
+    lr_noise: Annotated[float, typer.Option("--lr-noise")] = 1e-2,
+    lr_meta: Annotated[float, typer.Option("--lr-meta")] = 1e-3,
+    negatives: Annotated[int, typer.Option("--negatives", min=2, help="Classes scored per image and step.")] = 10,
+    loss: Annotated[str, typer.Option("--loss", help="l2|l1|huber")] = "l2",
+    template: TemplateOpt = None, seed: Annotated[int, typer.Option()] = 0, device: DeviceOpt = "auto",
+    fp16: Annotated[bool, typer.Option("--fp16", help="Frozen backbone in half precision (CUDA).")] = False,
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing",
+                                                         help="Trade compute for memory (SD on 24 GB).")] = False,
+    max_batch: MaxBatchOpt = 256, as_json: JsonOpt = False,
+) -> None:
+    """Learn NoOp's dataset noise (+ meta-net) on a few-shot image folder; write NAME.pt atomically."""
+    def go() -> None:
+        import torch
+
+        from noop_rt.backbone import DEMO_SOURCE, load_backbone
+        from noop_rt.checkpoint import save_checkpoint
+        from noop_rt.configs import DEMO_TEMPLATE
+        from noop_rt.data import DEFAULT_TEMPLATE
+        from noop_rt.noop import TrainConfig
+        from noop_rt.runtime.loader import pick_device, suggest
+        from noop_rt.scoring import LOSSES
+        from noop_rt.training import fewshot_split, train_checkpoint
+
+        if loss not in LOSSES:
+            raise suggest(loss, LOSSES, "loss")
+        if out.suffix != ".pt":
+            raise BadInputError(f"--out must name a .pt file, got {out}")
+        split = fewshot_split(data, shots, val_shots, seed)
+        backbone = load_backbone(model, dtype=torch.float16 if fp16 else torch.float32, device=pick_device(device))
+        if not 0 <= timestep < backbone.num_train_timesteps:
+            raise BadInputError(f"--timestep must be in [0, {backbone.num_train_timesteps})")
+        config = TrainConfig(t_star=timestep, epochs=epochs, batch_size=batch_size, lr_noise=lr_noise,
+                             lr_meta=lr_meta, meta_net=meta_net, prompt_tuning=prompt_tuning, negatives=negatives,
+                             loss=loss, seed=seed, max_batch=max_batch, gradient_checkpointing=gradient_checkpointing)
+        tmpl = template or (DEMO_TEMPLATE if backbone.source == DEMO_SOURCE else DEFAULT_TEMPLATE)
+        ckpt, result = train_checkpoint(backbone, split, tmpl, config)
+        save_checkpoint(ckpt, out)
+        summary = {"out": str(out), "classes": len(split.classes), "train_images": len(split.train),
+                   "val_images": len(split.val), "val_accuracy": result.val_accuracy, "best_epoch": result.best_epoch,
+                   "tau": result.tau, "minutes": round(result.minutes, 2)}
+        if as_json:
+            print(json.dumps(summary, indent=2))
+        else:
+            print(f"wrote {out}: {len(split.classes)} classes, {len(split.train)} training images, validation "
+                  f"accuracy {result.val_accuracy:.4f} (epoch {result.best_epoch}), tau {result.tau:.3g}, "
+                  f"{result.minutes:.1f} min")
+
+    _run(go)
+
+
+@app.command("demo-data")
+def demo_data(
+    out: Annotated[Path, typer.Argument(help="Folder to write train/ val/ test/ image-folder trees into.")],
+    shots: Annotated[int, typer.Option("--shots", min=1)] = 16,
+    val_shots: Annotated[int, typer.Option("--val-shots", min=1)] = 10,
+) -> None:
+    """Write the demo's digits split (few-shot train, val, held-out test) as image folders."""
+    def go() -> None:
+        from noop_rt.demo.digits import write_image_folders
+
+        if out.exists() and any(out.iterdir()):
+            raise BadInputError(f"{out} exists and is not empty")
+        counts = write_image_folders(out, shots, val_shots)
+        print(f"wrote {out}: " + ", ".join(f"{k} {v} images" for k, v in counts.items()))
+
+    _run(go)
+
+
+@app.command()
+def demo(
+    backend: BackendOpt = "auto", method: MethodOpt = None, noises: NoisesOpt = 100, as_json: JsonOpt = False,
+) -> None:
+    """Classify the bundled example digits with the built-in demo and print a table."""
+    def go() -> None:
+        from noop_rt.demo import EXAMPLES_DIR
+        from noop_rt.runtime.loader import Request
+
+        images = sorted(EXAMPLES_DIR.glob("*.png"))
+        if not images:
+            raise BadInputError(f"no example images in {EXAMPLES_DIR}")
+        _classify(images, Request(backend=backend), method, noises, None, 0, 3, as_json)
+
+    _run(go)
+
+
+def run() -> None:
+    app()

@@ -1,0 +1,161 @@
+"""Architecture configs built in code: the demo model, tiny SD models for tests, and the SD-1.5 shape for benches.
+
+Each returns plain diffusers/transformers config objects or dicts; `random_components` instantiates them with
+random weights (latency does not depend on the weights; tests only need the architecture).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from noop_rt.vocab import build_clip_tokenizer
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DEMO_TEMPLATE = "a handwritten digit {}"
+COMMON_WORDS = ("a", "an", "the", "photo", "of", "picture", "handwritten", "digit", "type", "pet", "cat", "dog")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One model family: UNet/VAE/text-encoder configs plus the tokenizer length and noise schedule."""
+
+    name: str
+    unet: dict[str, Any]
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    text_ffn: int
+    max_tokens: int  # tokenizer model_max_length == text encoder positions
+    vocab_size: int | None  # None: the size of the locally built vocabulary
+    vae: dict[str, Any] | None  # None: pixel-space model (z0 = image)
+    scheduler: dict[str, Any]
+
+
+def _cross_attn_unet(
+    sample_size: int, channels: int, blocks: tuple[int, ...], cross_dim: int, heads: int | tuple[int, ...],
+    groups: int, layers: int = 2, first_plain: bool = True,
+) -> dict[str, Any]:
+    n = len(blocks)
+    down = ["CrossAttnDownBlock2D"] * n
+    up = ["CrossAttnUpBlock2D"] * n
+    if first_plain:  # the highest-resolution block without attention, as in small pixel UNets
+        down[0] = "DownBlock2D"
+        up[-1] = "UpBlock2D"
+    return {
+        "sample_size": sample_size,
+        "in_channels": channels,
+        "out_channels": channels,
+        "block_out_channels": list(blocks),
+        "down_block_types": down,
+        "up_block_types": up,
+        "layers_per_block": layers,
+        "cross_attention_dim": cross_dim,
+        "attention_head_dim": heads,
+        "norm_num_groups": groups,
+    }
+
+
+DDPM_LINEAR = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
+               "prediction_type": "epsilon", "clip_sample": False}
+SD_SCALED_LINEAR = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                    "beta_end": 0.012, "prediction_type": "epsilon", "clip_sample": False}
+
+# The built-in demo: a 1-channel 16x16 pixel-space UNet2DConditionModel, cross-attention on a tiny CLIP text model.
+DEMO = Architecture(
+    name="demo",
+    unet=_cross_attn_unet(16, 1, (48, 96, 96), cross_dim=64, heads=4, groups=16, layers=1),
+    text_hidden=64, text_layers=2, text_heads=4, text_ffn=128, max_tokens=8, vocab_size=None,
+    vae=None, scheduler=DDPM_LINEAR,
+)
+
+# Tiny latent SD (tests): 32 px image -> 4x16x16 latent through a real AutoencoderKL.
+TINY_SD = Architecture(
+    name="tiny-sd",
+    unet=_cross_attn_unet(16, 4, (16, 32), cross_dim=32, heads=2, groups=8, layers=1, first_plain=False),
+    text_hidden=32, text_layers=2, text_heads=2, text_ffn=64, max_tokens=16, vocab_size=None,
+    vae={"in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": [8, 16],
+         "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
+         "layers_per_block": 1, "norm_num_groups": 4, "sample_size": 32},
+    scheduler=SD_SCALED_LINEAR,
+)
+
+# Stable Diffusion 1.5 shapes (random weights): 512 px, 4x64x64 latent, CLIP ViT-L/14 text tower, 77 tokens.
+SD15_SHAPE = Architecture(
+    name="sd15-shape",
+    unet={"sample_size": 64, "in_channels": 4, "out_channels": 4, "block_out_channels": [320, 640, 1280, 1280],
+          "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+          "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+          "layers_per_block": 2, "cross_attention_dim": 768, "attention_head_dim": 8, "norm_num_groups": 32},
+    text_hidden=768, text_layers=12, text_heads=12, text_ffn=3072, max_tokens=77, vocab_size=49408,
+    vae={"in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": [128, 256, 512, 512],
+         "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+         "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 512, "scaling_factor": 0.18215},
+    scheduler=SD_SCALED_LINEAR,
+)
+
+ARCHITECTURES = {a.name: a for a in (DEMO, TINY_SD, SD15_SHAPE)}
+
+
+@dataclass
+class Components:
+    """The parts of a Stable-Diffusion-style model, as `save_pretrained` folders hold them."""
+
+    unet: UNet2DConditionModel
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    vae: AutoencoderKL | None
+    scheduler: DDPMScheduler
+
+
+def build_tokenizer(arch: Architecture, extra_words: tuple[str, ...] = ()) -> CLIPTokenizer:
+    return build_clip_tokenizer(COMMON_WORDS + DIGIT_NAMES + extra_words, arch.max_tokens)
+
+
+def random_components(arch: Architecture, seed: int = 0, extra_words: tuple[str, ...] = ()) -> Components:
+    """Instantiate `arch` with seeded random weights."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(arch, extra_words)
+    vocab_size = arch.vocab_size or len(tokenizer)
+    text_config = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=arch.text_hidden, intermediate_size=arch.text_ffn,
+        num_hidden_layers=arch.text_layers, num_attention_heads=arch.text_heads,
+        max_position_embeddings=arch.max_tokens, projection_dim=arch.text_hidden,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return Components(
+        unet=UNet2DConditionModel(**arch.unet),
+        text_encoder=CLIPTextModel(text_config),
+        tokenizer=tokenizer,
+        vae=AutoencoderKL(**arch.vae) if arch.vae is not None else None,
+        scheduler=DDPMScheduler(**arch.scheduler),
+    )
+
+
+def save_components(components: Components, folder: str) -> None:
+    """Write the diffusers folder layout (model_index.json, unet/, text_encoder/, tokenizer/, scheduler/, vae/)."""
+    import json
+    from pathlib import Path
+
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    components.unet.save_pretrained(root / "unet")
+    components.text_encoder.save_pretrained(root / "text_encoder")
+    components.tokenizer.save_pretrained(root / "tokenizer")
+    components.scheduler.save_pretrained(root / "scheduler")
+    index: dict[str, Any] = {
+        "_class_name": "StableDiffusionPipeline" if components.vae is not None else "NoopPixelDiffusion",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+    }
+    if components.vae is not None:
+        components.vae.save_pretrained(root / "vae")
+        index["vae"] = ["diffusers", "AutoencoderKL"]
+    (root / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

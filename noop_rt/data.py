@@ -1,0 +1,124 @@
+"""Images in, arrays out: decoding (any PIL mode, EXIF orientation), resize + centre crop, [-1, 1]; image folders;
+class names and prompt templates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from noop_rt.errors import BadInputError
+
+DEFAULT_TEMPLATE = "a photo of a {}"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """Decode an image to RGB: EXIF orientation applied, palette/grey/CMYK converted, alpha composited on white."""
+    p = Path(path)
+    if not p.is_file():
+        raise BadInputError(f"image not found: {p}")
+    try:
+        with Image.open(p) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            if img.mode == "P" and "transparency" in img.info:
+                img = img.convert("RGBA")
+            if img.mode in ("RGBA", "LA", "PA"):
+                rgba = img.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                return Image.alpha_composite(background, rgba).convert("RGB")
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(img, dtype=np.float64)
+                peak = 65535.0 if arr.max() > 255 else 255.0
+                return Image.fromarray((arr / peak * 255).round().astype(np.uint8), mode="L").convert("RGB")
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BadInputError(f"cannot read image {p}: {reason}") from None
+
+
+def to_model_input(img: Image.Image, resolution: int) -> np.ndarray:
+    """Resize the shorter side to `resolution` (bicubic), centre-crop square, scale to [-1, 1]: (3, R, R) float32."""
+    w, h = img.size
+    scale = resolution / min(w, h)
+    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+    img = img.crop((left, top, left + resolution, top + resolution))
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0  # (R, R, 3)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def load_image(path: str | Path, resolution: int) -> np.ndarray:
+    """`open_rgb` then `to_model_input`: (3, R, R) float32 in [-1, 1]."""
+    return to_model_input(open_rgb(path), resolution)
+
+
+def class_name_from_folder(folder: str) -> str:
+    """Folder name -> class name: underscores become spaces ("great_pyrenees" -> "great pyrenees")."""
+    return folder.replace("_", " ").strip()
+
+
+def make_prompts(classes: list[str], template: str = DEFAULT_TEMPLATE) -> list[str]:
+    """One prompt per class from a template holding one `{}`."""
+    if template.count("{}") != 1:
+        raise BadInputError(f"prompt template must contain exactly one '{{}}' for the class name: {template!r}")
+    return [template.format(name) for name in classes]
+
+
+def parse_class_list(text: str) -> list[str]:
+    """`--classes a,b,c` -> ["a", "b", "c"]; an empty or duplicated list is an error."""
+    classes = [c.strip() for c in text.split(",") if c.strip()]
+    if not classes:
+        raise BadInputError("the class list is empty: pass --classes a,b,c or --data DIR")
+    duplicates = sorted({c for c in classes if classes.count(c) > 1})
+    if duplicates:
+        raise BadInputError(f"duplicate class names: {', '.join(duplicates)}")
+    return classes
+
+
+@dataclass(frozen=True)
+class ImageFolder:
+    """An image-folder tree: one sub-folder per class (sorted), image files inside (recursively)."""
+
+    root: Path
+    classes: list[str]  # class names (underscores -> spaces), index = label
+    folders: list[str]  # the sub-folder names, same order
+    samples: list[tuple[Path, int]]  # (image path, label)
+
+    @classmethod
+    def scan(cls, root: str | Path) -> ImageFolder:
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise BadInputError(f"data folder not found: {root}")
+        folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not folders:
+            raise BadInputError(f"{root} has no class sub-folders (expected DIR/<class>/<image files>)")
+        samples: list[tuple[Path, int]] = []
+        for label, folder in enumerate(folders):
+            files = sorted(p for p in (root / folder).rglob("*")
+                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            samples += [(p, label) for p in files]
+        if not samples:
+            raise BadInputError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)}) under its class folders")
+        return cls(root, [class_name_from_folder(f) for f in folders], folders, samples)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def per_class(self, shots: int | None, seed: int) -> tuple[list[tuple[Path, int]], list[tuple[Path, int]]]:
+        """(first `shots` per class, the rest), drawn per class with a seeded permutation; shots=None takes all."""
+        rng = np.random.default_rng(seed)
+        picked: list[tuple[Path, int]] = []
+        rest: list[tuple[Path, int]] = []
+        for label in range(len(self.classes)):
+            members = [s for s in self.samples if s[1] == label]
+            order = rng.permutation(len(members))
+            cut = len(members) if shots is None else shots
+            picked += [members[i] for i in order[:cut]]
+            rest += [members[i] for i in order[cut:]]
+        return picked, rest

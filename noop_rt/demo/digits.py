@@ -1,0 +1,69 @@
+"""The demo's data: scikit-learn's bundled handwritten digits (1797 real 8x8 scans, offline), upsampled to 16x16.
+
+Fixed split (documented in the model card):
+- `test`: 360 held-out images (20 %, stratified, seed 0) — never seen by the backbone or by NoOp training.
+- `train`: the other 1437 images train the backbone.
+- `fewshot`: `shots` images per class from `train` (seed 1), and `val`: the next `val_shots` per class, for NoOp.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from noop_rt.configs import DIGIT_NAMES
+
+RESOLUTION = 16
+TEST_SIZE = 360
+
+
+def digit_images() -> tuple[np.ndarray, np.ndarray]:
+    """All 1797 digits as uint8 (N, 16, 16) grey images (ink bright, background 0) and int labels (N,)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    scans = (digits.images / 16.0 * 255.0).round().astype(np.uint8)  # (N, 8, 8), values 0..16 -> 0..255
+    images = np.stack([
+        np.asarray(Image.fromarray(scan, mode="L").resize((RESOLUTION, RESOLUTION), Image.Resampling.BILINEAR))
+        for scan in scans
+    ])
+    return images, digits.target.astype(np.int64)
+
+
+def split_indices(labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Indices of the fixed `train` / `test` split (stratified, seed 0)."""
+    from sklearn.model_selection import train_test_split
+
+    train, test = train_test_split(
+        np.arange(len(labels)), test_size=TEST_SIZE, stratify=labels, random_state=0
+    )
+    return {"train": np.sort(train), "test": np.sort(test)}
+
+
+def fewshot_indices(labels: np.ndarray, train: np.ndarray, shots: int, val_shots: int) -> dict[str, np.ndarray]:
+    """`shots` + `val_shots` images per class drawn from `train` (seed 1): NoOp's few-shot and validation sets."""
+    rng = np.random.default_rng(1)
+    fewshot: list[int] = []
+    val: list[int] = []
+    for cls in range(len(DIGIT_NAMES)):
+        members = rng.permutation(train[labels[train] == cls])
+        fewshot += members[:shots].tolist()
+        val += members[shots:shots + val_shots].tolist()
+    return {"fewshot": np.array(sorted(fewshot)), "val": np.array(sorted(val))}
+
+
+def write_image_folders(out: Path, shots: int = 16, val_shots: int = 10) -> dict[str, int]:
+    """Write `out/{fewshot,val,test}/<class>/<index>.png` image-folder trees; returns the image count per split."""
+    images, labels = digit_images()
+    splits = split_indices(labels)
+    splits.update(fewshot_indices(labels, splits["train"], shots, val_shots))
+    counts = {}
+    for name in ("fewshot", "val", "test"):
+        for idx in splits[name]:
+            folder = out / name / DIGIT_NAMES[labels[idx]]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[idx], mode="L").save(folder / f"{idx:04d}.png")
+        counts[name] = len(splits[name])
+    return counts

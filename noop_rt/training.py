@@ -1,0 +1,103 @@
+"""From an image-folder tree to a NoOp checkpoint: few-shot split, cached latents, training, calibration."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from noop_rt.backbone import Backbone
+from noop_rt.checkpoint import NoopCheckpoint, backbone_fingerprint
+from noop_rt.data import ImageFolder, make_prompts
+from noop_rt.errors import BadInputError
+from noop_rt.noop import TrainConfig, TrainResult, encode_paths, train_noop
+
+
+@dataclass
+class FewShotSplit:
+    classes: list[str]
+    train: list[tuple[Path, int]]
+    val: list[tuple[Path, int]]
+    source: str  # how the split was made, for the training record
+
+
+def fewshot_split(data: str | Path, shots: int, val_shots: int, seed: int) -> FewShotSplit:
+    """`DIR/train` + `DIR/val` when both exist (shots per class from train, all of val), else `shots` per class
+    from DIR for training and up to `val_shots` per class of the rest for validation (seeded)."""
+    root = Path(data).expanduser()
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        train_set, val_set = ImageFolder.scan(root / "train"), ImageFolder.scan(root / "val")
+        if train_set.classes != val_set.classes:
+            raise BadInputError(f"{root}/train and {root}/val have different class folders")
+        train, _ = train_set.per_class(shots, seed)
+        val = val_set.samples
+        source = f"{shots} shots/class from {root / 'train'}, validation {root / 'val'}"
+        classes = train_set.classes
+    else:
+        dataset = ImageFolder.scan(root)
+        train, rest = dataset.per_class(shots, seed)
+        val = []
+        for label in range(len(dataset.classes)):
+            val += [s for s in rest if s[1] == label][:val_shots]
+        source = f"{shots} shots/class + up to {val_shots} validation/class from {root} (seed {seed})"
+        classes = dataset.classes
+    counts = torch.bincount(torch.tensor([label for _, label in train]), minlength=len(classes))
+    short = [classes[i] for i in range(len(classes)) if counts[i] == 0]
+    if short:
+        raise BadInputError(f"no training images for class(es): {', '.join(short[:5])}")
+    if not val:
+        raise BadInputError(f"no validation images: add {root}/val/<class>/ or more than --shots {shots} images "
+                            "per class")
+    if len(classes) < 2:
+        raise BadInputError("a classifier needs at least two classes")
+    return FewShotSplit(classes, train, val, source)
+
+
+def train_checkpoint(backbone: Backbone, split: FewShotSplit, template: str, config: TrainConfig,
+                     show_progress: bool = True) -> tuple[NoopCheckpoint, TrainResult]:
+    """Encode the split once, train NoOp with a progress bar, and assemble the checkpoint (not yet written)."""
+    prompts = make_prompts(split.classes, template)
+    paths = [p for p, _ in split.train] + [p for p, _ in split.val]
+    with tqdm(total=len(paths), desc="encode images", unit="img", file=sys.stderr, disable=not show_progress) as bar:
+        z = encode_paths(backbone, paths, progress=bar.update)
+    z_train, z_val = z[:len(split.train)], z[len(split.train):]
+    y_train = torch.tensor([label for _, label in split.train])
+    y_val = torch.tensor([label for _, label in split.val])
+    bar = tqdm(desc="train NoOp", unit="step", file=sys.stderr, disable=not show_progress)
+
+    def on_step(record: dict) -> None:
+        if "val_accuracy" in record:
+            bar.set_postfix(epoch=record["epoch"], val_acc=f"{record['val_accuracy']:.3f}")
+        else:
+            bar.update(1)
+            bar.set_postfix(epoch=record["epoch"], loss=f"{record['loss']:.3f}")
+
+    def set_total(total: int) -> None:
+        bar.total = total
+        bar.refresh()
+
+    result = train_noop(backbone, prompts, template, z_train, y_train, z_val, y_val, config, on_step, set_total)
+    bar.close()
+    meta = result.noise.meta_net
+    ckpt = NoopCheckpoint(
+        backbone_source=backbone.source, backbone_fingerprint=backbone_fingerprint(backbone),
+        classes=split.classes, prompts=prompts, template=template, t_star=config.t_star, loss=config.loss,
+        eps_d=result.noise.eps_d.detach().cpu(),
+        meta_net_config=None if meta is None else {"in_channels": meta.config.in_channels,
+                                                    "channels": list(meta.config.channels)},
+        meta_net_state=None if meta is None else {k: v.detach().cpu() for k, v in meta.state_dict().items()},
+        class_embeddings=result.class_embeddings, tau=result.tau,
+        prompt_ctx=None if result.prompt is None else result.prompt.ctx.detach().cpu(),
+        train={"config": config.to_dict(), "split": split.source, "shots_per_class": _shots(split),
+               "train_images": len(split.train), "val_images": len(split.val),
+               "val_accuracy": result.val_accuracy, "best_epoch": result.best_epoch,
+               "minutes": round(result.minutes, 2), "history": result.history},
+    )
+    return ckpt, result
+
+
+def _shots(split: FewShotSplit) -> int:
+    return max(torch.bincount(torch.tensor([label for _, label in split.train])).tolist())

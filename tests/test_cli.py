@@ -1,0 +1,95 @@
+"""The command line: JSON contract, exit codes, one-line errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from noop_rt.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_classify_json_contract(tiny_sd, shape_images) -> None:
+    img = next((shape_images / "red_square").iterdir())
+    res = invoke("classify", img, "--model", tiny_sd, "--data", shape_images, "--method", "baseline",
+                 "--noises", "3", "--top-k", "2", "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert len(out) == 1
+    row = out[0]
+    assert set(row) == {"image", "top", "method", "backend", "latency_ms", "unet_evals"}
+    assert row["method"] == "baseline" and row["backend"] == "torch" and row["unet_evals"] == 3 * 2
+    assert [t["class"] for t in row["top"]] and {t["class"] for t in row["top"]} == {"red square", "blue circle"}
+    assert sum(t["prob"] for t in row["top"]) == pytest.approx(1.0, abs=1e-5)
+    assert row["top"][0]["error"] <= row["top"][1]["error"]
+
+
+@pytest.mark.parametrize("method", ["adaptive", "pruned"])
+def test_classify_other_strategies(tiny_sd, shape_images, method: str) -> None:
+    img = next((shape_images / "blue_circle").iterdir())
+    res = invoke("classify", img, img, "--model", tiny_sd, "--classes", "red square,blue circle,green square",
+                 "--method", method, "--noises", "10", "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert len(out) == 2 and all(r["method"] == method for r in out)
+    assert all(0 < r["unet_evals"] <= 30 for r in out)
+
+
+def test_human_output_and_speed_line(tiny_sd, shape_images) -> None:
+    img = next((shape_images / "red_square").iterdir())
+    res = invoke("classify", img, "--model", tiny_sd, "--classes", "red square,blue circle", "--method",
+                 "baseline", "--noises", "2")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.startswith(str(img))
+    assert "Speed:" in res.stderr and "noise+UNet" in res.stderr
+
+
+def test_eval_reports_accuracy_and_confusion(tiny_sd, shape_images) -> None:
+    res = invoke("eval", "--data", shape_images, "--model", tiny_sd, "--method", "baseline", "--noises", "2",
+                 "--json")
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert rep["n"] == 6 and 0.0 <= rep["accuracy"] <= 1.0
+    assert sum(map(sum, rep["confusion"])) == 6 and len(rep["confusion"]) == 2
+    assert rep["method"] == "baseline" and rep["backend"] == "torch"
+
+
+def one_line_error(res, code: int, needle: str) -> None:
+    assert res.exit_code == code, res.output
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], res.stderr
+    assert "Traceback" not in res.output
+
+
+def test_bad_inputs_exit_1_with_one_line(tiny_sd, shape_images, tmp_path) -> None:
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    one_line_error(invoke("classify", bad, "--model", tiny_sd, "--classes", "a,b", "--method", "baseline",
+                          "--noises", "1"), 1, "cannot read image")
+    one_line_error(invoke("classify", tmp_path / "missing.png", "--model", tiny_sd, "--classes", "a,b",
+                          "--method", "baseline"), 1, "image not found")
+    one_line_error(invoke("classify", bad, "--model", tmp_path, "--classes", "a,b"), 1, "model_index.json")
+    one_line_error(invoke("classify", bad, "--model", tiny_sd, "--classes", " , "), 1, "class list is empty")
+    one_line_error(invoke("classify", bad, "--model", tiny_sd), 1, "no classes given")
+    one_line_error(invoke("eval", "--data", tmp_path / "nope", "--model", tiny_sd), 1, "data folder not found")
+
+
+def test_unknown_values_suggest_the_close_match(tiny_sd, shape_images) -> None:
+    img = next((shape_images / "red_square").iterdir())
+    one_line_error(invoke("classify", img, "--model", tiny_sd, "--classes", "a,b", "--method", "baselin"), 2,
+                   "did you mean 'baseline'")
+    one_line_error(invoke("classify", img, "--model", tiny_sd, "--classes", "a,b", "--backend", "onnxrt"), 2,
+                   "did you mean 'onnxruntime'")
+
+
+def test_noop_without_a_learned_noise_is_refused(tiny_sd, shape_images) -> None:
+    img = next((shape_images / "red_square").iterdir())
+    one_line_error(invoke("classify", img, "--model", tiny_sd, "--classes", "a,b", "--method", "noop"), 1,
+                   "needs a learned noise")
