@@ -28,9 +28,10 @@ VERSION = 1
 def backbone_fingerprint(backbone: Backbone) -> dict[str, Any]:
     """What identifies a backbone across dtypes and machines: config hashes and a sample of first-layer weights."""
     def config_hash(module: Any) -> str:
-        cfg = {k: v for k, v in dict(module.config).items() if not k.startswith("_")}
-        cfg.pop("torch_dtype", None)
-        cfg.pop("dtype", None)
+        raw = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
+        volatile = {"torch_dtype", "dtype", "transformers_version", "architectures", "use_cache", "output_attentions",
+                    "output_hidden_states", "return_dict"}
+        cfg = {k: v for k, v in raw.items() if not k.startswith("_") and k not in volatile}
         return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     probe = backbone.unet.conv_in.weight.detach().float().flatten()[:32].cpu()

@@ -283,6 +283,60 @@ def train(
     _run(go)
 
 
+@app.command()
+def export(
+    ckpt: Annotated[Path, typer.Option("--ckpt", help="NoOp checkpoint NAME.pt.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Bundle folder (default export/NAME).")] = None,
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset (>= 17).")] = 17,
+    fp16: Annotated[bool, typer.Option("--fp16/--fp32", help="Half-precision graphs (GPU/TensorRT).")] = False,
+    images_per_batch: Annotated[int, typer.Option("--images-per-batch", min=1,
+                                                  help="Max images per UNet call: max batch = this x classes.")] = 4,
+    validate_data: Annotated[Path | None, typer.Option("--validate-data", help="Images to validate top-1 "
+                                                       "agreement on (default: the demo examples).")] = None,
+    tolerance: Annotated[float | None, typer.Option("--tolerance", help="Max relative error per graph.")] = None,
+    min_agreement: Annotated[float | None, typer.Option("--min-agreement", help="Required top-1 agreement.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Re-export over an existing bundle.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export a checkpoint to an ONNX bundle (UNet, text encoder, encoder, noise graph), validated vs PyTorch."""
+    def go() -> None:
+        from noop_rt.export import ExportOptions, collect_images, export_bundle
+
+        target = out or Path("export") / ckpt.stem
+        options = ExportOptions(opset=opset, precision="fp16" if fp16 else "fp32", force=force,
+                                images_per_batch=images_per_batch, tolerance=tolerance, min_agreement=min_agreement,
+                                validate_images=collect_images(validate_data) if validate_data else [])
+        report = export_bundle(ckpt, target, options)
+        if as_json:
+            print(json.dumps({"out": str(report.out), "cached": report.cached, "seconds": report.seconds,
+                              "validation": report.validation}, indent=2))
+        else:
+            verb = "found" if report.cached else "wrote"
+            print(f"{verb} {report.out} ({report.validation['precision']}, validation "
+                  f"{'passed' if report.validation['passed'] else 'FAILED'}, {report.seconds:.1f} s)")
+
+    _run(go)
+
+
+@app.command()
+def build(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder written by noop-rt export --fp16.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Engine folder (default engines/NAME).")] = None,
+    timing_cache: Annotated[Path | None, typer.Option("--timing-cache", help="Reused across builds.")] = None,
+    optimization_level: Annotated[int, typer.Option("--optimization-level", min=0, max=5)] = 3,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if the engines match.")] = False,
+) -> None:
+    """Build TensorRT FP16 engines for a bundle (needs TensorRT and an NVIDIA GPU)."""
+    def go() -> None:
+        from noop_rt.engines import BuildOptions, build_engines
+
+        record = build_engines(bundle, BuildOptions(out=out, timing_cache=timing_cache,
+                                                    optimization_level=optimization_level, force=force))
+        print(f"engines ready for {bundle}: TensorRT {record.get('tensorrt')} on {record.get('gpu')}")
+
+    _run(go)
+
+
 @app.command("demo-data")
 def demo_data(
     out: Annotated[Path, typer.Argument(help="Folder to write train/ val/ test/ image-folder trees into.")],
