@@ -92,31 +92,33 @@ def _publish(tmp: Path, out: Path) -> None:
 
 def export_graph(module: nn.Module, spec: GraphSpec, folder: Path, opset: int, sample_batch: int,
                  external_data_threshold: int = TWO_GIB) -> list[str]:
-    """Export one graph with TorchScript (dynamo=False); returns the files written (graph + external data)."""
+    """Export one graph with TorchScript (dynamo=False) into `folder`; returns the files written (the graph, plus
+    one external data file `NAME.onnx.data` when the graph reaches `external_data_threshold` bytes)."""
     import onnx
 
-    path = folder / spec.file
+    work = folder / f".{spec.name}"
+    work.mkdir()
+    path = work / spec.file
     args = spec.sample_inputs(sample_batch)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # TracerWarnings about Python-side shape checks in diffusers
         torch.onnx.export(module.eval(), args, str(path), input_names=[t.name for t in spec.inputs],
                           output_names=[t.name for t in spec.outputs], dynamic_axes=spec.dynamic_axes(),
                           opset_version=opset, dynamo=False, do_constant_folding=True)
-    before = set(os.listdir(folder))
-    size = sum((folder / f).stat().st_size for f in before)
+    produced = list(work.iterdir())
+    size = sum(p.stat().st_size for p in produced)
     data_name = f"{spec.file}.data"
-    if size >= external_data_threshold or any(not f.endswith((".onnx", ".npy", ".json")) for f in before):
-        # Consolidate (TorchScript may write one file per tensor) into a single external data file.
+    if size >= external_data_threshold or len(produced) > 1:
+        # One external data file (the exporter may write one file per tensor past 2 GB).
         model = onnx.load(str(path), load_external_data=True)
-        for f in before:
-            if not f.endswith(".onnx") and (folder / f).is_file() and not f.endswith((".npy", ".json")):
-                (folder / f).unlink()
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+        onnx.save_model(model, str(folder / spec.file), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data_name, size_threshold=1024)
-    onnx.checker.check_model(str(path))
-    written = [spec.file]
-    if (folder / data_name).exists():
-        written.append(data_name)
+        written = [spec.file, data_name]
+    else:
+        path.rename(folder / spec.file)
+        written = [spec.file]
+    shutil.rmtree(work)
+    onnx.checker.check_model(str(folder / spec.file))
     return written
 
 
@@ -129,6 +131,11 @@ def _graph_modules(backbone: Backbone, ckpt: NoopCheckpoint, precision: str) -> 
     }
     if precision == "fp16":
         modules = {name: copy.deepcopy(m).half() for name, m in modules.items()}
+        text = modules["text_encoder"].text_encoder
+        if hasattr(text, "set_attn_implementation"):
+            # transformers' SDPA path builds its causal mask in fp32, which the TorchScript exporter turns into
+            # LayerNormalization nodes of mixed fp16/fp32 type (an invalid graph); eager attention stays fp16.
+            text.set_attn_implementation("eager")
     return {name: m.eval() for name, m in modules.items()}
 
 

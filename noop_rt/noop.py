@@ -165,8 +165,12 @@ class TrainResult:
 
 
 def zscore(errors: torch.Tensor) -> torch.Tensor:
-    """Standardise errors per row (over the scored classes) before the softmax, as the NoOp code does."""
-    return (errors - errors.mean(dim=1, keepdim=True)) / errors.std(dim=1, keepdim=True).clamp(min=1e-8)
+    """Standardise errors before the softmax, as the NoOp code does: centred per row (over the scored classes),
+    divided by the batch's mean row std, detached. Dividing each row by its own std (the reference code) makes the
+    logits of a 2-class row constant (+-0.71) and kills the gradient; a shared, detached scale keeps the logits
+    scale-free without that."""
+    centred = errors - errors.mean(dim=1, keepdim=True)
+    return centred / errors.std(dim=1).mean().detach().clamp(min=1e-8)
 
 
 def sample_classes(labels: torch.Tensor, num_classes: int, k: int, generator: torch.Generator) -> torch.Tensor:

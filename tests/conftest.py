@@ -55,3 +55,31 @@ def shape_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tiny_sd, shape_images, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A NoOp checkpoint trained briefly on the tiny SD model (eps_D + meta-net)."""
+    from noop_rt.backbone import load_backbone
+    from noop_rt.checkpoint import save_checkpoint
+    from noop_rt.noop import TrainConfig
+    from noop_rt.training import fewshot_split, train_checkpoint
+
+    backbone = load_backbone(tiny_sd)
+    split = fewshot_split(shape_images, shots=2, val_shots=1, seed=0)
+    config = TrainConfig(epochs=2, batch_size=2, meta_channels=(8, 16))
+    ckpt, _ = train_checkpoint(backbone, split, "a {}", config, show_progress=False)
+    return save_checkpoint(ckpt, tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_ckpt, shape_images, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint exported to an fp32 ONNX bundle (validated on the shape images)."""
+    import io
+
+    from noop_rt.export import ExportOptions, collect_images, export_bundle
+
+    out = tmp_path_factory.mktemp("export") / "tiny"
+    options = ExportOptions(validate_images=collect_images(shape_images), images_per_batch=3)
+    export_bundle(tiny_ckpt, out, options, log=io.StringIO())
+    return out
