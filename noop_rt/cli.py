@@ -337,6 +337,43 @@ def build(
     _run(go)
 
 
+@app.command()
+def batch(
+    inputs: Annotated[list[str], typer.Argument(help="Images, folders, globs, or .txt/.parquet lists of paths.",
+                                                show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="FILE.parquet or FILE.jsonl (resumes if it exists).")],
+    bundle: BundleOpt = None, ckpt: CkptOpt = None, model: ModelOpt = None, classes: ClassesOpt = None,
+    template: TemplateOpt = None, backend: BackendOpt = "auto", method: MethodOpt = None, noises: NoisesOpt = 100,
+    loss: LossOpt = None, top_k: Annotated[int, typer.Option("--top-k", min=1)] = 5,
+    ray: Annotated[bool, typer.Option("--ray", help="Run on Ray Data (local cluster, or RAY_ADDRESS).")] = False,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="An existing Ray cluster.")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Ray actors (one model copy each).")] = 1,
+    gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", min=0.0)] = 0.0,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per classification call.")] = 16,
+    device: DeviceOpt = "auto", max_batch: MaxBatchOpt = 256, as_json: JsonOpt = False,
+) -> None:
+    """Classify many images into a parquet/jsonl file, in process or on a Ray cluster; resumable."""
+    def go() -> None:
+        from noop_rt.batch import BatchOptions, run_batch
+
+        req = _request(bundle, ckpt, model, backend, classes, None, template, device, max_batch)
+        options = BatchOptions(method=method, noises=noises, loss=loss, top_k=top_k, batch_size=batch_size,
+                               ray=ray or ray_address is not None, ray_address=ray_address, workers=workers,
+                               gpus_per_worker=gpus_per_worker)
+        report = run_batch(inputs, out, req, options)
+        summary = {"out": str(report.out), "total": report.total, "skipped": report.skipped,
+                   "classified": report.classified, "failed": report.failed, "seconds": round(report.seconds, 2),
+                   "images_per_s": round(report.images_per_s, 2), "backend": report.backend, "mode": report.mode}
+        if as_json:
+            print(json.dumps(summary, indent=2))
+        else:
+            print(f"wrote {report.out}: {report.total} paths ({report.classified} classified, {report.failed} "
+                  f"unreadable, {report.skipped} already there) in {report.seconds:.1f} s, "
+                  f"{report.images_per_s:.1f} images/s ({report.mode}, {report.backend})")
+
+    _run(go)
+
+
 @app.command("demo-data")
 def demo_data(
     out: Annotated[Path, typer.Argument(help="Folder to write train/ val/ test/ image-folder trees into.")],

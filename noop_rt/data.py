@@ -3,6 +3,7 @@ class names and prompt templates."""
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,13 +16,35 @@ DEFAULT_TEMPLATE = "a photo of a {}"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
-def open_rgb(path: str | Path) -> Image.Image:
-    """Decode an image to RGB: EXIF orientation applied, palette/grey/CMYK converted, alpha composited on white."""
+def is_uri(path: str | Path) -> bool:
+    return "://" in str(path)
+
+
+def read_bytes(path: str | Path) -> bytes:
+    """The file's bytes: a local path, or any URI pyarrow's filesystems read (s3://, gs://, hdfs://, file://)."""
+    if is_uri(path):
+        import pyarrow.fs
+
+        try:
+            fs, inner = pyarrow.fs.FileSystem.from_uri(str(path))
+            with fs.open_input_stream(inner) as fh:
+                return fh.read()
+        except (OSError, ValueError, pyarrow.ArrowException) as exc:
+            raise BadInputError(f"cannot read image {path}: {str(exc).splitlines()[0]}") from None
     p = Path(path)
     if not p.is_file():
         raise BadInputError(f"image not found: {p}")
     try:
-        with Image.open(p) as img:
+        return p.read_bytes()
+    except OSError as exc:
+        raise BadInputError(f"cannot read image {p}: {exc.strerror or exc}") from None
+
+
+def decode_rgb(data: bytes, name: str | Path) -> Image.Image:
+    """Decode image bytes to RGB: EXIF orientation applied, palette/grey/16-bit/CMYK converted, alpha composited
+    on white."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
             img.load()
             img = ImageOps.exif_transpose(img)
             if img.mode == "P" and "transparency" in img.info:
@@ -35,9 +58,14 @@ def open_rgb(path: str | Path) -> Image.Image:
                 peak = 65535.0 if arr.max() > 255 else 255.0
                 return Image.fromarray((arr / peak * 255).round().astype(np.uint8), mode="L").convert("RGB")
             return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise BadInputError(f"cannot read image {p}: {reason}") from None
+        raise BadInputError(f"cannot read image {name}: {reason}") from None
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """Read and decode one image (local path or URI) to RGB."""
+    return decode_rgb(read_bytes(path), path)
 
 
 def to_model_input(img: Image.Image, resolution: int) -> np.ndarray:
@@ -54,7 +82,7 @@ def to_model_input(img: Image.Image, resolution: int) -> np.ndarray:
 
 
 def load_image(path: str | Path, resolution: int) -> np.ndarray:
-    """`open_rgb` then `to_model_input`: (3, R, R) float32 in [-1, 1]."""
+    """`open_rgb` then `to_model_input` (local path or URI): (3, R, R) float32 in [-1, 1]."""
     return to_model_input(open_rgb(path), resolution)
 
 
