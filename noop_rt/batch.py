@@ -337,6 +337,7 @@ def _run_ray(todo: list[str], classifier: Any, req: Any, strategy: Any, ident: s
         from noop_rt.errors import MissingDependencyError
 
         raise MissingDependencyError("--ray needs Ray Data: pip install 'noop-rt[ray]'") from None
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home from an offline cluster
     address = options.ray_address or os.environ.get("RAY_ADDRESS")
     started_here = not ray.is_initialized()
     if started_here:

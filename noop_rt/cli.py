@@ -57,12 +57,17 @@ LossOpt = Annotated[str | None, typer.Option("--loss", help="l2|l1|huber (defaul
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto|cpu|cuda[:N] for the torch backend.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 MaxBatchOpt = Annotated[int, typer.Option("--max-batch", min=1, help="Largest UNet batch (B*C chunks).")]
+RobustOpt = Annotated[bool, typer.Option("--robust", help="RDC likelihood maximisation first (torch backend).")]
 
 
 def _request(bundle: Path | None, ckpt: Path | None, model: str | None, backend: str, classes: str | None,
-             data: Path | None, template: str | None, device: str, max_batch: int, fp16: bool = False):
+             data: Path | None, template: str | None, device: str, max_batch: int, fp16: bool = False,
+             robust: bool = False):
     from noop_rt.data import ImageFolder, parse_class_list
     from noop_rt.runtime.loader import Request
+
+    if robust and bundle is None and backend == "auto":
+        backend = "torch"  # robust mode takes gradients: the built-in demo runs from its checkpoint
 
     class_list = None
     if classes is not None:
@@ -73,7 +78,8 @@ def _request(bundle: Path | None, ckpt: Path | None, model: str | None, backend:
                    device=device, fp16=fp16, max_batch=max_batch)
 
 
-def _options(classifier: Any, method: str | None, noises: int, loss: str | None, seed: int):
+def _options(classifier: Any, method: str | None, noises: int, loss: str | None, seed: int, robust: bool = False):
+    from noop_rt.robust import RobustConfig
     from noop_rt.runtime.classifier import StrategyOptions
     from noop_rt.runtime.loader import suggest
     from noop_rt.scoring import LOSSES, METHODS
@@ -84,7 +90,8 @@ def _options(classifier: Any, method: str | None, noises: int, loss: str | None,
     if loss is not None and loss not in LOSSES:
         raise suggest(loss, LOSSES, "loss")
     classifier.check_method(method)
-    return StrategyOptions(method=method, noises=noises, seed=seed, loss=loss)
+    return StrategyOptions(method=method, noises=noises, seed=seed, loss=loss,
+                           robust=RobustConfig(seed=seed) if robust else None)
 
 
 def _speed_line(timings: Any, classifier: Any, method: str) -> str:
@@ -96,7 +103,7 @@ def _speed_line(timings: Any, classifier: Any, method: str) -> str:
 
 
 def _classify(images: list[Path], req: Any, method: str | None, noises: int, loss: str | None, seed: int,
-              top_k: int, as_json: bool) -> None:
+              top_k: int, as_json: bool, robust: bool = False) -> None:
     from noop_rt.data import load_image
     from noop_rt.runtime.classifier import Timings, predict_arrays
     from noop_rt.runtime.loader import open_classifier
@@ -104,7 +111,7 @@ def _classify(images: list[Path], req: Any, method: str | None, noises: int, los
     if not images:
         raise BadInputError("no images given")
     classifier = open_classifier(req)
-    options = _options(classifier, method, noises, loss, seed)
+    options = _options(classifier, method, noises, loss, seed, robust)
     import torch
 
     start = time.perf_counter()
@@ -135,12 +142,12 @@ def classify(
     loss: LossOpt = None, seed: Annotated[int, typer.Option(help="Noise seed for random strategies.")] = 0,
     top_k: Annotated[int, typer.Option("--top-k", min=1)] = 5, device: DeviceOpt = "auto",
     fp16: Annotated[bool, typer.Option("--fp16", help="torch backend in half precision.")] = False,
-    max_batch: MaxBatchOpt = 256, as_json: JsonOpt = False,
+    max_batch: MaxBatchOpt = 256, robust: RobustOpt = False, as_json: JsonOpt = False,
 ) -> None:
     """Classify images. No --bundle/--ckpt/--model: the built-in demo (handwritten digits)."""
     def go() -> None:
-        req = _request(bundle, ckpt, model, backend, classes, data, template, device, max_batch, fp16)
-        _classify(images, req, method, noises, loss, seed, top_k, as_json)
+        req = _request(bundle, ckpt, model, backend, classes, data, template, device, max_batch, fp16, robust)
+        _classify(images, req, method, noises, loss, seed, top_k, as_json, robust)
 
     _run(go)
 
@@ -192,7 +199,7 @@ def eval_command(
     backend: BackendOpt = "auto", method: MethodOpt = None, noises: NoisesOpt = 100, loss: LossOpt = None,
     seed: Annotated[int, typer.Option(help="Noise seed for random strategies.")] = 0, device: DeviceOpt = "auto",
     fp16: Annotated[bool, typer.Option("--fp16", help="torch backend in half precision.")] = False,
-    max_batch: MaxBatchOpt = 256, as_json: JsonOpt = False,
+    max_batch: MaxBatchOpt = 256, robust: RobustOpt = False, as_json: JsonOpt = False,
 ) -> None:
     """Accuracy, per-class accuracy and confusion matrix on a labelled image folder."""
     def go() -> None:
@@ -201,9 +208,9 @@ def eval_command(
 
         dataset = ImageFolder.scan(data)
         classes = None if (ckpt or bundle or model in (None, "demo")) else ",".join(dataset.classes)
-        req = _request(bundle, ckpt, model, backend, classes, None, template, device, max_batch, fp16)
+        req = _request(bundle, ckpt, model, backend, classes, None, template, device, max_batch, fp16, robust)
         classifier = open_classifier(req)
-        options = _options(classifier, method, noises, loss, seed)
+        options = _options(classifier, method, noises, loss, seed, robust)
         report = evaluate(classifier, dataset, options)
         if as_json:
             print(json.dumps(report, indent=2))
@@ -370,6 +377,116 @@ def batch(
             print(f"wrote {report.out}: {report.total} paths ({report.classified} classified, {report.failed} "
                   f"unreadable, {report.skipped} already there) in {report.seconds:.1f} s, "
                   f"{report.images_per_s:.1f} images/s ({report.mode}, {report.backend})")
+
+    _run(go)
+
+
+@app.command()
+def bench(
+    bundle: BundleOpt = None, ckpt: CkptOpt = None,
+    backbone: Annotated[str, typer.Option("--backbone", help="'ckpt' (the bundle/ckpt/demo model) or 'sd15-shape' "
+                                          "(SD-1.5 architecture, random weights, 512 px).")] = "ckpt",
+    num_classes: Annotated[int, typer.Option("--num-classes", min=2, help="Classes for sd15-shape.")] = 37,
+    baseline_noises: Annotated[int, typer.Option("--baseline-noises", min=1)] = 100,
+    measured_pairs: Annotated[int, typer.Option("--measured-pairs", min=1, help="Baseline pairs actually timed; "
+                                                "the rest extrapolated (labelled).")] = 10,
+    backends: Annotated[str, typer.Option("--backends", help="Comma-separated: torch,onnxruntime,tensorrt")] =
+        "torch,onnxruntime",
+    images: Annotated[Path | None, typer.Option("--images", help="Folder of images to time on.")] = None,
+    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed images per backend.")] = 10,
+    device: DeviceOpt = "auto",
+    fp16: Annotated[bool, typer.Option("--fp16", help="Half precision (torch on CUDA; fp16 bundle for sd15-shape).")]
+        = False,
+    cache_dir: Annotated[Path, typer.Option("--cache-dir", help="Where sd15-shape models/bundles are kept.")] =
+        Path("~/.cache/noop-rt"),
+    json_file: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON to FILE.")] = None,
+    plot_file: Annotated[Path | None, typer.Option("--plot", help="Write a latency bar chart (PNG).")] = None,
+) -> None:
+    """Latency/throughput of NoOp vs the N-noise baseline per backend, measured in one run."""
+    def go() -> None:
+        import torch
+
+        from noop_rt.bench import (
+            SD15_UNET_GFLOP,
+            BenchOptions,
+            format_table,
+            plot,
+            run_bench,
+            sd15_shape_checkpoint,
+            unet_gflop,
+        )
+        from noop_rt.bundle import Bundle
+        from noop_rt.data import load_image
+        from noop_rt.export import ExportOptions, collect_images, export_bundle
+        from noop_rt.runtime.loader import Request, open_classifier, suggest
+
+        wanted = [b.strip() for b in backends.split(",") if b.strip()]
+        for b in wanted:
+            if b not in ("torch", "onnxruntime", "tensorrt"):
+                raise suggest(b, ("torch", "onnxruntime", "tensorrt"), "backend")
+        if backbone not in ("ckpt", "sd15-shape"):
+            raise suggest(backbone, ("ckpt", "sd15-shape"), "backbone")
+        ckpt_path, bundle_dir = ckpt, bundle
+        if backbone == "sd15-shape":
+            folder = cache_dir.expanduser()
+            folder.mkdir(parents=True, exist_ok=True)
+            ckpt_path = sd15_shape_checkpoint(folder, num_classes)
+            if {"onnxruntime", "tensorrt"} & set(wanted):
+                bundle_dir = folder / f"bundle-{num_classes}-{'fp16' if fp16 else 'fp32'}"
+                export_bundle(ckpt_path, bundle_dir, ExportOptions(precision="fp16" if fp16 else "fp32",
+                                                                   images_per_batch=1, min_agreement=0.0))
+        elif ckpt_path is None and bundle_dir is None:
+            from noop_rt.demo import BUNDLE_DIR, CKPT_PATH
+
+            ckpt_path, bundle_dir = CKPT_PATH, BUNDLE_DIR
+        elif ckpt_path is None and bundle_dir is not None:
+            source = Path(Bundle.open(bundle_dir).manifest["source_ckpt"]["path"])
+            ckpt_path = source if source.is_file() else None
+        classifiers = {}
+        for name in wanted:
+            if name == "torch":
+                if ckpt_path is None:
+                    print("skipped torch: its checkpoint is not here (pass --ckpt)", file=sys.stderr)
+                    continue
+                req = Request(ckpt=ckpt_path, backend="torch", device=device, fp16=fp16)
+            else:
+                if bundle_dir is None:
+                    print(f"skipped {name}: no bundle (pass --bundle)", file=sys.stderr)
+                    continue
+                req = Request(bundle=bundle_dir, backend=name, device=device)
+            try:
+                classifiers[name] = open_classifier(req)
+            except NoopError as exc:
+                if name != "tensorrt":
+                    raise
+                print(f"skipped tensorrt: {exc}", file=sys.stderr)
+        if not classifiers:
+            raise BadInputError("no backend could be benchmarked")
+        first = next(iter(classifiers.values()))
+        r = first.backend.resolution
+        if images is not None:
+            arrays = [torch.from_numpy(load_image(p, r)) for p in collect_images(images)]
+        elif backbone == "ckpt" and (ckpt_path is None or "demo" in str(ckpt_path)):
+            from noop_rt.demo import EXAMPLES_DIR
+
+            arrays = [torch.from_numpy(load_image(p, r)) for p in sorted(EXAMPLES_DIR.glob("*.png"))]
+        else:
+            arrays = list(torch.rand((4, 3, r, r), generator=torch.Generator().manual_seed(0)) * 2 - 1)
+        gflop = None
+        if "torch" in classifiers:
+            bb = classifiers["torch"].backend.backbone
+            gflop = unet_gflop(bb.unet, bb.latent_shape, bb.max_tokens, int(first.emb.shape[-1]))
+        options = BenchOptions(backends=wanted, baseline_noises=baseline_noises,
+                               baseline_measured_pairs=measured_pairs, runs=runs, device=device, fp16=fp16)
+        report = run_bench(classifiers, arrays, options, gflop, backbone)
+        if backbone == "sd15-shape":
+            report["reference_unet_gflop"] = SD15_UNET_GFLOP
+        print(format_table(report))
+        if json_file is not None:
+            json_file.parent.mkdir(parents=True, exist_ok=True)
+            json_file.write_text(json.dumps(report, indent=2) + "\n")
+        if plot_file is not None:
+            plot(report, plot_file)
 
     _run(go)
 

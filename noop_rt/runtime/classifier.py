@@ -11,6 +11,7 @@ import torch
 from noop_rt import scoring
 from noop_rt.calibration import uncalibrated_tau
 from noop_rt.errors import BadInputError
+from noop_rt.robust import RobustConfig
 from noop_rt.runtime.base import Backend
 
 
@@ -34,6 +35,7 @@ class StrategyOptions:
     loss: str | None = None  # None: the checkpoint's (or l2)
     alpha: float = 0.01  # pruned: t-test level
     round_size: int = 5  # pruned: pairs added per round
+    robust: RobustConfig | None = None  # RDC likelihood maximisation before scoring (torch backend)
 
 
 @dataclass
@@ -98,6 +100,12 @@ class Classifier:
         eps_fn = self.backend.predict_eps
         self.backend.synchronize()
         start = time.perf_counter()
+        if options.robust is not None:
+            purify = getattr(self.backend, "purify", None)
+            if purify is None:
+                raise BadInputError(f"--robust needs the torch backend (it takes gradients through the model); the "
+                                    f"{self.backend.name} graphs are forward-only: pass --ckpt NAME.pt")
+            images = purify(images, options.robust)
         z0 = self.backend.encode(images)
         if options.method == "noop":
             scores = scoring.noop_scores(eps_fn, z0, self.backend.noise(z0), int(self.spec.t_star), self.emb, ab,

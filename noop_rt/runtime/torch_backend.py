@@ -7,6 +7,7 @@ import torch
 from noop_rt.backbone import Backbone
 from noop_rt.errors import BadInputError
 from noop_rt.noop import NoiseModel
+from noop_rt.robust import RobustConfig, likelihood_maximisation
 
 
 class TorchBackend:
@@ -34,6 +35,10 @@ class TorchBackend:
     @torch.no_grad()
     def predict_eps(self, z_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         return self.backbone.predict_eps(z_t, t, emb)
+
+    def purify(self, images: torch.Tensor, config: RobustConfig) -> torch.Tensor:
+        """RDC likelihood maximisation (see robust.py)."""
+        return likelihood_maximisation(self.backbone, images, config)
 
     def embed(self, prompts: list[str]) -> torch.Tensor:
         return self.backbone.embed(prompts)
