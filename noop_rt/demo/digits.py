@@ -3,7 +3,8 @@
 Fixed split (documented in the model card):
 - `test`: 360 held-out images (20 %, stratified, seed 0) — never seen by the backbone or by NoOp training.
 - `train`: the other 1437 images train the backbone.
-- `fewshot`: `shots` images per class from `train` (seed 1), and `val`: the next `val_shots` per class, for NoOp.
+- `fewshot`: `shots` images per class from `train` (seed 1), and `val`: the next `val_shots` per class, for NoOp
+  (`noop-rt demo-data DIR` writes them as DIR/train, DIR/val and DIR/test image folders).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from noop_rt.configs import DIGIT_NAMES
@@ -55,15 +57,42 @@ def fewshot_indices(labels: np.ndarray, train: np.ndarray, shots: int, val_shots
 
 
 def write_image_folders(out: Path, shots: int = 16, val_shots: int = 10) -> dict[str, int]:
-    """Write `out/{fewshot,val,test}/<class>/<index>.png` image-folder trees; returns the image count per split."""
+    """Write `out/{train,val,test}/<class>/<index>.png` image-folder trees (train = the few-shot set, `shots` per
+    class; val = `val_shots` per class; test = the 360 held-out digits); returns the image count per split."""
     images, labels = digit_images()
     splits = split_indices(labels)
     splits.update(fewshot_indices(labels, splits["train"], shots, val_shots))
     counts = {}
-    for name in ("fewshot", "val", "test"):
-        for idx in splits[name]:
+    for name, key in (("train", "fewshot"), ("val", "val"), ("test", "test")):
+        for idx in splits[key]:
             folder = out / name / DIGIT_NAMES[labels[idx]]
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(images[idx], mode="L").save(folder / f"{idx:04d}.png")
-        counts[name] = len(splits[name])
+        counts[name] = len(splits[key])
     return counts
+
+
+def split_tensors(name: str, shots: int = 16, val_shots: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, 3, 16, 16) in [-1, 1] (exactly what loading the written PNGs gives) and labels (N,) of a split:
+    'train', 'test', 'fewshot' or 'val'."""
+    images, labels = digit_images()
+    splits = split_indices(labels)
+    if name in ("fewshot", "val"):
+        splits.update(fewshot_indices(labels, splits["train"], shots, val_shots))
+    idx = splits[name]
+    x = torch.from_numpy(images[idx]).float().div(127.5).sub(1.0).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+    return x, torch.from_numpy(labels[idx])
+
+
+def write_examples(folder: Path) -> list[Path]:
+    """One held-out test image per class, named after the class (`seven.png`)."""
+    images, labels = digit_images()
+    test = split_indices(labels)["test"]
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for cls, name in enumerate(DIGIT_NAMES):
+        idx = test[labels[test] == cls][0]
+        path = folder / f"{name}.png"
+        Image.fromarray(images[idx], mode="L").save(path)
+        written.append(path)
+    return written

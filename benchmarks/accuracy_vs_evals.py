@@ -1,0 +1,89 @@
+"""Accuracy vs UNet evaluations per image on the demo's held-out digits: baseline N = 1…100, adaptive, pruned, NoOp.
+
+    python benchmarks/accuracy_vs_evals.py      # writes benchmarks/results/accuracy_vs_evals.{md,json,png}
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from noop_rt import scoring
+from noop_rt.backbone import load_backbone
+from noop_rt.checkpoint import load_checkpoint
+from noop_rt.configs import DEMO_TEMPLATE, DIGIT_NAMES
+from noop_rt.demo import CKPT_PATH
+from noop_rt.demo.digits import split_tensors
+from noop_rt.evaluation import accuracy, baseline, score_in_batches
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main() -> None:
+    start = time.time()
+    backbone = load_backbone("demo")
+    x, y = split_tensors("test")
+    with torch.no_grad():
+        z0 = backbone.encode(x)
+    emb = backbone.embed([DEMO_TEMPLATE.format(c) for c in DIGIT_NAMES])
+    ab, eps_fn = backbone.alphas_cumprod, backbone.predict_eps
+    points: list[dict] = []
+    for n in (1, 2, 5, 10, 20, 50, 100):
+        s = baseline(backbone, z0, emb, n, desc=f"baseline {n}")
+        points.append({"method": "baseline", "n": n, "evals": float(s.unet_evals.float().mean()),
+                       "accuracy": accuracy(s, y)})
+        print(points[-1], flush=True)
+    for n in (20, 50, 100):
+        s = score_in_batches(lambda z, n=n: scoring.adaptive_scores(
+            eps_fn, z, emb, ab, scoring.default_adaptive_stages(n, 10)), z0, batch=8, desc=f"adaptive {n}")
+        points.append({"method": "adaptive", "n": n, "evals": float(s.unet_evals.float().mean()),
+                       "accuracy": accuracy(s, y)})
+        print(points[-1], flush=True)
+        s = score_in_batches(lambda z, n=n: scoring.pruned_scores(eps_fn, z, emb, ab, n), z0, batch=8,
+                             desc=f"pruned {n}")
+        points.append({"method": "pruned", "n": n, "evals": float(s.unet_evals.float().mean()),
+                       "accuracy": accuracy(s, y)})
+        print(points[-1], flush=True)
+    ckpt = load_checkpoint(CKPT_PATH)
+    noise = ckpt.noise_model()
+    s = score_in_batches(lambda z: scoring.noop_scores(eps_fn, z, noise(z), ckpt.t_star, ckpt.class_embeddings, ab,
+                                                       ckpt.loss), z0, batch=64)
+    points.append({"method": "noop", "n": 1, "evals": float(s.unet_evals.float().mean()), "accuracy": accuracy(s, y)})
+    print(points[-1], flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    out = {"test_images": len(y), "points": points, "minutes": round((time.time() - start) / 60, 1)}
+    (RESULTS / "accuracy_vs_evals.json").write_text(json.dumps(out, indent=2) + "\n")
+    lines = ["# Accuracy vs UNet evaluations per image (demo, 360 held-out digits, 10 classes)", "",
+             "Produced by `python benchmarks/accuracy_vs_evals.py`. N = (t, eps) pairs (baseline), pairs of the last "
+             "stage (adaptive: N/10 pairs keep 5, then N), or the pair budget (pruned: rounds of 5, p < 0.01).", "",
+             "| method | N | UNet evals / image | accuracy |", "|---|---|---|---|"]
+    lines += [f"| {p['method']} | {p['n']} | {p['evals']:.0f} | {100 * p['accuracy']:.1f} % |" for p in points]
+    lines += ["", f"Wall time {out['minutes']} min. Plot: `accuracy_vs_evals.png`."]
+    (RESULTS / "accuracy_vs_evals.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, marker in (("baseline", "o-"), ("adaptive", "s--"), ("pruned", "^--"), ("noop", "*")):
+        pts = [p for p in points if p["method"] == method]
+        ax.plot([p["evals"] for p in pts], [100 * p["accuracy"] for p in pts], marker, label=method,
+                markersize=12 if method == "noop" else 6)
+    ax.set_xscale("log")
+    ax.set_xlabel("UNet evaluations per image (log)")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title("Demo digits: accuracy vs compute")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "accuracy_vs_evals.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Images/s of `noop-rt batch` in process vs on Ray Data with 1 and 2 workers, on the demo bundle.
+
+    python benchmarks/batch_scaling.py [--images 720]   # writes benchmarks/results/batch_scaling.{md,json}
+
+Inputs: the demo's held-out digits written as PNGs (repeated to --images paths). Each configuration starts from an
+empty output; Ray timings include starting the local cluster and the actors (what a user waits for), and the
+per-image overhead Ray adds is (t_ray - t_in_process) / images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from noop_rt.batch import BatchOptions, run_batch
+from noop_rt.bench import machine_info
+from noop_rt.demo import BUNDLE_DIR
+from noop_rt.demo.digits import write_image_folders
+from noop_rt.runtime.loader import Request
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=720)
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        write_image_folders(tmp / "digits")
+        pngs = sorted((tmp / "digits" / "test").rglob("*.png"))
+        listing = tmp / "paths.txt"
+        copies = []
+        for i in range(args.images):  # distinct paths (copies) so every one is classified
+            src = pngs[i % len(pngs)]
+            dst = tmp / "inputs" / f"{i:05d}.png"
+            dst.parent.mkdir(exist_ok=True)
+            shutil.copyfile(src, dst)
+            copies.append(str(dst))
+        listing.write_text("\n".join(copies) + "\n")
+        rows = []
+        for name, options in (("in process", BatchOptions(batch_size=args.batch_size)),
+                              ("Ray, 1 worker", BatchOptions(batch_size=args.batch_size, ray=True, workers=1)),
+                              ("Ray, 2 workers", BatchOptions(batch_size=args.batch_size, ray=True, workers=2))):
+            out = tmp / f"out-{len(rows)}.parquet"
+            t0 = time.perf_counter()
+            report = run_batch([str(listing)], out, Request(bundle=BUNDLE_DIR), options, log=io.StringIO(),
+                               show_progress=False)
+            seconds = time.perf_counter() - t0
+            rows.append({"mode": name, "images": report.total, "seconds": seconds,
+                         "images_per_s": report.total / seconds})
+            print(rows[-1], flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    base = rows[0]["seconds"]
+    for r in rows:
+        r["overhead_ms_per_image"] = 1e3 * (r["seconds"] - base) / r["images"]
+    out = {"machine": machine_info(), "rows": rows, "batch_size": args.batch_size}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "batch_scaling.json").write_text(json.dumps(out, indent=2) + "\n")
+    lines = [f"# `noop-rt batch` scaling ({args.images} demo images, onnxruntime CPU, batch {args.batch_size})", "",
+             f"Produced by `python benchmarks/batch_scaling.py` on {out['machine']['cpu']} "
+             f"({out['machine']['cpu_count']} cores). Wall time includes model/cluster start-up.", "",
+             "| mode | seconds | images/s | overhead vs in process (ms/image) |", "|---|---|---|---|"]
+    lines += [f"| {r['mode']} | {r['seconds']:.1f} | {r['images_per_s']:.1f} | {r['overhead_ms_per_image']:.1f} |"
+              for r in rows]
+    (RESULTS / "batch_scaling.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
