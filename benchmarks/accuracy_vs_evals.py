@@ -49,8 +49,9 @@ def main() -> None:
         print(points[-1], flush=True)
     ckpt = load_checkpoint(CKPT_PATH)
     noise = ckpt.noise_model()
-    s = score_in_batches(lambda z: scoring.noop_scores(eps_fn, z, noise(z), ckpt.t_star, ckpt.class_embeddings, ab,
-                                                       ckpt.loss), z0, batch=64)
+    ckpt_emb = ckpt.class_embeddings[[ckpt.classes.index(n) for n in DIGIT_NAMES]]  # label k = digit k
+    s = score_in_batches(lambda z: scoring.noop_scores(eps_fn, z, noise(z), ckpt.t_star, ckpt_emb, ab, ckpt.loss),
+                         z0, batch=64)
     points.append({"method": "noop", "n": 1, "evals": float(s.unet_evals.float().mean()), "accuracy": accuracy(s, y)})
     print(points[-1], flush=True)
     RESULTS.mkdir(exist_ok=True)

@@ -21,7 +21,7 @@ import torch
 
 from noop_rt.backbone import load_backbone
 from noop_rt.checkpoint import save_checkpoint
-from noop_rt.configs import DEMO_TEMPLATE
+from noop_rt.configs import DEMO_TEMPLATE, DIGIT_NAMES
 from noop_rt.demo import CKPT_PATH
 from noop_rt.demo.digits import split_tensors, write_image_folders
 from noop_rt.evaluation import accuracy, baseline, mean_std, score_in_batches, single_noise
@@ -52,7 +52,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_image_folders(Path(tmp), shots=args.shots, val_shots=10)
         split = fewshot_split(tmp, shots=args.shots, val_shots=10, seed=0)
-        emb_plain = backbone.embed([DEMO_TEMPLATE.format(c) for c in split.classes])
+        # Image folders sort classes by name ("eight", "five", ...); the test labels are digit values: reorder.
+        order = [split.classes.index(name) for name in DIGIT_NAMES]
+        emb_plain = backbone.embed([DEMO_TEMPLATE.format(c) for c in DIGIT_NAMES])
         accs = [accuracy(single_noise(backbone, z0, emb_plain, base.t_star, s), y) for s in range(5)]
         m, s = mean_std(accs)
         rows["one random noise at t* = 500 (5 seeds)"] = {"accuracy": m, "std": s, "min": min(accs),
@@ -63,7 +65,7 @@ def main() -> None:
             for seed in range(args.seeds):
                 ckpt, result = train_checkpoint(backbone, split, DEMO_TEMPLATE, replace(config, seed=seed))
                 noise = ckpt.noise_model()
-                emb = ckpt.class_embeddings
+                emb = ckpt.class_embeddings[order]
 
                 def fn(z: torch.Tensor, noise=noise, emb=emb, ckpt=ckpt) -> object:
                     return noop_scores(backbone.predict_eps, z, noise(z), ckpt.t_star, emb, backbone.alphas_cumprod,

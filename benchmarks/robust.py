@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from noop_rt.backbone import load_backbone
 from noop_rt.checkpoint import load_checkpoint
+from noop_rt.configs import DIGIT_NAMES
 from noop_rt.demo import CKPT_PATH
 from noop_rt.demo.digits import split_tensors
 from noop_rt.robust import RobustConfig, likelihood_maximisation
@@ -72,6 +73,8 @@ def main() -> None:
     start = time.time()
     backbone = load_backbone("demo")
     ckpt = load_checkpoint(CKPT_PATH)
+    ckpt.class_embeddings = ckpt.class_embeddings[[ckpt.classes.index(n) for n in DIGIT_NAMES]]  # label k = digit k
+    ckpt.classes = list(DIGIT_NAMES)
     noise = ckpt.noise_model()
     x_all, y_all = split_tensors("test")
     x_all, y_all = x_all[:args.images], y_all[:args.images]
