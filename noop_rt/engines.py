@@ -305,7 +305,7 @@ class TensorRTBackend:
         ctx.set_tensor_address(out_spec.name, out.data_ptr())
         if not ctx.execute_async_v3(self.stream.cuda_stream):
             raise EngineError(f"TensorRT execution of {graph} failed")
-        return out.float()  # a new tensor: the shared buffer may be reused by the next call
+        return out.to(torch.float32, copy=True)  # a new tensor: the shared buffer is reused by the next call
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         with torch.cuda.stream(self.stream):

@@ -90,7 +90,7 @@ def pair_errors(
 class Scores:
     """What every strategy returns, per image: mean error per class and how many pairs each class was scored on."""
 
-    errors: torch.Tensor  # (B, C) float32 mean error over the pairs the class was scored on
+    errors: torch.Tensor  # (B, C) float32 (CPU) mean error over the pairs the class was scored on
     pairs_scored: torch.Tensor  # (B, C) long
     unet_evals: torch.Tensor  # (B,) long UNet evaluations spent on each image
     alive: torch.Tensor | None = None  # (B, C) bool, classes not eliminated; None: all (baseline, noop)
@@ -124,7 +124,7 @@ def noop_scores(
     b, c = z0.shape[0], emb.shape[0]
     t = torch.full((b, 1), t_star, dtype=torch.long)
     errors = pair_errors(eps_fn, z0, t, eps.unsqueeze(1), emb, alphas_cumprod, loss, max_batch, progress)[:, 0]
-    return Scores(errors, torch.ones(b, c, dtype=torch.long), torch.full((b,), c, dtype=torch.long))
+    return Scores(errors.cpu(), torch.ones(b, c, dtype=torch.long), torch.full((b,), c, dtype=torch.long))
 
 
 def baseline_scores(
@@ -138,7 +138,7 @@ def baseline_scores(
     noises = noise_bank(n, z0.shape[1:], seed).to(z0.device)
     errors = pair_errors(eps_fn, z0, ts.expand(b, n), noises.expand(b, *noises.shape), emb, alphas_cumprod,
                          loss, max_batch, progress)
-    return Scores(errors.mean(dim=1), torch.full((b, c), n, dtype=torch.long),
+    return Scores(errors.mean(dim=1).cpu(), torch.full((b, c), n, dtype=torch.long),
                   torch.full((b,), n * c, dtype=torch.long))
 
 

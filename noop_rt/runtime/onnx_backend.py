@@ -97,7 +97,9 @@ class OnnxBackend:
             y = torch.empty(t.concrete(batch), dtype=_TORCH[t.dtype], device=self.torch_device)
             outs.append(y)
             binding.bind_output(t.name, "cuda", 0, _NP[t.dtype], tuple(y.shape), y.data_ptr())
+        binding.synchronize_inputs()  # torch wrote the inputs on its own stream
         self.sessions[name].run_with_iobinding(binding)
+        binding.synchronize_outputs()
         return outs
 
     def _call(self, name: str, **inputs: torch.Tensor) -> torch.Tensor:
