@@ -9,26 +9,18 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from noop_rt import scoring
-from noop_rt.backbone import load_backbone
 from noop_rt.checkpoint import load_checkpoint
-from noop_rt.configs import DEMO_TEMPLATE, DIGIT_NAMES
+from noop_rt.configs import DIGIT_NAMES
 from noop_rt.demo import CKPT_PATH
-from noop_rt.demo.digits import split_tensors
-from noop_rt.evaluation import accuracy, baseline, score_in_batches
+from noop_rt.evaluation import accuracy, baseline, demo_test_set, score_in_batches
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
     start = time.time()
-    backbone = load_backbone("demo")
-    x, y = split_tensors("test")
-    with torch.no_grad():
-        z0 = backbone.encode(x)
-    emb = backbone.embed([DEMO_TEMPLATE.format(c) for c in DIGIT_NAMES])
+    backbone, z0, y, emb = demo_test_set()
     ab, eps_fn = backbone.alphas_cumprod, backbone.predict_eps
     points: list[dict] = []
     for n in (1, 2, 5, 10, 20, 50, 100):

@@ -14,21 +14,15 @@ from pathlib import Path
 
 import torch
 
-from noop_rt.backbone import load_backbone
-from noop_rt.configs import DEMO_TEMPLATE, DIGIT_NAMES
-from noop_rt.demo.digits import split_tensors
-from noop_rt.evaluation import accuracy, baseline, mean_std, single_noise
+from noop_rt.configs import DIGIT_NAMES
+from noop_rt.evaluation import accuracy, baseline, demo_test_set, mean_std, single_noise
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
     start = time.time()
-    backbone = load_backbone("demo")
-    x, y = split_tensors("test")
-    with torch.no_grad():
-        z0 = backbone.encode(x)
-    emb = backbone.embed([DEMO_TEMPLATE.format(c) for c in DIGIT_NAMES])
+    backbone, z0, y, emb = demo_test_set()
     result: dict = {"split": "test (360 held-out digits)", "classes": len(DIGIT_NAMES), "baseline": {},
                     "single_noise": {}}
     for n in (1, 10, 100):

@@ -22,6 +22,7 @@ import torch
 
 from noop_rt.bundle import MANIFEST, Bundle, sha256_file, write_json_atomic
 from noop_rt.errors import EngineError, MissingDependencyError, ValidationFailedError
+from noop_rt.runtime.base import GraphBackend
 
 FORMAT = "noop-rt.engines"
 VERSION = 1
@@ -249,7 +250,7 @@ def build_engines(bundle_dir: str | Path, options: BuildOptions, log: Any = sys.
 
 
 # ----------------------------------------------------------------------------------------------- runtime (TensorRT)
-class TensorRTBackend:
+class TensorRTBackend(GraphBackend):
     """Deserialise each plan once; device buffers per shape, allocated once; one CUDA stream; tensors stay on the
     GPU between the noise graph and the UNet (they are torch CUDA tensors). Not run here (no TensorRT)."""
 
@@ -307,29 +308,13 @@ class TensorRTBackend:
             raise EngineError(f"TensorRT execution of {graph} failed")
         return out.to(torch.float32, copy=True)  # a new tensor: the shared buffer is reused by the next call
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def _call(self, graph: str, **inputs: torch.Tensor) -> torch.Tensor:
+        caller = torch.cuda.current_stream()
+        self.stream.wait_stream(caller)  # inputs written by torch on the caller's stream
         with torch.cuda.stream(self.stream):
-            return self._infer("vae_encoder", image=images)
-
-    def noise(self, z0: torch.Tensor) -> torch.Tensor:
-        with torch.cuda.stream(self.stream):
-            return self._infer("noise", z0=z0)
-
-    def predict_eps(self, z_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        from noop_rt.backbone import v_to_eps
-
-        with torch.cuda.stream(self.stream):
-            out = self._infer("unet", sample=z_t, timestep=t.float(), encoder_hidden_states=emb)
-            if self.prediction_type == "v_prediction":
-                abar = self.alphas_cumprod.to(out.device)[t.long().to(out.device)]
-                out = v_to_eps(out, z_t.to(out.device).float(), abar)
-            return out
-
-    def embed(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.max_tokens, truncation=True,
-                             return_tensors="pt").input_ids
-        with torch.cuda.stream(self.stream):
-            return self._infer("text_encoder", input_ids=ids)
+            out = self._infer(graph, **inputs)
+        caller.wait_stream(self.stream)  # the scoring math runs on the caller's stream
+        return out
 
     def synchronize(self) -> None:
         self.stream.synchronize()

@@ -52,3 +52,17 @@ def baseline(backbone: Backbone, z0: torch.Tensor, emb: torch.Tensor, n: int, se
 def mean_std(values: list[float]) -> tuple[float, float]:
     t = torch.tensor(values, dtype=torch.float64)
     return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
+
+
+def demo_test_set() -> tuple[Backbone, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The demo backbone, the latents z0 of the 360 held-out digits, their labels (digit values) and the plain
+    class-prompt embeddings in digit order (row k = digit k)."""
+    from noop_rt.backbone import load_backbone
+    from noop_rt.configs import DEMO_TEMPLATE, DIGIT_NAMES
+    from noop_rt.demo.digits import split_tensors
+
+    backbone = load_backbone("demo")
+    x, y = split_tensors("test")
+    with torch.no_grad():
+        z0 = backbone.encode(x)
+    return backbone, z0, y, backbone.embed([DEMO_TEMPLATE.format(c) for c in DIGIT_NAMES])

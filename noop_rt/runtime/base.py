@@ -38,3 +38,36 @@ class Backend(Protocol):
     def synchronize(self) -> None:
         """Block until queued device work is done (timers are synchronised on GPU)."""
         ...
+
+
+class GraphBackend:
+    """The four Backend methods for runtimes that execute a bundle's graphs by name (onnxruntime, TensorRT):
+    subclasses implement `_call(graph, **inputs) -> float32 tensor` and set the manifest-derived attributes."""
+
+    alphas_cumprod: torch.Tensor
+    prediction_type: str
+    max_tokens: int
+    tokenizer: object
+
+    def _call(self, graph: str, **inputs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self._call("vae_encoder", image=images)
+
+    def noise(self, z0: torch.Tensor) -> torch.Tensor:
+        return self._call("noise", z0=z0)
+
+    def predict_eps(self, z_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        from noop_rt.backbone import v_to_eps
+
+        out = self._call("unet", sample=z_t, timestep=t.float(), encoder_hidden_states=emb)
+        if self.prediction_type == "v_prediction":
+            abar = self.alphas_cumprod.to(out.device)[t.long().to(out.device)]
+            out = v_to_eps(out, z_t.to(out.device).float(), abar)
+        return out
+
+    def embed(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.max_tokens, truncation=True,
+                             return_tensors="pt").input_ids
+        return self._call("text_encoder", input_ids=ids)

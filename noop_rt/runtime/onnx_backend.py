@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from noop_rt.backbone import v_to_eps
 from noop_rt.bundle import Bundle
 from noop_rt.errors import BundleError, MissingDependencyError
+from noop_rt.runtime.base import GraphBackend
 
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
@@ -27,7 +27,7 @@ def cuda_provider_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-class OnnxBackend:
+class OnnxBackend(GraphBackend):
     name = "onnxruntime"
 
     def __init__(self, bundle: Bundle, device: str = "auto", threads: int | None = None) -> None:
@@ -106,24 +106,6 @@ class OnnxBackend:
         if self.on_cuda:
             return self._run_cuda(name, inputs)[0].float()
         return torch.from_numpy(self.run(name, **inputs)[0]).float()
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self._call("vae_encoder", image=images)
-
-    def noise(self, z0: torch.Tensor) -> torch.Tensor:
-        return self._call("noise", z0=z0)
-
-    def predict_eps(self, z_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        out = self._call("unet", sample=z_t, timestep=t.float(), encoder_hidden_states=emb)
-        if self.prediction_type == "v_prediction":
-            abar = self.alphas_cumprod.to(out.device)[t.long().to(out.device)]
-            out = v_to_eps(out, z_t.to(out.device).float(), abar)
-        return out
-
-    def embed(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.max_tokens, truncation=True,
-                             return_tensors="pt").input_ids
-        return self._call("text_encoder", input_ids=ids)
 
     def synchronize(self) -> None:
         if self.on_cuda:
