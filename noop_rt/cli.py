@@ -243,7 +243,7 @@ def train(
     lr_noise: Annotated[float, typer.Option("--lr-noise")] = 1e-2,
     lr_meta: Annotated[float, typer.Option("--lr-meta")] = 1e-3,
     negatives: Annotated[int, typer.Option("--negatives", min=2, help="Classes scored per image and step.")] = 10,
-    loss: Annotated[str, typer.Option("--loss", help="l2|l1|huber")] = "l2",
+    loss: Annotated[str, typer.Option("--loss", help="l2|l1|huber: the error norm, stored in the ckpt")] = "l1",
     template: TemplateOpt = None, seed: Annotated[int, typer.Option()] = 0, device: DeviceOpt = "auto",
     fp16: Annotated[bool, typer.Option("--fp16", help="Frozen backbone in half precision (CUDA).")] = False,
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing",
