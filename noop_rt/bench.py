@@ -227,3 +227,64 @@ def sd15_shape_checkpoint(folder: Path, classes: int, log: Any = sys.stderr) -> 
             train={"note": "random weights for latency measurement only"})
         save_checkpoint(ckpt, ckpt_path)
     return ckpt_path
+
+
+def bench_setup(wanted: list[str], backbone: str, bundle: Path | None, ckpt: Path | None, images: Path | None,
+                num_classes: int, cache_dir: Path, device: str,
+                fp16: bool) -> tuple[dict[str, Classifier], list[torch.Tensor]]:
+    """The classifiers to time (one per available backend) and the images to time them on."""
+    from noop_rt.bundle import Bundle
+    from noop_rt.data import load_image
+    from noop_rt.demo import BUNDLE_DIR, CKPT_PATH, EXAMPLES_DIR
+    from noop_rt.errors import NoopError
+    from noop_rt.export import ExportOptions, collect_images, export_bundle
+    from noop_rt.runtime.loader import Request, open_classifier, suggest
+
+    for b in wanted:
+        if b not in ("torch", "onnxruntime", "tensorrt"):
+            raise suggest(b, ("torch", "onnxruntime", "tensorrt"), "backend")
+    if backbone not in ("ckpt", "sd15-shape"):
+        raise suggest(backbone, ("ckpt", "sd15-shape"), "backbone")
+    ckpt_path, bundle_dir = ckpt, bundle
+    if backbone == "sd15-shape":
+        folder = cache_dir.expanduser()
+        folder.mkdir(parents=True, exist_ok=True)
+        ckpt_path = sd15_shape_checkpoint(folder, num_classes)
+        if {"onnxruntime", "tensorrt"} & set(wanted):
+            bundle_dir = folder / f"bundle-{num_classes}-{'fp16' if fp16 else 'fp32'}"
+            export_bundle(ckpt_path, bundle_dir, ExportOptions(precision="fp16" if fp16 else "fp32",
+                                                               images_per_batch=1, min_agreement=0.0))
+    elif ckpt_path is None and bundle_dir is None:
+        ckpt_path, bundle_dir = CKPT_PATH, BUNDLE_DIR
+    elif ckpt_path is None and bundle_dir is not None:
+        source = Path(Bundle.open(bundle_dir).manifest["source_ckpt"]["path"])
+        ckpt_path = source if source.is_file() else None
+    classifiers = {}
+    for name in wanted:
+        if name == "torch":
+            if ckpt_path is None:
+                print("skipped torch: its checkpoint is not here (pass --ckpt)", file=sys.stderr)
+                continue
+            req = Request(ckpt=ckpt_path, backend="torch", device=device, fp16=fp16)
+        else:
+            if bundle_dir is None:
+                print(f"skipped {name}: no bundle (pass --bundle)", file=sys.stderr)
+                continue
+            req = Request(bundle=bundle_dir, backend=name, device=device)
+        try:
+            classifiers[name] = open_classifier(req)
+        except NoopError as exc:
+            if name != "tensorrt":
+                raise
+            print(f"skipped tensorrt: {exc}", file=sys.stderr)
+    if not classifiers:
+        raise BadInputError("no backend could be benchmarked")
+    r = next(iter(classifiers.values())).backend.resolution
+    if images is not None:
+        arrays = [torch.from_numpy(load_image(p, r)) for p in collect_images(images)]
+    elif backbone == "ckpt" and ckpt_path is not None and Path(ckpt_path).resolve() == CKPT_PATH.resolve():
+
+        arrays = [torch.from_numpy(load_image(p, r)) for p in sorted(EXAMPLES_DIR.glob("*.png"))]
+    else:
+        arrays = list(torch.rand((4, 3, r, r), generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    return classifiers, arrays

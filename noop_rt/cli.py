@@ -152,46 +152,6 @@ def classify(
     _run(go)
 
 
-def evaluate(classifier: Any, dataset: Any, options: Any, show_progress: bool = True) -> dict[str, Any]:
-    """Accuracy, per-class accuracy and confusion matrix of `classifier` on an ImageFolder (classes by name)."""
-    import torch
-    from tqdm import tqdm
-
-    from noop_rt.data import load_image
-    from noop_rt.runtime.classifier import images_per_call
-
-    index = {name: i for i, name in enumerate(classifier.classes)}
-    missing = [name for name in dataset.classes if name not in index]
-    if missing:
-        raise BadInputError(f"data classes not known to the classifier: {', '.join(missing[:5])}"
-                            f"{' ...' if len(missing) > 5 else ''} (classifier classes: "
-                            f"{', '.join(classifier.classes[:10])}{' ...' if len(classifier.classes) > 10 else ''})")
-    c = len(classifier.classes)
-    confusion = torch.zeros(c, c, dtype=torch.long)
-    step = images_per_call(classifier, options.method)
-    evals = 0
-    start = time.perf_counter()
-    bar = tqdm(total=len(dataset), desc=f"eval {options.method}", unit="img", disable=not show_progress,
-               file=sys.stderr)
-    for s in range(0, len(dataset), step):
-        chunk = dataset.samples[s:s + step]
-        batch = torch.stack([torch.from_numpy(load_image(p, classifier.backend.resolution)) for p, _ in chunk])
-        scores, _ = classifier.score(batch, options)
-        for (_, label), pred in zip(chunk, scores.predictions().tolist(), strict=True):
-            confusion[index[dataset.classes[label]], pred] += 1
-        evals += int(scores.unet_evals.sum())
-        bar.update(len(chunk))
-        bar.set_postfix(acc=f"{confusion.diag().sum().item() / confusion.sum().item():.3f}")
-    bar.close()
-    seen = confusion.sum(dim=1)
-    per_class = {name: (confusion[i, i].item() / seen[i].item()) for i, name in enumerate(classifier.classes)
-                 if seen[i] > 0}
-    return {"accuracy": confusion.diag().sum().item() / max(confusion.sum().item(), 1), "n": len(dataset),
-            "per_class": per_class, "confusion": confusion.tolist(), "classes": classifier.classes,
-            "method": options.method, "backend": classifier.backend.name,
-            "unet_evals_per_image": evals / max(len(dataset), 1), "seconds": time.perf_counter() - start}
-
-
 @app.command("eval")
 def eval_command(
     data: Annotated[Path, typer.Option("--data", help="Image-folder tree: DIR/<class>/<images>.")],
@@ -211,7 +171,9 @@ def eval_command(
         req = _request(bundle, ckpt, model, backend, classes, None, template, device, max_batch, fp16, robust)
         classifier = open_classifier(req)
         options = _options(classifier, method, noises, loss, seed, robust)
-        report = evaluate(classifier, dataset, options)
+        from noop_rt.evaluation import evaluate_folder
+
+        report = evaluate_folder(classifier, dataset, options)
         if as_json:
             print(json.dumps(report, indent=2))
             return
@@ -404,74 +366,21 @@ def bench(
 ) -> None:
     """Latency/throughput of NoOp vs the N-noise baseline per backend, measured in one run."""
     def go() -> None:
-        import torch
 
         from noop_rt.bench import (
             SD15_UNET_GFLOP,
             BenchOptions,
+            bench_setup,
             format_table,
             plot,
             run_bench,
-            sd15_shape_checkpoint,
             unet_gflop,
         )
-        from noop_rt.bundle import Bundle
-        from noop_rt.data import load_image
-        from noop_rt.export import ExportOptions, collect_images, export_bundle
-        from noop_rt.runtime.loader import Request, open_classifier, suggest
 
         wanted = [b.strip() for b in backends.split(",") if b.strip()]
-        for b in wanted:
-            if b not in ("torch", "onnxruntime", "tensorrt"):
-                raise suggest(b, ("torch", "onnxruntime", "tensorrt"), "backend")
-        if backbone not in ("ckpt", "sd15-shape"):
-            raise suggest(backbone, ("ckpt", "sd15-shape"), "backbone")
-        ckpt_path, bundle_dir = ckpt, bundle
-        if backbone == "sd15-shape":
-            folder = cache_dir.expanduser()
-            folder.mkdir(parents=True, exist_ok=True)
-            ckpt_path = sd15_shape_checkpoint(folder, num_classes)
-            if {"onnxruntime", "tensorrt"} & set(wanted):
-                bundle_dir = folder / f"bundle-{num_classes}-{'fp16' if fp16 else 'fp32'}"
-                export_bundle(ckpt_path, bundle_dir, ExportOptions(precision="fp16" if fp16 else "fp32",
-                                                                   images_per_batch=1, min_agreement=0.0))
-        elif ckpt_path is None and bundle_dir is None:
-            from noop_rt.demo import BUNDLE_DIR, CKPT_PATH
-
-            ckpt_path, bundle_dir = CKPT_PATH, BUNDLE_DIR
-        elif ckpt_path is None and bundle_dir is not None:
-            source = Path(Bundle.open(bundle_dir).manifest["source_ckpt"]["path"])
-            ckpt_path = source if source.is_file() else None
-        classifiers = {}
-        for name in wanted:
-            if name == "torch":
-                if ckpt_path is None:
-                    print("skipped torch: its checkpoint is not here (pass --ckpt)", file=sys.stderr)
-                    continue
-                req = Request(ckpt=ckpt_path, backend="torch", device=device, fp16=fp16)
-            else:
-                if bundle_dir is None:
-                    print(f"skipped {name}: no bundle (pass --bundle)", file=sys.stderr)
-                    continue
-                req = Request(bundle=bundle_dir, backend=name, device=device)
-            try:
-                classifiers[name] = open_classifier(req)
-            except NoopError as exc:
-                if name != "tensorrt":
-                    raise
-                print(f"skipped tensorrt: {exc}", file=sys.stderr)
-        if not classifiers:
-            raise BadInputError("no backend could be benchmarked")
+        classifiers, arrays = bench_setup(wanted, backbone, bundle, ckpt, images, num_classes, cache_dir, device,
+                                          fp16)
         first = next(iter(classifiers.values()))
-        r = first.backend.resolution
-        if images is not None:
-            arrays = [torch.from_numpy(load_image(p, r)) for p in collect_images(images)]
-        elif backbone == "ckpt" and (ckpt_path is None or "demo" in str(ckpt_path)):
-            from noop_rt.demo import EXAMPLES_DIR
-
-            arrays = [torch.from_numpy(load_image(p, r)) for p in sorted(EXAMPLES_DIR.glob("*.png"))]
-        else:
-            arrays = list(torch.rand((4, 3, r, r), generator=torch.Generator().manual_seed(0)) * 2 - 1)
         gflop = None
         if "torch" in classifiers:
             bb = classifiers["torch"].backend.backbone

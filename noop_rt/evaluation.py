@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -66,3 +68,41 @@ def demo_test_set() -> tuple[Backbone, torch.Tensor, torch.Tensor, torch.Tensor]
     with torch.no_grad():
         z0 = backbone.encode(x)
     return backbone, z0, y, backbone.embed([DEMO_TEMPLATE.format(c) for c in DIGIT_NAMES])
+
+
+def evaluate_folder(classifier: Any, dataset: Any, options: Any, show_progress: bool = True) -> dict[str, Any]:
+    """Accuracy, per-class accuracy and confusion matrix of `classifier` on an ImageFolder (classes by name)."""
+    from noop_rt.data import load_image
+    from noop_rt.errors import BadInputError
+    from noop_rt.runtime.classifier import images_per_call
+
+    index = {name: i for i, name in enumerate(classifier.classes)}
+    missing = [name for name in dataset.classes if name not in index]
+    if missing:
+        raise BadInputError(f"data classes not known to the classifier: {', '.join(missing[:5])}"
+                            f"{' ...' if len(missing) > 5 else ''} (classifier classes: "
+                            f"{', '.join(classifier.classes[:10])}{' ...' if len(classifier.classes) > 10 else ''})")
+    c = len(classifier.classes)
+    confusion = torch.zeros(c, c, dtype=torch.long)
+    step = images_per_call(classifier, options.method)
+    evals = 0
+    start = time.perf_counter()
+    bar = tqdm(total=len(dataset), desc=f"eval {options.method}", unit="img", disable=not show_progress,
+               file=sys.stderr)
+    for s in range(0, len(dataset), step):
+        chunk = dataset.samples[s:s + step]
+        batch = torch.stack([torch.from_numpy(load_image(p, classifier.backend.resolution)) for p, _ in chunk])
+        scores, _ = classifier.score(batch, options)
+        for (_, label), pred in zip(chunk, scores.predictions().tolist(), strict=True):
+            confusion[index[dataset.classes[label]], pred] += 1
+        evals += int(scores.unet_evals.sum())
+        bar.update(len(chunk))
+        bar.set_postfix(acc=f"{confusion.diag().sum().item() / confusion.sum().item():.3f}")
+    bar.close()
+    seen = confusion.sum(dim=1)
+    per_class = {name: (confusion[i, i].item() / seen[i].item()) for i, name in enumerate(classifier.classes)
+                 if seen[i] > 0}
+    return {"accuracy": confusion.diag().sum().item() / max(confusion.sum().item(), 1), "n": len(dataset),
+            "per_class": per_class, "confusion": confusion.tolist(), "classes": classifier.classes,
+            "method": options.method, "backend": classifier.backend.name,
+            "unet_evals_per_image": evals / max(len(dataset), 1), "seconds": time.perf_counter() - start}
