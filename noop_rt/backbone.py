@@ -158,7 +158,7 @@ def load_backbone(model: str | Path | None = DEMO_SOURCE, dtype: torch.dtype = t
 
     quiet_libraries()
     root = resolve_source(model)
-    source = DEMO_SOURCE if model is None or str(model) == DEMO_SOURCE else str(root)
+    source = DEMO_SOURCE if model is None or str(model) == DEMO_SOURCE else str(root.resolve())  # ckpts store it
     if not root.is_dir():
         raise BackboneError(f"model folder not found: {root}")
     index_path = root / "model_index.json"

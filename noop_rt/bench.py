@@ -8,6 +8,7 @@ Achieved TFLOP/s uses the UNet's FLOP count measured once with torch's FlopCount
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from noop_rt.errors import BadInputError
+from noop_rt.errors import BadInputError, NoopError
 from noop_rt.runtime.classifier import Classifier, StrategyOptions, predict_arrays
 
 SD15_UNET_GFLOP = 803.0  # SD-1.5 UNet, one sample at 64x64 latent (design §2b)
@@ -77,6 +78,26 @@ def unet_gflop(unet: torch.nn.Module, latent_shape: tuple[int, ...], tokens: int
              torch.tensor([500.0], device=param.device),
              encoder_hidden_states=torch.zeros((1, tokens, dim), dtype=param.dtype, device=param.device))
     return counter.get_total_flops() / 1e9
+
+
+def unet_gflop_from_source(source: str) -> float | None:
+    """The UNet FLOP count from a backbone folder's config alone (a randomly initialised CPU copy; on the meta device
+    attention is counted through its math decomposition, ~2 % off), for runs that time only bundle backends; None if
+    the folder is not here."""
+    from diffusers import UNet2DConditionModel
+
+    from noop_rt.backbone import resolve_source
+
+    try:
+        root = resolve_source(source)
+        config = UNet2DConditionModel.load_config(root / "unet")
+        text = json.loads((root / "text_encoder" / "config.json").read_text())
+    except (OSError, ValueError, NoopError):
+        return None
+    unet = UNet2DConditionModel.from_config(config)
+    side = int(config["sample_size"])
+    return unet_gflop(unet, (int(config["in_channels"]), side, side), int(text["max_position_embeddings"]),
+                      int(text["hidden_size"]))
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -156,17 +177,22 @@ def run_bench(classifiers: dict[str, Classifier], images: list[torch.Tensor], op
 
 
 def format_table(report: dict[str, Any]) -> str:
+    gflop = report.get("unet_gflop_per_sample")
+    flops = f", {gflop:.1f} GFLOP per UNet sample (counted)" if gflop else ""
+    if gflop and report.get("reference_unet_gflop"):
+        flops += f" vs {report['reference_unet_gflop']:.0f} reference"
     lines = [f"{report['classes']} classes at {report['resolution']} px, backbone {report['backbone']}, "
-             f"baseline = {report['baseline_noises']} noises x all classes",
+             f"baseline = {report['baseline_noises']} noises x all classes{flops}",
              f"{'backend':<12} {'method':<9} {'p50 ms':>10} {'p95 ms':>10} {'img/s':>8} {'UNet evals':>10} "
-             f"{'speed-up':>9}"]
+             f"{'TFLOP/s':>8} {'speed-up':>9}"]
     for name, b in report["backends"].items():
         for method in ("noop", "baseline"):
             s = b[method]
             mark = "*" if s.get("extrapolated") else ""
             speed = f"{b['speedup_vs_baseline']:.1f}x" if method == "noop" else ""
+            tflops = f"{s['achieved_tflops']:.3g}" if "achieved_tflops" in s else "-"
             lines.append(f"{name:<12} {method:<9} {s['p50_ms']:>9.1f}{mark} {s['p95_ms']:>10.1f} "
-                         f"{s['images_per_s']:>8.2f} {s['unet_evals_per_image']:>10.0f} {speed:>9}")
+                         f"{s['images_per_s']:>8.2f} {s['unet_evals_per_image']:>10.0f} {tflops:>8} {speed:>9}")
     if any(b["baseline"].get("extrapolated") for b in report["backends"].values()):
         lines.append("* baseline extrapolated linearly from the timed pairs (cost is linear in pairs)")
     for name, x in report.get("speedup_vs_torch", {}).items():
@@ -230,9 +256,10 @@ def sd15_shape_checkpoint(folder: Path, classes: int, log: Any = sys.stderr) -> 
 
 
 def bench_setup(wanted: list[str], backbone: str, bundle: Path | None, ckpt: Path | None, images: Path | None,
-                num_classes: int, cache_dir: Path, device: str,
-                fp16: bool) -> tuple[dict[str, Classifier], list[torch.Tensor]]:
-    """The classifiers to time (one per available backend) and the images to time them on."""
+                num_classes: int, cache_dir: Path, device: str, fp16: bool,
+                engines: Path | None = None) -> tuple[dict[str, Classifier], list[torch.Tensor], str]:
+    """The classifiers to time (one per available backend), the images to time them on, and the backbone source
+    (for the UNet FLOP count)."""
     from noop_rt.bundle import Bundle
     from noop_rt.data import load_image
     from noop_rt.demo import BUNDLE_DIR, CKPT_PATH, EXAMPLES_DIR
@@ -270,7 +297,7 @@ def bench_setup(wanted: list[str], backbone: str, bundle: Path | None, ckpt: Pat
             if bundle_dir is None:
                 print(f"skipped {name}: no bundle (pass --bundle)", file=sys.stderr)
                 continue
-            req = Request(bundle=bundle_dir, backend=name, device=device)
+            req = Request(bundle=bundle_dir, backend=name, device=device, engines=engines)
         try:
             classifiers[name] = open_classifier(req)
         except NoopError as exc:
@@ -287,4 +314,10 @@ def bench_setup(wanted: list[str], backbone: str, bundle: Path | None, ckpt: Pat
         arrays = [torch.from_numpy(load_image(p, r)) for p in sorted(EXAMPLES_DIR.glob("*.png"))]
     else:
         arrays = list(torch.rand((4, 3, r, r), generator=torch.Generator().manual_seed(0)) * 2 - 1)
-    return classifiers, arrays
+    if ckpt_path is not None:
+        from noop_rt.checkpoint import load_checkpoint
+
+        source = load_checkpoint(ckpt_path).backbone_source
+    else:
+        source = str(Bundle.open(bundle_dir, verify=False).manifest["backbone"]["source"])
+    return classifiers, arrays, source

@@ -114,8 +114,9 @@ def load_checkpoint(path: str | Path) -> NoopCheckpoint:
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises many types (UnpicklingError, KeyError, RuntimeError...) on junk
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path} is not a readable noop-rt checkpoint (corrupt or truncated?): {first}") from None
+        # (torch's own messages suggest weights_only=False, which a checkpoint of ours never needs: not repeated)
+        raise CheckpointError(f"{path} is not a readable noop-rt checkpoint (corrupt, truncated or not a torch "
+                              f"file; {type(exc).__name__})") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a noop-rt checkpoint (format tag {FORMAT!r} missing)")
     if raw.get("version") != VERSION:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -50,6 +52,8 @@ ModelOpt = Annotated[str | None, typer.Option("--model", help="A local diffusers
 ClassesOpt = Annotated[str | None, typer.Option("--classes", help="Comma-separated class names.")]
 TemplateOpt = Annotated[str | None, typer.Option("--template", help="Prompt template with one '{}'.")]
 BackendOpt = Annotated[str, typer.Option("--backend", help="auto|tensorrt|onnxruntime|torch")]
+EnginesOpt = Annotated[Path | None, typer.Option("--engines", help="TensorRT engine folder from `noop-rt build` "
+                                                 "(default engines/<bundle name>).")]
 MethodOpt = Annotated[str | None, typer.Option("--method", help="noop|baseline|adaptive|pruned (default: noop "
                                                                 "when a learned noise is loaded, else baseline)")]
 NoisesOpt = Annotated[int, typer.Option("--noises", min=1, help="(t, eps) pairs for baseline/adaptive/pruned.")]
@@ -62,20 +66,20 @@ RobustOpt = Annotated[bool, typer.Option("--robust", help="RDC likelihood maximi
 
 def _request(bundle: Path | None, ckpt: Path | None, model: str | None, backend: str, classes: str | None,
              data: Path | None, template: str | None, device: str, max_batch: int, fp16: bool = False,
-             robust: bool = False):
+             robust: bool = False, engines: Path | None = None):
     from noop_rt.data import ImageFolder, parse_class_list
     from noop_rt.runtime.loader import Request
 
     if robust and bundle is None and backend == "auto":
         backend = "torch"  # robust mode takes gradients: the built-in demo runs from its checkpoint
 
-    class_list = None
+    class_list, classes_from = None, None
     if classes is not None:
         class_list = parse_class_list(classes)
     elif data is not None:
-        class_list = ImageFolder.scan(data).classes
+        class_list, classes_from = ImageFolder.scan(data).classes, f"--data {data}"
     return Request(bundle=bundle, ckpt=ckpt, model=model, backend=backend, classes=class_list, template=template,
-                   device=device, fp16=fp16, max_batch=max_batch)
+                   device=device, fp16=fp16, max_batch=max_batch, engines=engines, classes_from=classes_from)
 
 
 def _options(classifier: Any, method: str | None, noises: int, loss: str | None, seed: int, robust: bool = False):
@@ -103,7 +107,7 @@ def _speed_line(timings: Any, classifier: Any, method: str) -> str:
 
 
 def _classify(images: list[Path], req: Any, method: str | None, noises: int, loss: str | None, seed: int,
-              top_k: int, as_json: bool, robust: bool = False) -> None:
+              top_k: int, as_json: bool, robust: bool = False, truth_table: bool = False) -> None:
     from noop_rt.data import load_image
     from noop_rt.runtime.classifier import Timings, predict_arrays
     from noop_rt.runtime.loader import open_classifier
@@ -125,12 +129,35 @@ def _classify(images: list[Path], req: Any, method: str | None, noises: int, los
                for p, pr, t in zip(images, preds, per_image, strict=True)]
     if as_json:
         print(json.dumps(results, indent=2))
+    elif truth_table:
+        _print_truth_table(results)
     else:
         for res in results:
             best = res["top"][0]
             rest = ", ".join(f"{t['class']} {t['prob']:.2f}" for t in res["top"][1:])
             print(f"{res['image']}: {best['class']} ({best['prob']:.2f})" + (f"  | {rest}" if rest else ""))
     print(_speed_line(timings, classifier, options.method), file=sys.stderr)
+
+
+def _print_truth_table(results: list[dict[str, Any]]) -> None:
+    """A table of predictions against the true class, which the file name gives (`seven.png` is a seven)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="built-in demo: bundled example digits")
+    for col in ("image", "true", "predicted", "prob", "", "runner-up", "UNet evals"):
+        table.add_column(col)
+    correct = 0
+    for res in results:
+        truth = Path(res["image"]).stem.replace("_", " ")
+        best = res["top"][0]
+        ok = best["class"] == truth
+        correct += ok
+        runner = f"{res['top'][1]['class']} {res['top'][1]['prob']:.2f}" if len(res["top"]) > 1 else ""
+        table.add_row(Path(res["image"]).name, truth, best["class"], f"{best['prob']:.2f}", "✓" if ok else "✗",
+                      runner, str(res["unet_evals"]))
+    table.caption = f"{correct}/{len(results)} correct"
+    Console(width=100).print(table)
 
 
 @app.command()
@@ -142,11 +169,12 @@ def classify(
     loss: LossOpt = None, seed: Annotated[int, typer.Option(help="Noise seed for random strategies.")] = 0,
     top_k: Annotated[int, typer.Option("--top-k", min=1)] = 5, device: DeviceOpt = "auto",
     fp16: Annotated[bool, typer.Option("--fp16", help="torch backend in half precision.")] = False,
-    max_batch: MaxBatchOpt = 256, robust: RobustOpt = False, as_json: JsonOpt = False,
+    max_batch: MaxBatchOpt = 256, robust: RobustOpt = False, engines: EnginesOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Classify images. No --bundle/--ckpt/--model: the built-in demo (handwritten digits)."""
     def go() -> None:
-        req = _request(bundle, ckpt, model, backend, classes, data, template, device, max_batch, fp16, robust)
+        req = _request(bundle, ckpt, model, backend, classes, data, template, device, max_batch, fp16, robust,
+                       engines)
         _classify(images, req, method, noises, loss, seed, top_k, as_json, robust)
 
     _run(go)
@@ -159,7 +187,7 @@ def eval_command(
     backend: BackendOpt = "auto", method: MethodOpt = None, noises: NoisesOpt = 100, loss: LossOpt = None,
     seed: Annotated[int, typer.Option(help="Noise seed for random strategies.")] = 0, device: DeviceOpt = "auto",
     fp16: Annotated[bool, typer.Option("--fp16", help="torch backend in half precision.")] = False,
-    max_batch: MaxBatchOpt = 256, robust: RobustOpt = False, as_json: JsonOpt = False,
+    max_batch: MaxBatchOpt = 256, robust: RobustOpt = False, engines: EnginesOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Accuracy, per-class accuracy and confusion matrix on a labelled image folder."""
     def go() -> None:
@@ -168,7 +196,8 @@ def eval_command(
 
         dataset = ImageFolder.scan(data)
         classes = None if (ckpt or bundle or model in (None, "demo")) else ",".join(dataset.classes)
-        req = _request(bundle, ckpt, model, backend, classes, None, template, device, max_batch, fp16, robust)
+        req = _request(bundle, ckpt, model, backend, classes, None, template, device, max_batch, fp16, robust,
+                       engines)
         classifier = open_classifier(req)
         options = _options(classifier, method, noises, loss, seed, robust)
         from noop_rt.evaluation import evaluate_folder
@@ -213,6 +242,8 @@ def train(
     max_batch: MaxBatchOpt = 256, as_json: JsonOpt = False,
 ) -> None:
     """Learn NoOp's dataset noise (+ meta-net) on a few-shot image folder; write NAME.pt atomically."""
+    cli_options = {k: str(v) for k, v in locals().items()}
+
     def go() -> None:
         import torch
 
@@ -238,6 +269,11 @@ def train(
                              loss=loss, seed=seed, max_batch=max_batch, gradient_checkpointing=gradient_checkpointing)
         tmpl = template or (DEMO_TEMPLATE if backbone.source == DEMO_SOURCE else DEFAULT_TEMPLATE)
         ckpt, result = train_checkpoint(backbone, split, tmpl, config)
+        ckpt.train["options"] = cli_options
+        if Path(sys.argv[0]).name == "noop-rt":  # run from the console script (not a test runner)
+            ckpt.train["command"] = shlex.join(["noop-rt", *sys.argv[1:]])
+        ckpt.train["torch_threads"] = torch.get_num_threads()
+        ckpt.train["device"] = str(backbone.device)
         save_checkpoint(ckpt, out)
         summary = {"out": str(out), "classes": len(split.classes), "train_images": len(split.train),
                    "val_images": len(split.val), "val_accuracy": result.val_accuracy, "best_epoch": result.best_epoch,
@@ -314,18 +350,19 @@ def batch(
     bundle: BundleOpt = None, ckpt: CkptOpt = None, model: ModelOpt = None, classes: ClassesOpt = None,
     template: TemplateOpt = None, backend: BackendOpt = "auto", method: MethodOpt = None, noises: NoisesOpt = 100,
     loss: LossOpt = None, top_k: Annotated[int, typer.Option("--top-k", min=1)] = 5,
-    ray: Annotated[bool, typer.Option("--ray", help="Run on Ray Data (local cluster, or RAY_ADDRESS).")] = False,
-    ray_address: Annotated[str | None, typer.Option("--ray-address", help="An existing Ray cluster.")] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Run on Ray Data: a local cluster, or `--ray ADDRESS` "
+                                      "(auto, ray://host:port, host:port) / RAY_ADDRESS for an existing one.")] = False,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="Same as --ray ADDRESS.")] = None,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Ray actors (one model copy each).")] = 1,
     gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", min=0.0)] = 0.0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per classification call.")] = 16,
-    device: DeviceOpt = "auto", max_batch: MaxBatchOpt = 256, as_json: JsonOpt = False,
+    device: DeviceOpt = "auto", max_batch: MaxBatchOpt = 256, engines: EnginesOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Classify many images into a parquet/jsonl file, in process or on a Ray cluster; resumable."""
     def go() -> None:
         from noop_rt.batch import BatchOptions, run_batch
 
-        req = _request(bundle, ckpt, model, backend, classes, None, template, device, max_batch)
+        req = _request(bundle, ckpt, model, backend, classes, None, template, device, max_batch, engines=engines)
         options = BatchOptions(method=method, noises=noises, loss=loss, top_k=top_k, batch_size=batch_size,
                                ray=ray or ray_address is not None, ray_address=ray_address, workers=workers,
                                gpus_per_worker=gpus_per_worker)
@@ -363,6 +400,7 @@ def bench(
         Path("~/.cache/noop-rt"),
     json_file: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON to FILE.")] = None,
     plot_file: Annotated[Path | None, typer.Option("--plot", help="Write a latency bar chart (PNG).")] = None,
+    engines: EnginesOpt = None,
 ) -> None:
     """Latency/throughput of NoOp vs the N-noise baseline per backend, measured in one run."""
     def go() -> None:
@@ -375,16 +413,18 @@ def bench(
             plot,
             run_bench,
             unet_gflop,
+            unet_gflop_from_source,
         )
 
         wanted = [b.strip() for b in backends.split(",") if b.strip()]
-        classifiers, arrays = bench_setup(wanted, backbone, bundle, ckpt, images, num_classes, cache_dir, device,
-                                          fp16)
+        classifiers, arrays, source = bench_setup(wanted, backbone, bundle, ckpt, images, num_classes, cache_dir,
+                                                  device, fp16, engines)
         first = next(iter(classifiers.values()))
-        gflop = None
         if "torch" in classifiers:
             bb = classifiers["torch"].backend.backbone
             gflop = unet_gflop(bb.unet, bb.latent_shape, bb.max_tokens, int(first.emb.shape[-1]))
+        else:
+            gflop = unet_gflop_from_source(source)
         options = BenchOptions(backends=wanted, baseline_noises=baseline_noises,
                                baseline_measured_pairs=measured_pairs, runs=runs, device=device, fp16=fp16)
         report = run_bench(classifiers, arrays, options, gflop, backbone)
@@ -430,10 +470,26 @@ def demo(
         images = sorted(EXAMPLES_DIR.glob("*.png"))
         if not images:
             raise BadInputError(f"no example images in {EXAMPLES_DIR}")
-        _classify(images, Request(backend=backend), method, noises, None, 0, 3, as_json)
+        _classify(images, Request(backend=backend), method, noises, None, 0, 3, as_json, truth_table=True)
 
     _run(go)
 
 
+RAY_ADDRESS = re.compile(r"^(auto|local|ray://\S+|[\w.-]+:\d+)$")
+
+
+def ray_address_argv(argv: list[str]) -> list[str]:
+    """`batch … --ray ADDRESS` (design §3) -> `--ray --ray-address ADDRESS`: the option takes an optional value, which
+    typer cannot express. Only tokens that look like a Ray address (auto, local, ray://…, host:port) are taken."""
+    if "batch" not in argv:
+        return argv
+    out = list(argv)
+    for i, arg in enumerate(out[:-1]):
+        if arg == "--ray" and RAY_ADDRESS.match(out[i + 1]):
+            out[i:i + 2] = ["--ray", "--ray-address", out[i + 1]]
+            break
+    return out
+
+
 def run() -> None:
-    app()
+    app(args=ray_address_argv(sys.argv[1:]))

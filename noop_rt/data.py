@@ -59,7 +59,10 @@ def decode_rgb(data: bytes, name: str | Path) -> Image.Image:
                 return Image.fromarray((arr / peak * 255).round().astype(np.uint8), mode="L").convert("RGB")
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, UnidentifiedImageError):
+            reason = "not an image format Pillow can decode (corrupt or truncated?)"
+        else:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise BadInputError(f"cannot read image {name}: {reason}") from None
 
 

@@ -61,10 +61,18 @@ def builder_flags(trt_version: str, optimization_level: int) -> dict[str, Any]:
             "builder_optimization_level": optimization_level}
 
 
+def graph_profile(bundle: Bundle, name: str) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """The optimisation profile of one bundle graph: batch 1 / C (the text encoder: C prompts; the UNet: one image's
+    C classes; the image graphs: C images) / the bundle's max batch (images per batch x C)."""
+    max_batch, opt = int(bundle.manifest["max_batch"]), int(bundle.manifest["opt_batch"])
+    return bundle.graphs[name].profile(opt if name != "text_encoder" else len(bundle.classes), max_batch)
+
+
 def plan_problem(record: dict[str, Any] | None, env: dict[str, str], bundle: Bundle, engines_dir: Path,
-                 max_batch: int | None = None) -> str | None:
+                 flags: dict[str, Any] | None = None) -> str | None:
     """None when the plans in `engines_dir` may be loaded for `bundle` on this machine, else the reason they may not.
-    A pure function of build.json, the running environment and the bundle manifest."""
+    A pure function of build.json, the running environment and the bundle manifest. `flags`: the builder flags a
+    build asks for (a plan built with other flags is rebuilt); None at run time (any flags will do)."""
     if record is None:
         return f"no engines in {engines_dir} (run: noop-rt build {bundle.root})"
     if record.get("format") != FORMAT or record.get("version") != VERSION:
@@ -76,7 +84,9 @@ def plan_problem(record: dict[str, Any] | None, env: dict[str, str], bundle: Bun
                 f"{env.get('gpu')} (sm {env.get('compute_capability')})")
     if record.get("precision") != bundle.manifest.get("precision"):
         return f"built {record.get('precision')} engines, the bundle is {bundle.manifest.get('precision')}"
-    want_max = max_batch or int(bundle.manifest["max_batch"])
+    if flags is not None and record.get("flags") != flags:
+        return f"built with builder flags {record.get('flags')}, asked for {flags}"
+    want_max = int(bundle.manifest["max_batch"])
     graphs = record.get("graphs", {})
     for name in bundle.graphs:
         g = graphs.get(name)
@@ -88,6 +98,14 @@ def plan_problem(record: dict[str, Any] | None, env: dict[str, str], bundle: Bun
             return f"{engines_dir / g.get('plan', name + '.plan')} is missing"
         if g.get("max_batch") != want_max:
             return f"{name} engine profile max batch {g.get('max_batch')} != {want_max}"
+        profile = graph_profile(bundle, name)
+        if g.get("profile") != _jsonable(profile):
+            return f"{name} engine profile {g.get('profile')} != the bundle's {_jsonable(profile)}"
+        key = engine_cache_key(g["onnx_sha256"], env.get("tensorrt", ""), env.get("gpu", ""),
+                               env.get("compute_capability", ""), profile, str(record.get("precision")),
+                               record.get("flags") or {})
+        if g.get("cache_key") != key:
+            return f"{name} engine cache key {g.get('cache_key')} != {key} (build.json edited or from another build)"
     return None
 
 
@@ -185,7 +203,9 @@ def build_engines(bundle_dir: str | Path, options: BuildOptions, log: Any = sys.
                           f"(strongly typed): re-export with noop-rt export --ckpt … --fp16")
     out = options.out or default_engines_dir(bundle)
     env = environment(trt)
-    action, reason = decide(plan_problem(read_record(out), env, bundle, out), building=True, force=options.force)
+    flags = builder_flags(env["tensorrt"], options.optimization_level)
+    action, reason = decide(plan_problem(read_record(out), env, bundle, out, flags), building=True,
+                            force=options.force)
     if action == "use":
         print(f"found cached engines {out}: {reason} (use --force to rebuild)", file=log)
         return read_record(out) or {}
@@ -197,7 +217,6 @@ def build_engines(bundle_dir: str | Path, options: BuildOptions, log: Any = sys.
         Profile,
     )
 
-    flags = builder_flags(env["tensorrt"], options.optimization_level)
     timing_cache = options.timing_cache or out.parent / "timing.cache"
     timing_cache.parent.mkdir(parents=True, exist_ok=True)
     max_batch, opt = int(bundle.manifest["max_batch"]), int(bundle.manifest["opt_batch"])
@@ -210,7 +229,7 @@ def build_engines(bundle_dir: str | Path, options: BuildOptions, log: Any = sys.
                               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     try:
         for name, spec in bundle.graphs.items():
-            profile_shapes = spec.profile(opt if name != "text_encoder" else len(bundle.classes), max_batch)
+            profile_shapes = graph_profile(bundle, name)
             profile = Profile()
             for tensor, (lo, mid, hi) in profile_shapes.items():
                 profile.add(tensor, min=lo, opt=mid, max=hi)
@@ -278,6 +297,7 @@ class TensorRTBackend(GraphBackend):
         self.buffers: dict[tuple[str, str, tuple[int, ...]], torch.Tensor] = {}
         self.specs = bundle.graphs
         self.device = f"cuda:0 ({torch.cuda.get_device_name(0)})"
+        self.torch_device = torch.device("cuda")
         self.resolution = int(m["resolution"])
         self.latent_shape = tuple(m["latent_shape"])
         self.alphas_cumprod = torch.tensor(m["alphas_cumprod"], dtype=torch.float32)
@@ -298,7 +318,7 @@ class TensorRTBackend(GraphBackend):
         batch = next(iter(inputs.values())).shape[0]
         for t in spec.inputs:
             buf = self._buffer(graph, t.name, t.concrete(batch), dtypes[t.dtype])
-            buf.copy_(inputs[t.name].to(device="cuda", dtype=dtypes[t.dtype]), non_blocking=True)
+            buf.copy_(inputs[t.name], non_blocking=True)  # a no-op transfer for on-device (CUDA) inputs
             ctx.set_input_shape(t.name, tuple(buf.shape))
             ctx.set_tensor_address(t.name, buf.data_ptr())
         out_spec = spec.outputs[0]

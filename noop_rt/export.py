@@ -140,8 +140,16 @@ def _graph_modules(backbone: Backbone, ckpt: NoopCheckpoint, precision: str) -> 
 
 
 def _validation_images(options: ExportOptions, ckpt: NoopCheckpoint, resolution: int) -> tuple[torch.Tensor, str]:
+    """The images the classifier's top-1 agreement is measured on: given ones; for the demo the 360 held-out digits
+    (fp16, where agreement below 100 % is expected and must be measured) or the 10 examples (fp32, fast); else
+    synthetic images."""
     paths = list(options.validate_images)
     what = "given images"
+    if not paths and ckpt.backbone_source == "demo" and options.precision == "fp16":
+        from noop_rt.demo.digits import split_tensors
+
+        held_out, _ = split_tensors("test")
+        return held_out, f"{len(held_out)} held-out demo digits"
     if not paths and ckpt.backbone_source == "demo":
         from noop_rt.demo import EXAMPLES_DIR
 
@@ -187,7 +195,8 @@ def validate_bundle(bundle_dir: Path, backbone: Backbone, ckpt: NoopCheckpoint, 
         ids = backbone.tokenize(ckpt.prompts)
         text_ref = backbone.text_encoder(ids)[0]
         graphs["text_encoder"] = _rel_error(ort_backend.run("text_encoder", input_ids=ids)[0], text_ref)
-    spec = ClassSpec(ckpt.classes, ckpt.prompts, ckpt.class_embeddings, ckpt.tau, ckpt.t_star, ckpt.loss)
+    spec = ClassSpec(ckpt.classes, ckpt.prompts, ckpt.class_embeddings, ckpt.tau, ckpt.t_star, ckpt.loss,
+                     ckpt.template)
     options = StrategyOptions(method="noop")
     ref_scores, _ = Classifier(TorchBackend(backbone, noise), spec).score(images, options)
     ort_scores, _ = Classifier(ort_backend, spec).score(images, options)

@@ -93,3 +93,16 @@ def test_noop_without_a_learned_noise_is_refused(tiny_sd, shape_images) -> None:
     img = next((shape_images / "red_square").iterdir())
     one_line_error(invoke("classify", img, "--model", tiny_sd, "--classes", "a,b", "--method", "noop"), 1,
                    "needs a learned noise")
+
+
+def test_batch_ray_takes_an_optional_address() -> None:
+    from noop_rt.cli import ray_address_argv
+
+    argv = ["batch", "imgs", "--ray", "ray://head:10001", "--out", "x.parquet"]
+    assert ray_address_argv(argv) == ["batch", "imgs", "--ray", "--ray-address", "ray://head:10001", "--out",
+                                      "x.parquet"]
+    assert ray_address_argv(["batch", "--ray", "10.0.0.1:6379", "a.png"])[1:4] == ["--ray", "--ray-address",
+                                                                                    "10.0.0.1:6379"]
+    assert ray_address_argv(["batch", "--ray", "imgs/", "--out", "o.jsonl"]) == ["batch", "--ray", "imgs/", "--out",
+                                                                                 "o.jsonl"]
+    assert ray_address_argv(["classify", "--ray", "auto"]) == ["classify", "--ray", "auto"]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import io
 import json
-import time
+import os
+import subprocess
+import sys
 
-import torch
 from typer.testing import CliRunner
 
-from noop_rt.backbone import load_backbone
 from noop_rt.cli import app
 from noop_rt.configs import DIGIT_NAMES
 from noop_rt.demo import BUNDLE_DIR, CKPT_PATH, EXAMPLES_DIR, MODEL_DIR
@@ -22,12 +22,23 @@ def truth(path) -> str:
     return path.stem  # examples are named after their class: seven.png
 
 
-def test_shipped_model_loads_offline_and_fast(monkeypatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    start = time.perf_counter()
-    bb = load_backbone("demo")
-    assert time.perf_counter() - start < 5.0
-    assert bb.kind == "pixel" and bb.resolution == 16 and bb.source == "demo"
+def test_shipped_model_loads_offline_and_fast() -> None:
+    """In a fresh interpreter whose sockets refuse to connect: the demo loads from the package, in < 5 s."""
+    code = (
+        "import socket, time\n"
+        "def refuse(*a, **k):\n    raise OSError('network use during demo load')\n"
+        "socket.socket.connect = refuse\nsocket.create_connection = refuse\n"
+        "import diffusers, transformers\n"
+        "from noop_rt.backbone import load_backbone\n"
+        "start = time.perf_counter()  # the load itself, after the libraries are imported\n"
+        "bb = load_backbone('demo')\n"
+        "print(time.perf_counter() - start, bb.kind, bb.resolution, bb.source)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    seconds, kind, resolution, source = res.stdout.split()
+    assert float(seconds) < 5.0 and (kind, resolution, source) == ("pixel", "16", "demo")
     size = sum(p.stat().st_size for p in MODEL_DIR.rglob("*") if p.is_file())
     assert size <= 20 * 1024**2
     assert len(EXAMPLES) == 10 and {truth(p) for p in EXAMPLES} == set(DIGIT_NAMES)
@@ -56,7 +67,10 @@ def test_no_flags_runs_noop_on_onnxruntime_and_is_right() -> None:
 def test_demo_command_prints_a_table() -> None:
     res = runner.invoke(app, ["demo"])
     assert res.exit_code == 0, res.output
-    assert len(res.stdout.strip().splitlines()) == 10 and "Speed:" in res.stderr
+    rows = [line for line in res.stdout.splitlines() if ".png" in line]
+    assert len(rows) == 10 and "Speed:" in res.stderr
+    correct = int(res.stdout.split("/10 correct")[0].split()[-1])
+    assert correct >= 9 and sum("✓" in r for r in rows) == correct
 
 
 def test_shipped_bundle_matches_the_shipped_checkpoint() -> None:
@@ -69,29 +83,17 @@ def test_shipped_bundle_matches_the_shipped_checkpoint() -> None:
 
 
 def test_fp16_bundle_agrees_with_fp32_torch_on_the_held_out_split(tmp_path) -> None:
-    from noop_rt.bundle import Bundle
-    from noop_rt.checkpoint import load_checkpoint
-    from noop_rt.demo.digits import split_tensors
+    """Export validation of an fp16 demo bundle scores all 360 held-out digits with fp16 onnxruntime and fp32 torch
+    and records their top-1 agreement (issue target: >= 99.5 %)."""
     from noop_rt.export import ExportOptions, export_bundle
-    from noop_rt.runtime.classifier import Classifier, ClassSpec, StrategyOptions
-    from noop_rt.runtime.onnx_backend import OnnxBackend
-    from noop_rt.runtime.torch_backend import TorchBackend
 
     report = export_bundle(CKPT_PATH, tmp_path / "half", ExportOptions(precision="fp16"), log=io.StringIO())
-    assert report.validation["passed"]
-    ckpt = load_checkpoint(CKPT_PATH)
-    spec = ClassSpec(ckpt.classes, ckpt.prompts, ckpt.class_embeddings, ckpt.tau, ckpt.t_star, ckpt.loss)
-    x, _ = split_tensors("test")
-    ref = Classifier(TorchBackend(load_backbone("demo"), ckpt.noise_model()), spec)
-    half = Classifier(OnnxBackend(Bundle.open(tmp_path / "half"), device="cpu"), spec)
-    opts = StrategyOptions(method="noop")
-    agree = []
-    for i in range(0, len(x), 60):
-        a, _ = ref.score(x[i:i + 60], opts)
-        b, _ = half.score(x[i:i + 60], opts)
-        agree.append(a.predictions() == b.predictions())
-    agreement = float(torch.cat(agree).float().mean())
-    assert agreement >= 0.995, agreement
+    recorded = json.loads((tmp_path / "half" / "validation.json").read_text())
+    assert recorded == report.validation
+    assert recorded["images"] == "360 held-out demo digits"
+    assert recorded["classifier"]["top1_agreement"] >= 0.995, recorded["classifier"]
+    assert recorded["passed"]
+    assert all(g["max_rel"] < 5e-2 for g in recorded["graphs"].values())
 
 
 def test_robust_mode_keeps_clean_examples_correct() -> None:

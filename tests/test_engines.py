@@ -20,6 +20,7 @@ from noop_rt.engines import (
     datatype_of,
     decide,
     engine_cache_key,
+    graph_profile,
     is_half_engine,
     plan_problem,
     precision_report,
@@ -32,19 +33,29 @@ NO_TRT = "TensorRT + an NVIDIA GPU needed (TensorRT cannot be installed on this 
 ENV = {"tensorrt": "10.13.0", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
 
 
+FLAGS = builder_flags(ENV["tensorrt"], 3)
+
+
 def make_record(bundle: Bundle, tmp_path) -> dict:
+    """A build.json as `build_engines` writes it (same helpers), with stand-in plan files."""
     graphs = {}
+    precision = bundle.manifest["precision"]
     for name, spec in bundle.graphs.items():
         (tmp_path / f"{name}.plan").write_bytes(b"plan")
-        graphs[name] = {"plan": f"{name}.plan", "onnx_sha256": bundle.manifest["files"][spec.file],
-                        "max_batch": bundle.manifest["max_batch"]}
-    return {"format": FORMAT, "version": VERSION, **ENV, "precision": bundle.manifest["precision"], "graphs": graphs}
+        sha = bundle.manifest["files"][spec.file]
+        profile = graph_profile(bundle, name)
+        graphs[name] = {"plan": f"{name}.plan", "onnx_sha256": sha, "max_batch": bundle.manifest["max_batch"],
+                        "profile": {k: [list(s) for s in v] for k, v in profile.items()},
+                        "cache_key": engine_cache_key(sha, ENV["tensorrt"], ENV["gpu"], ENV["compute_capability"],
+                                                      profile, precision, FLAGS)}
+    return {"format": FORMAT, "version": VERSION, **ENV, "precision": precision, "flags": FLAGS, "graphs": graphs}
 
 
 def test_plan_decision_covers_every_staleness_reason(tiny_bundle, tmp_path) -> None:
     bundle = Bundle.open(tiny_bundle)
     record = make_record(bundle, tmp_path)
     assert plan_problem(record, ENV, bundle, tmp_path) is None
+    assert plan_problem(record, ENV, bundle, tmp_path, FLAGS) is None
     assert decide(None, building=True) == ("use", "engines match the bundle, TensorRT version and GPU")
     assert decide(None, building=True, force=True)[0] == "rebuild"
 
@@ -65,6 +76,11 @@ def test_plan_decision_covers_every_staleness_reason(tiny_bundle, tmp_path) -> N
     assert "max batch" in problem(lambda r: r["graphs"]["unet"].update(max_batch=1))
     assert "fp16" in problem(lambda r: r.update(precision="fp16"))
     assert "another format" in problem(lambda r: r.update(version=0))
+    assert "profile" in problem(lambda r: r["graphs"]["unet"]["profile"]["sample"][1].__setitem__(0, 999))
+    assert "cache key" in problem(lambda r: r["graphs"]["text_encoder"].update(cache_key="0" * 24))
+    reason = plan_problem(record, ENV, bundle, tmp_path, builder_flags(ENV["tensorrt"], 5))
+    assert reason is not None and "builder flags" in reason  # `build --optimization-level 5` rebuilds
+    assert decide(reason, building=True)[0] == "rebuild"
     (tmp_path / "unet.plan").unlink()
     assert "missing" in plan_problem(record, ENV, bundle, tmp_path)
 
@@ -143,3 +159,33 @@ def test_build_and_run_fp16_engines(tiny_ckpt, tmp_path) -> None:  # pragma: no 
                                                           for g in record["graphs"].values())
     backend = open_tensorrt_backend(Bundle.open(bundle_dir), required=True, engines_dir=tmp_path / "e")
     assert backend.encode(torch.zeros(1, 3, 32, 32)).shape == (1, 4, 16, 16)
+
+
+def test_open_tensorrt_backend_refuses_stale_engines_with_the_reason(tiny_bundle, tmp_path, monkeypatch) -> None:
+    """The use/refuse plumbing around TensorRT, with TensorRT itself stood in (it cannot be installed here): a stale
+    build.json is refused with its reason under --backend tensorrt, and skipped with a note under auto."""
+    import io
+    import json
+
+    import noop_rt.engines as engines
+    from noop_rt.errors import EngineError
+
+    monkeypatch.setattr(engines, "tensorrt_status", lambda: (object(), None))
+    monkeypatch.setattr(engines, "environment", lambda trt: dict(ENV))
+    bundle = Bundle.open(tiny_bundle)
+    empty = tmp_path / "none"
+    assert engines.open_tensorrt_backend(bundle, required=False, engines_dir=empty) is None
+    with pytest.raises(EngineError, match="no engines in"):
+        engines.open_tensorrt_backend(bundle, required=True, engines_dir=empty)
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    record = make_record(bundle, stale)
+    record["tensorrt"] = "10.0.0"
+    (stale / BUILD_JSON).write_text(json.dumps(record))
+    log = io.StringIO()
+    assert engines.open_tensorrt_backend(bundle, required=False, engines_dir=stale, log=log) is None
+    assert "not used: built with TensorRT 10.0.0" in log.getvalue()
+    # --engines reaches the loader from the command line
+    res = CliRunner().invoke(app, ["classify", "x.png", "--bundle", str(tiny_bundle), "--backend", "tensorrt",
+                                   "--engines", str(stale)])
+    assert res.exit_code == 1 and "built with TensorRT 10.0.0" in res.stderr and str(stale) not in res.stdout

@@ -105,10 +105,10 @@ def test_bad_checkpoints_are_clear_errors(tiny_ckpt, tmp_path) -> None:
         load_checkpoint(tmp_path / "none.pt")
     data = tiny_ckpt.read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+    with pytest.raises(CheckpointError, match="corrupt, truncated"):
         load_checkpoint(tmp_path / "cut.pt")
     (tmp_path / "junk.pt").write_bytes(b"junk" * 100)
-    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+    with pytest.raises(CheckpointError, match="corrupt, truncated"):
         load_checkpoint(tmp_path / "junk.pt")
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a noop-rt checkpoint"):
@@ -138,6 +138,24 @@ def test_eval_with_mismatched_class_folders_is_refused(tiny_ckpt, tiny_sd, tmp_p
     assert res.exit_code == 1 and "not known to the classifier" in res.stderr and "purple triangle" in res.stderr
 
 
+def test_classify_with_mismatched_class_folders_is_refused(tiny_ckpt, tiny_sd, tmp_path, shape_images) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(shape_images / "red_square", data / "red_square")
+    shutil.copytree(shape_images / "red_square", data / "purple_triangle")
+    img = str(next((shape_images / "red_square").iterdir()))
+    res = runner.invoke(app, ["classify", img, "--data", str(data), "--ckpt", str(tiny_ckpt), "--model", str(tiny_sd)])
+    assert res.exit_code == 1, res.output
+    assert "do not match the trained classes: unknown purple triangle; missing blue circle" in res.stderr
+    # the same class set (any order) keeps the trained embeddings; new names via --classes use the ckpt's template
+    res = runner.invoke(app, ["classify", img, "--data", str(shape_images), "--ckpt", str(tiny_ckpt), "--model",
+                              str(tiny_sd), "--json"])
+    assert res.exit_code == 0, res.output
+    from noop_rt.runtime.loader import Request, open_classifier
+
+    clf = open_classifier(Request(ckpt=tiny_ckpt, model=str(tiny_sd), classes=["purple triangle", "red square"]))
+    assert clf.spec.prompts == ["a purple triangle", "a red square"] and clf.spec.class_embeddings is None
+
+
 def test_cli_train_writes_a_loadable_checkpoint(tiny_sd, shape_images, tmp_path) -> None:
     out = tmp_path / "cli.pt"
     res = runner.invoke(app, ["train", "--model", str(tiny_sd), "--data", str(shape_images), "--shots", "2",
@@ -147,6 +165,7 @@ def test_cli_train_writes_a_loadable_checkpoint(tiny_sd, shape_images, tmp_path)
     ckpt = load_checkpoint(out)
     assert ckpt.meta_net_config is None and ckpt.classes == ["blue circle", "red square"]
     assert ckpt.train["config"]["meta_net"] is False
+    assert ckpt.train["options"]["shots"] == "2" and ckpt.train["options"]["meta_net"] == "False"
     res = runner.invoke(app, ["classify", str(next((shape_images / "red_square").iterdir())), "--ckpt", str(out),
                               "--model", str(tiny_sd), "--json"])
     assert res.exit_code == 0, res.output

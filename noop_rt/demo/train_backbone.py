@@ -1,4 +1,4 @@
-"""Train the built-in demo backbone: `python -m noop_rt.demo.train_backbone [--steps 3000] [--out DIR]`.
+"""Train the built-in demo backbone: `python -m noop_rt.demo.train_backbone [--steps 4000] [--out DIR]`.
 
 A text-conditioned pixel-space diffusion model with Stable Diffusion's component classes: a diffusers
 UNet2DConditionModel with cross-attention on a small transformers CLIPTextModel (trained jointly, tokenizer
@@ -102,7 +102,7 @@ def train(steps: int, batch: int, lr: float, seed: int, out: Path, prompt_dropou
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)

@@ -14,6 +14,7 @@ class Backend(Protocol):
 
     name: str  # "torch" | "onnxruntime" | "tensorrt"
     device: str  # where it actually runs, e.g. "cpu", "cuda:0", "CUDAExecutionProvider"
+    torch_device: torch.device  # where its output tensors live (class embeddings are uploaded there once)
     resolution: int  # input image side in pixels
     latent_shape: tuple[int, int, int]  # (c, h, w) of z0
     alphas_cumprod: torch.Tensor  # (T,) float32, CPU

@@ -17,7 +17,7 @@ def open_bundle_classifier(req: Request) -> Classifier:
     if req.backend in ("auto", "tensorrt"):
         from noop_rt.engines import open_tensorrt_backend
 
-        backend = open_tensorrt_backend(bundle, required=req.backend == "tensorrt")
+        backend = open_tensorrt_backend(bundle, required=req.backend == "tensorrt", engines_dir=req.engines)
     if backend is None and req.backend in ("auto", "onnxruntime"):
         from noop_rt.runtime.onnx_backend import OnnxBackend
 
@@ -26,6 +26,6 @@ def open_bundle_classifier(req: Request) -> Classifier:
         raise BadInputError(f"--backend {req.backend} cannot run a bundle; use onnxruntime or tensorrt "
                             "(or --ckpt for the torch backend)")
     spec = ClassSpec(bundle.classes, list(m["prompts"]), torch.from_numpy(bundle.class_embeddings()),
-                     float(m["tau"]), int(m["t_star"]), str(m["loss"]))
-    spec = _with_classes(spec, req.classes, req.template, bool(m.get("prompt_tuned")))
+                     float(m["tau"]), int(m["t_star"]), str(m["loss"]), m.get("template"))
+    spec = _with_classes(spec, req, bool(m.get("prompt_tuned")))
     return Classifier(backend, spec, max_batch=min(req.max_batch, int(m["max_batch"])))

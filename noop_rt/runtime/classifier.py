@@ -25,6 +25,7 @@ class ClassSpec:
     tau: float | None = None  # fitted temperature; None: uncalibrated fallback
     t_star: int | None = None  # NoOp's timestep
     loss: str = "l2"
+    template: str | None = None  # the prompt template new class names are embedded with
 
 
 @dataclass
@@ -77,7 +78,8 @@ class Classifier:
         if not self.spec.classes:
             raise BadInputError("the class list is empty")
         emb = self.spec.class_embeddings
-        self.emb = (emb if emb is not None else self.backend.embed(self.spec.prompts)).float()
+        emb = emb if emb is not None else self.backend.embed(self.spec.prompts)
+        self.emb = emb.to(self.backend.torch_device, torch.float32)  # uploaded once, not per UNet call
 
     @property
     def classes(self) -> list[str]:

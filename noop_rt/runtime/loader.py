@@ -48,16 +48,28 @@ class Request:
     device: str = "auto"
     fp16: bool = False  # torch backend: run the backbone in half precision (CUDA)
     max_batch: int = 256
+    engines: Path | None = None  # TensorRT engine folder (default engines/<bundle name>)
+    classes_from: str | None = None  # where `classes` came from, e.g. "--data DIR" (must match a trained class set)
 
 
-def _with_classes(spec: ClassSpec, classes: list[str] | None, template: str | None, prompt_tuned: bool) -> ClassSpec:
-    if classes is None or (classes == spec.classes and template is None):
+def _with_classes(spec: ClassSpec, req: Request, prompt_tuned: bool) -> ClassSpec:
+    """The trained class set, or new class prompts (`--classes`: the learned noise is class-agnostic) embedded with
+    the checkpoint's template. Class folders (`--data`) must name the trained classes."""
+    classes, template = req.classes, req.template
+    if classes is None or (set(classes) == set(spec.classes) and template is None):
         return spec
+    if req.classes_from is not None:
+        extra = sorted(set(classes) - set(spec.classes))
+        missing = sorted(set(spec.classes) - set(classes))
+        raise BadInputError(f"the class folders of {req.classes_from} do not match the trained classes"
+                            f"{': unknown ' + ', '.join(extra[:5]) if extra else ''}"
+                            f"{'; missing ' + ', '.join(missing[:5]) if missing else ''} "
+                            "(pass --classes a,b,c to classify with new class prompts)")
     if prompt_tuned:
         raise BadInputError("this checkpoint's class embeddings are prompt-tuned; new classes need re-training "
                             "(drop --classes/--data, or train without --prompt-tuning)")
-    prompts = make_prompts(classes, template or DEFAULT_TEMPLATE)
-    return ClassSpec(classes, prompts, None, spec.tau, spec.t_star, spec.loss)
+    template = template or spec.template or DEFAULT_TEMPLATE
+    return ClassSpec(classes, make_prompts(classes, template), None, spec.tau, spec.t_star, spec.loss, template)
 
 
 def open_classifier(req: Request) -> Classifier:
@@ -94,8 +106,9 @@ def open_classifier(req: Request) -> Classifier:
         reason = same_backbone(ckpt.backbone_fingerprint, backbone)
         if reason is not None:
             raise CheckpointError(f"{req.ckpt} was trained on another backbone than {backbone.source}: {reason}")
-        spec = ClassSpec(ckpt.classes, ckpt.prompts, ckpt.class_embeddings, ckpt.tau, ckpt.t_star, ckpt.loss)
-        spec = _with_classes(spec, req.classes, req.template, ckpt.prompt_ctx is not None)
+        spec = ClassSpec(ckpt.classes, ckpt.prompts, ckpt.class_embeddings, ckpt.tau, ckpt.t_star, ckpt.loss,
+                         ckpt.template)
+        spec = _with_classes(spec, req, ckpt.prompt_ctx is not None)
         return Classifier(TorchBackend(backbone, ckpt.noise_model()), spec, req.max_batch)
     backbone = load_backbone(req.model, dtype=dtype, device=device)
     classes = req.classes
@@ -104,5 +117,6 @@ def open_classifier(req: Request) -> Classifier:
         if backbone.source != DEMO_SOURCE:
             raise BadInputError("no classes given: pass --classes a,b,c or --data DIR (one sub-folder per class)")
         classes, template = list(DIGIT_NAMES), template or DEMO_TEMPLATE
-    spec = ClassSpec(classes, make_prompts(classes, template or DEFAULT_TEMPLATE))
+    template = template or DEFAULT_TEMPLATE
+    spec = ClassSpec(classes, make_prompts(classes, template), template=template)
     return Classifier(TorchBackend(backbone), spec, req.max_batch)

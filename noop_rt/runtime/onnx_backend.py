@@ -7,6 +7,7 @@ read back from the session (`get_providers()`), never assumed: onnxruntime falls
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,8 @@ from noop_rt.runtime.base import GraphBackend
 
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
-GPU_HINT = "pip install 'noop-rt[gpu]' (onnxruntime-gpu) on a machine with an NVIDIA GPU and CUDA"
+GPU_HINT = ("pip uninstall -y onnxruntime && pip install 'noop-rt[gpu]' (onnxruntime-gpu) on a machine with an "
+            "NVIDIA GPU and CUDA")
 
 
 def cuda_provider_available() -> bool:
@@ -43,6 +45,8 @@ class OnnxBackend(GraphBackend):
         if want_cuda and not cuda_provider_available():
             if device.startswith("cuda"):
                 raise MissingDependencyError(f"onnxruntime has no CUDA execution provider here: {GPU_HINT}")
+            print(f"note: a CUDA GPU is present but this onnxruntime has no CUDA provider, so the bundle runs on the "
+                  f"CPU; for the GPU: {GPU_HINT}", file=sys.stderr)
             want_cuda = False
         providers: list[Any] = ["CPUExecutionProvider"]
         if want_cuda:

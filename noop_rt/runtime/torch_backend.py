@@ -17,6 +17,7 @@ class TorchBackend:
         self.backbone = backbone
         self.noise_model = None if noise_model is None else noise_model.to(backbone.device).eval()
         self.device = str(backbone.device)
+        self.torch_device = backbone.device
         self.resolution = backbone.resolution
         self.latent_shape = backbone.latent_shape
         self.alphas_cumprod = backbone.alphas_cumprod
