@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -125,6 +127,13 @@ def test_interrupted_export_leaves_nothing_behind(tiny_ckpt, tmp_path, monkeypat
         export_bundle(tiny_ckpt, out, ExportOptions(), log=io.StringIO())
     assert calls["n"] == 3
     assert list((tmp_path / "exports").iterdir()) == []
+    # a SIGKILLed export (no cleanup ran) leaves its staging folder; the next export of that bundle removes it
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "exports" / f".tiny.export-{dead.pid}" / "unet").mkdir(parents=True)
+    monkeypatch.setattr(export_mod, "export_graph", real)
+    export_bundle(tiny_ckpt, out, ExportOptions(), log=io.StringIO())
+    assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == ["tiny"]
 
 
 def test_failed_validation_exits_3_and_publishes_nothing(tiny_ckpt, tmp_path) -> None:
