@@ -239,7 +239,11 @@ def train(
     fp16: Annotated[bool, typer.Option("--fp16", help="Frozen backbone in half precision (CUDA).")] = False,
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing",
                                                          help="Trade compute for memory (SD on 24 GB).")] = False,
-    max_batch: MaxBatchOpt = 256, as_json: JsonOpt = False,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Largest UNet batch. Below batch-size x "
+                                           "negatives, each step takes an exact two-pass gradient holding one "
+                                           "chunk's graph (SD-1.5 on 24 GB: --max-batch 2 --gradient-checkpointing)."
+                                           )] = 256,
+    as_json: JsonOpt = False,
 ) -> None:
     """Learn NoOp's dataset noise (+ meta-net) on a few-shot image folder; write NAME.pt atomically."""
     cli_options = {k: str(v) for k, v in locals().items()}

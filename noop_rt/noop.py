@@ -212,6 +212,49 @@ def encode_paths(backbone: Backbone, paths: Sequence[str | Path], chunk: int = 1
     return torch.cat(out)
 
 
+def loss_and_backward(backbone: Backbone, noise: NoiseModel, class_embeddings: Callable[[], torch.Tensor],
+                      z0: torch.Tensor, cls: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """The NoOp loss of one batch (true class at column 0 of `cls` (B, K)), its gradients accumulated into the
+    noise (and prompt) parameters; returns the loss (detached).
+
+    When the B*K UNet evaluations fit in `config.max_batch`, one pass with autograd. Otherwise an exact two-pass
+    gradient whose memory is one chunk's graph, not the batch's: (1) all errors without a graph, dL/d(errors) from
+    the loss on that small (B, K) tensor; (2) per chunk of at most max_batch evaluations, recompute its errors with a
+    graph and backpropagate sum(errors * dL/d(errors)). The loss depends on the parameters only through the errors
+    and the meta-net is per-image (GroupNorm), so this equals the one-pass gradient (tested). With
+    `--gradient-checkpointing` this is what lets SD-1.5 train at `--max-batch 1` or 2."""
+    b, k = cls.shape
+    t = torch.full((1, 1), config.t_star, dtype=torch.long)
+    target = torch.zeros(b, dtype=torch.long)
+
+    def errors_of(z: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        return pair_errors(backbone.predict_eps, z, t.expand(len(z), 1), noise(z).unsqueeze(1), class_embeddings(),
+                           backbone.alphas_cumprod, config.loss, config.max_batch, class_idx=classes)[:, 0]
+
+    def loss_of(errors: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(-config.logit_scale * zscore(errors), target.to(errors.device))
+
+    if b * k <= config.max_batch:
+        loss = loss_of(errors_of(z0, cls))
+        loss.backward()
+        return loss.detach()
+    with torch.no_grad():
+        errors = errors_of(z0, cls)
+    errors.requires_grad_(True)
+    loss = loss_of(errors)
+    (grad,) = torch.autograd.grad(loss, errors)
+    rows, cols = max(1, config.max_batch // k), min(k, config.max_batch)
+    for i in range(0, b, rows):
+        z = z0[i:i + rows]
+        eps = noise(z).unsqueeze(1)
+        emb = class_embeddings()
+        for j in range(0, k, cols):
+            part = pair_errors(backbone.predict_eps, z, t.expand(len(z), 1), eps, emb, backbone.alphas_cumprod,
+                               config.loss, config.max_batch, class_idx=cls[i:i + rows, j:j + cols])[:, 0]
+            (part * grad[i:i + rows, j:j + cols].to(part.device)).sum().backward(retain_graph=j + cols < k)
+    return loss.detach()
+
+
 def train_noop(
     backbone: Backbone, prompts: list[str], template: str, z_train: torch.Tensor, train_labels: torch.Tensor,
     z_val: torch.Tensor, val_labels: torch.Tensor, config: TrainConfig,
@@ -250,7 +293,6 @@ def train_noop(
     best: tuple[float, float] = (-1.0, float("inf"))
     best_state: dict = {}
     history: list[dict] = []
-    t = torch.full((1, 1), config.t_star, dtype=torch.long)
     for epoch in range(config.epochs):
         noise.train()
         order = torch.randperm(len(z_train), generator=generator)
@@ -259,14 +301,8 @@ def train_noop(
             pick = order[step * config.batch_size:(step + 1) * config.batch_size]
             z0, y = z_train[pick].to(device), train_labels[pick]
             cls = sample_classes(y, num_classes, config.negatives, generator)  # (B, K), true class at 0
-            eps = noise(z0)
-            errors = pair_errors(backbone.predict_eps, z0, t.expand(len(pick), 1), eps.unsqueeze(1),
-                                 class_embeddings(), backbone.alphas_cumprod, config.loss, config.max_batch,
-                                 class_idx=cls)[:, 0]  # (B, K)
-            logits = -config.logit_scale * zscore(errors)
-            loss = F.cross_entropy(logits, torch.zeros(len(pick), dtype=torch.long, device=logits.device))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = loss_and_backward(backbone, noise, class_embeddings, z0, cls, config)
             optimizer.step()
             epoch_loss += loss.item() * len(pick)
             if on_step is not None:
