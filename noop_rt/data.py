@@ -101,6 +101,17 @@ def make_prompts(classes: list[str], template: str = DEFAULT_TEMPLATE) -> list[s
     return [template.format(name) for name in classes]
 
 
+def describe_unknown(names: list[str], known: list[str], limit: int = 5) -> str:
+    """'purple triangel (did you mean purple triangle?), ...' for class names not in `known`."""
+    import difflib
+
+    parts = []
+    for name in names[:limit]:
+        close = difflib.get_close_matches(name, known, n=1)
+        parts.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return ", ".join(parts) + (" ..." if len(names) > limit else "")
+
+
 def parse_class_list(text: str) -> list[str]:
     """`--classes a,b,c` -> ["a", "b", "c"]; an empty or duplicated list is an error."""
     classes = [c.strip() for c in text.split(",") if c.strip()]

@@ -72,15 +72,15 @@ def demo_test_set() -> tuple[Backbone, torch.Tensor, torch.Tensor, torch.Tensor]
 
 def evaluate_folder(classifier: Any, dataset: Any, options: Any, show_progress: bool = True) -> dict[str, Any]:
     """Accuracy, per-class accuracy and confusion matrix of `classifier` on an ImageFolder (classes by name)."""
-    from noop_rt.data import load_image
+    from noop_rt.data import describe_unknown, load_image
     from noop_rt.errors import BadInputError
     from noop_rt.runtime.classifier import images_per_call
 
     index = {name: i for i, name in enumerate(classifier.classes)}
     missing = [name for name in dataset.classes if name not in index]
     if missing:
-        raise BadInputError(f"data classes not known to the classifier: {', '.join(missing[:5])}"
-                            f"{' ...' if len(missing) > 5 else ''} (classifier classes: "
+        raise BadInputError(f"data classes not known to the classifier: {describe_unknown(missing, classifier.classes)}"
+                            " (classifier classes: "
                             f"{', '.join(classifier.classes[:10])}{' ...' if len(classifier.classes) > 10 else ''})")
     c = len(classifier.classes)
     confusion = torch.zeros(c, c, dtype=torch.long)

@@ -173,10 +173,12 @@ def test_classify_with_mismatched_class_folders_is_refused(tiny_ckpt, tiny_sd, t
     data = tmp_path / "data"
     shutil.copytree(shape_images / "red_square", data / "red_square")
     shutil.copytree(shape_images / "red_square", data / "purple_triangle")
+    shutil.copytree(shape_images / "red_square", data / "blue_circel")
     img = str(next((shape_images / "red_square").iterdir()))
     res = runner.invoke(app, ["classify", img, "--data", str(data), "--ckpt", str(tiny_ckpt), "--model", str(tiny_sd)])
     assert res.exit_code == 1, res.output
-    assert "do not match the trained classes: unknown purple triangle; missing blue circle" in res.stderr
+    assert ("do not match the trained classes: unknown blue circel (did you mean blue circle?), purple triangle; "
+            "missing blue circle") in res.stderr
     # the same class set (any order) keeps the trained embeddings; new names via --classes use the ckpt's template
     res = runner.invoke(app, ["classify", img, "--data", str(shape_images), "--ckpt", str(tiny_ckpt), "--model",
                               str(tiny_sd), "--json"])

@@ -11,7 +11,7 @@ import torch
 from noop_rt.backbone import DEMO_SOURCE, load_backbone
 from noop_rt.checkpoint import load_checkpoint, same_backbone
 from noop_rt.configs import DEMO_TEMPLATE, DIGIT_NAMES
-from noop_rt.data import DEFAULT_TEMPLATE, make_prompts
+from noop_rt.data import DEFAULT_TEMPLATE, describe_unknown, make_prompts
 from noop_rt.errors import BadInputError, CheckpointError, UsageError
 from noop_rt.runtime.base import BACKENDS
 from noop_rt.runtime.classifier import Classifier, ClassSpec
@@ -62,7 +62,7 @@ def _with_classes(spec: ClassSpec, req: Request, prompt_tuned: bool) -> ClassSpe
         extra = sorted(set(classes) - set(spec.classes))
         missing = sorted(set(spec.classes) - set(classes))
         raise BadInputError(f"the class folders of {req.classes_from} do not match the trained classes"
-                            f"{': unknown ' + ', '.join(extra[:5]) if extra else ''}"
+                            f"{': unknown ' + describe_unknown(extra, spec.classes) if extra else ''}"
                             f"{'; missing ' + ', '.join(missing[:5]) if missing else ''} "
                             "(pass --classes a,b,c to classify with new class prompts)")
     if prompt_tuned:
