@@ -1,11 +1,12 @@
 """NoOp on the demo: one learned noise (+ meta-net, + prompt tuning) vs random single noises vs the 100-noise baseline.
 
-    python benchmarks/noop_accuracy.py [--ship]   # writes benchmarks/results/noop_accuracy.{md,json}
+    python benchmarks/noop_accuracy.py [--seeds S] [--variants eps,meta,prompt] [--name noop_accuracy]
+    # writes benchmarks/results/NAME.{md,json}
 
 Few-shot data: `noop-rt demo-data` (16 shots/class for training, 10/class validation, all from the backbone's training
 split); accuracy on the 360 held-out test digits. Training goes through the same code as `noop-rt train`
-(`training.fewshot_split` + `training.train_checkpoint`). `--ship` writes the eps_D + meta-net checkpoint to
-`noop_rt/demo/digits.pt` (equivalent to `noop-rt train --model demo --data DIR --shots 16 --out digits.pt`).
+(`training.fewshot_split` + `training.train_checkpoint`). The shipped `noop_rt/demo/digits.pt` is written by the
+command itself: `noop-rt train --model demo --data DIR --shots 16 --out digits.pt` (its `train.command` records it).
 """
 
 from __future__ import annotations
@@ -20,9 +21,7 @@ from pathlib import Path
 import torch
 
 from noop_rt.backbone import load_backbone
-from noop_rt.checkpoint import save_checkpoint
 from noop_rt.configs import DEMO_TEMPLATE, DIGIT_NAMES
-from noop_rt.demo import CKPT_PATH
 from noop_rt.demo.digits import split_tensors, write_image_folders
 from noop_rt.evaluation import accuracy, baseline, mean_std, score_in_batches, single_noise
 from noop_rt.noop import TrainConfig
@@ -34,7 +33,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--ship", action="store_true", help="write the eps_D + meta-net ckpt to the demo")
+    parser.add_argument("--variants", default="eps,meta,prompt", help="which NoOp variants to train")
+    parser.add_argument("--name", default="noop_accuracy", help="results file name")
     parser.add_argument("--shots", type=int, default=16)
     parser.add_argument("--seeds", type=int, default=1, help="training seeds per variant")
     args = parser.parse_args()
@@ -44,11 +44,11 @@ def main() -> None:
     with torch.no_grad():
         z0 = backbone.encode(x)
     base = TrainConfig()
-    variants = {"eps_D alone": replace(base, meta_net=False),
-                "eps_D + meta-net": base,
-                "eps_D + meta-net + prompt tuning": replace(base, prompt_tuning=True)}
+    every = {"eps": ("eps_D alone", replace(base, meta_net=False)),
+             "meta": ("eps_D + meta-net", base),
+             "prompt": ("eps_D + meta-net + prompt tuning", replace(base, prompt_tuning=True))}
+    variants = dict(every[v.strip()] for v in args.variants.split(","))
     rows: dict[str, dict] = {}
-    shipped = None
     with tempfile.TemporaryDirectory() as tmp:
         write_image_folders(Path(tmp), shots=args.shots, val_shots=10)
         split = fewshot_split(tmp, shots=args.shots, val_shots=10, seed=0)
@@ -77,8 +77,6 @@ def main() -> None:
                                 "tau": result.tau})
                 print(f"{name} (seed {seed}): test {acc:.4f}, val {result.val_accuracy:.4f}, "
                       f"{result.minutes:.1f} min", flush=True)
-                if name == "eps_D + meta-net" and seed == 0:
-                    shipped = ckpt
             m, s = mean_std([r["accuracy"] for r in results])
             rows[name] = {"accuracy": m, "std": s, "runs": results, "unet_evals_per_image": 10}
     ref = RESULTS / "demo_accuracy.json"
@@ -90,22 +88,21 @@ def main() -> None:
     out = {"shots_per_class": args.shots, "val_per_class": 10, "test_images": len(y), "t_star": base.t_star,
            "config": base.to_dict(), "rows": rows, "minutes": round((time.time() - start) / 60, 1)}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "noop_accuracy.json").write_text(json.dumps(out, indent=2) + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2) + "\n")
     lines = [f"# NoOp on the demo: held-out accuracy ({len(y)} test digits, {args.shots} shots/class)", "",
-             "Produced by `python benchmarks/noop_accuracy.py` (2 CPU cores). Std over training seeds where "
-             f"seeds > 1 (here {args.seeds}); over 5 noise seeds for the random noise.", "",
+             f"Produced by `python benchmarks/noop_accuracy.py --seeds {args.seeds} --variants {args.variants}"
+             f" --name {args.name}` (2 CPU cores). Mean ± std over training seeds where seeds > 1 (here "
+             f"{args.seeds}; per-seed results in {args.name}.json); over 5 noise seeds for the random noise.", "",
              "| classifier | UNet evals / image | accuracy |", "|---|---|---|"]
     for name, r in rows.items():
         spread = f" ± {100 * r['std']:.1f}" if r.get("std") else ""
-        lines.append(f"| {name} | {r['unet_evals_per_image']} | {100 * r['accuracy']:.1f}{spread} % |")
+        runs = r.get("runs", [])
+        per_seed = ", ".join(f"{100 * x['accuracy']:.1f}" for x in runs)
+        each = f" (seeds: {per_seed})" if len(runs) > 1 else ""
+        lines.append(f"| {name} | {r['unet_evals_per_image']} | {100 * r['accuracy']:.1f}{spread} %{each} |")
     lines += ["", f"Wall time: {out['minutes']} min."]
-    (RESULTS / "noop_accuracy.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    if args.ship and shipped is not None:
-        shipped.backbone_source = "demo"
-        shipped.train["split"] = f"noop-rt demo-data DIR --shots {args.shots}: DIR/train ({args.shots}/class), DIR/val"
-        save_checkpoint(shipped, CKPT_PATH)
-        print(f"wrote {CKPT_PATH}")
 
 
 if __name__ == "__main__":
