@@ -35,6 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--variants", default="eps,meta,prompt", help="which NoOp variants to train")
     parser.add_argument("--name", default="noop_accuracy", help="results file name")
+    parser.add_argument("--timestep", type=int, default=TrainConfig().t_star, help="NoOp's t*")
     parser.add_argument("--shots", type=int, default=16)
     parser.add_argument("--seeds", type=int, default=1, help="training seeds per variant")
     args = parser.parse_args()
@@ -43,7 +44,7 @@ def main() -> None:
     x, y = split_tensors("test")
     with torch.no_grad():
         z0 = backbone.encode(x)
-    base = TrainConfig()
+    base = TrainConfig(t_star=args.timestep)
     every = {"eps": ("eps_D alone", replace(base, meta_net=False)),
              "meta": ("eps_D + meta-net", base),
              "prompt": ("eps_D + meta-net + prompt tuning", replace(base, prompt_tuning=True))}
@@ -57,7 +58,7 @@ def main() -> None:
         emb_plain = backbone.embed([DEMO_TEMPLATE.format(c) for c in DIGIT_NAMES])
         accs = [accuracy(single_noise(backbone, z0, emb_plain, base.t_star, s), y) for s in range(5)]
         m, s = mean_std(accs)
-        rows["one random noise at t* = 500 (5 seeds)"] = {"accuracy": m, "std": s, "min": min(accs),
+        rows[f"one random noise at t* = {base.t_star} (5 seeds)"] = {"accuracy": m, "std": s, "min": min(accs),
                                                          "max": max(accs), "unet_evals_per_image": 10}
         print(f"random single noise: {m:.4f} +- {s:.4f}", flush=True)
         for name, config in variants.items():
@@ -91,8 +92,9 @@ def main() -> None:
     (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2) + "\n")
     lines = [f"# NoOp on the demo: held-out accuracy ({len(y)} test digits, {args.shots} shots/class)", "",
              f"Produced by `python benchmarks/noop_accuracy.py --seeds {args.seeds} --variants {args.variants}"
-             f" --name {args.name}` (2 CPU cores). Mean ± std over training seeds where seeds > 1 (here "
-             f"{args.seeds}; per-seed results in {args.name}.json); over 5 noise seeds for the random noise.", "",
+             f" --name {args.name} --timestep {args.timestep}` (2 CPU cores). Mean ± std over training seeds "
+             f"where seeds > 1 (here {args.seeds}; per-seed results in {args.name}.json); over 5 noise seeds for the "
+             "random noise.", "",
              "| classifier | UNet evals / image | accuracy |", "|---|---|---|"]
     for name, r in rows.items():
         spread = f" ± {100 * r['std']:.1f}" if r.get("std") else ""
