@@ -226,6 +226,7 @@ class BatchReport:
     images_per_s: float
     backend: str
     mode: str
+    first_error: str | None = None  # the error of the first new row that failed
 
 
 def run_batch(inputs: list[str], out: Path, req: Any, options: BatchOptions, log: Any = sys.stderr,
@@ -272,9 +273,10 @@ def run_batch(inputs: list[str], out: Path, req: Any, options: BatchOptions, log
     seconds = time.perf_counter() - start
     fresh = [r for r in new_rows if r["path"] in set(todo)]
     failed = sum(1 for r in fresh if r.get("error"))
+    first_error = next((f"{r['path']}: {r['error']}" for r in fresh if r.get("error")), None)
     return BatchReport(out, len(paths), skipped, len(fresh) - failed, failed, seconds,
                        len(fresh) / seconds if seconds > 0 and fresh else 0.0, classifier.backend.name,
-                       "ray" if options.ray else "in-process")
+                       "ray" if options.ray else "in-process", first_error)
 
 
 def _chunks(items: list[str], size: int) -> Iterable[list[str]]:

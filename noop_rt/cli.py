@@ -380,6 +380,9 @@ def batch(
             print(f"wrote {report.out}: {report.total} paths ({report.classified} classified, {report.failed} "
                   f"unreadable, {report.skipped} already there) in {report.seconds:.1f} s, "
                   f"{report.images_per_s:.1f} images/s ({report.mode}, {report.backend})")
+        if report.failed and not report.classified:  # e.g. a mistyped folder: not a silent success
+            raise BadInputError(f"none of the {report.failed} new input(s) could be read (first: "
+                                f"{report.first_error}); their error rows are in {report.out}")
 
     _run(go)
 
@@ -496,4 +499,20 @@ def ray_address_argv(argv: list[str]) -> list[str]:
 
 
 def run() -> None:
-    app(args=ray_address_argv(sys.argv[1:]))
+    """The console script: usage errors (missing argument, unknown option, bad value) are one `error:` line and
+    exit 2, like every other error, instead of click's boxed panel."""
+    # typer vendors its own click: find its UsageError (base of BadParameter, MissingParameter, NoSuchOption)
+    usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+    argv = ray_address_argv(sys.argv[1:])
+    try:
+        code = app(args=argv, prog_name="noop-rt", standalone_mode=False)
+    except usage_error as exc:
+        where = f"noop-rt {exc.ctx.info_name} --help" if exc.ctx is not None and exc.ctx.parent else "noop-rt --help"
+        where = where.replace("noop-rt noop-rt", "noop-rt")
+        if exc.format_message().strip():  # empty: the help was shown for a bare `noop-rt`
+            print(f"error: {exc.format_message()} (see {where})", file=sys.stderr)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        print("error: aborted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

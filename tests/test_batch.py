@@ -95,6 +95,14 @@ def test_output_of_another_model_is_refused(tiny_bundle, images, tmp_path) -> No
     assert res.exit_code == 1 and ".parquet or .jsonl" in res.stderr
 
 
+def test_a_run_where_nothing_could_be_read_fails(tiny_bundle, tmp_path) -> None:
+    out = tmp_path / "labels.jsonl"
+    res = runner.invoke(app, ["batch", str(tmp_path / "no-such-folder"), "--out", str(out), "--bundle",
+                              str(tiny_bundle)])
+    assert res.exit_code == 1 and "none of the 1 new input(s) could be read" in res.stderr
+    assert [r["error"] for r in read_rows(out)] == [f"image not found: {tmp_path / 'no-such-folder'}"]
+
+
 @pytest.mark.skipif(not HAVE_RAY, reason="ray is not installed (pip install 'noop-rt[ray]'); CI installs it")
 def test_ray_matches_in_process(tiny_bundle, images, tmp_path) -> None:
     req = Request(bundle=tiny_bundle)

@@ -106,3 +106,18 @@ def test_batch_ray_takes_an_optional_address() -> None:
     assert ray_address_argv(["batch", "--ray", "imgs/", "--out", "o.jsonl"]) == ["batch", "--ray", "imgs/", "--out",
                                                                                  "o.jsonl"]
     assert ray_address_argv(["classify", "--ray", "auto"]) == ["classify", "--ray", "auto"]
+
+
+def test_usage_errors_from_the_console_script_are_one_line() -> None:
+    import shutil
+    import subprocess
+
+    exe = shutil.which("noop-rt")
+    if exe is None:
+        pytest.skip("the noop-rt console script is not installed (pip install -e .)")
+    for args, needle in ((["classify"], "Missing argument"), (["classify", "x.png", "--top-k", "0"], "--top-k"),
+                         (["bogus"], "No such command")):
+        res = subprocess.run([exe, *args], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2, res.stderr
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], res.stderr
