@@ -92,12 +92,11 @@ def unet_gflop_from_source(source: str) -> float | None:
         root = resolve_source(source)
         config = UNet2DConditionModel.load_config(root / "unet")
         text = json.loads((root / "text_encoder" / "config.json").read_text())
-    except (OSError, ValueError, NoopError):
+        side, channels = int(config["sample_size"]), int(config["in_channels"])
+        tokens, dim = int(text["max_position_embeddings"]), int(text["hidden_size"])
+    except (OSError, ValueError, KeyError, TypeError, NoopError):
         return None
-    unet = UNet2DConditionModel.from_config(config)
-    side = int(config["sample_size"])
-    return unet_gflop(unet, (int(config["in_channels"]), side, side), int(text["max_position_embeddings"]),
-                      int(text["hidden_size"]))
+    return unet_gflop(UNet2DConditionModel.from_config(config), (channels, side, side), tokens, dim)
 
 
 def _percentile(values: list[float], q: float) -> float:

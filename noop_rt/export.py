@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 import warnings
@@ -70,8 +71,8 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except (PermissionError, OverflowError, ValueError, OSError):
+        return True  # not ours to judge: leave it
     return True
 
 
@@ -80,11 +81,12 @@ def _staging(out: Path) -> Iterator[Path]:
     """A temp folder beside `out`, removed on any failure (an interrupted export leaves no half bundle). Staging
     folders of exports that were killed outright (SIGKILL, out of memory: no cleanup ran) are removed here."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.export-*"):
+    host = socket.gethostname().replace("-", "_")  # on shared storage only this host's PIDs can be checked
+    for stale in out.parent.glob(f".{out.name}.export-{host}-*"):
         pid = stale.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not _pid_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.parent / f".{out.name}.export-{os.getpid()}"
+    tmp = out.parent / f".{out.name}.export-{host}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:

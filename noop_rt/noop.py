@@ -246,12 +246,18 @@ def loss_and_backward(backbone: Backbone, noise: NoiseModel, class_embeddings: C
     rows, cols = max(1, config.max_batch // k), min(k, config.max_batch)
     for i in range(0, b, rows):
         z = z0[i:i + rows]
-        eps = noise(z).unsqueeze(1)
-        emb = class_embeddings()
+        # The UNet chunks start from detached copies of the noise and embeddings, so each chunk's graph is freed by
+        # its own backward; the gradients gathered on the copies then flow into the noise/prompt graphs once.
+        roots = [(x, x.detach().requires_grad_(x.requires_grad)) for x in (noise(z).unsqueeze(1), class_embeddings())]
+        (_, eps_in), (_, emb_in) = roots
         for j in range(0, k, cols):
-            part = pair_errors(backbone.predict_eps, z, t.expand(len(z), 1), eps, emb, backbone.alphas_cumprod,
+            part = pair_errors(backbone.predict_eps, z, t.expand(len(z), 1), eps_in, emb_in, backbone.alphas_cumprod,
                                config.loss, config.max_batch, class_idx=cls[i:i + rows, j:j + cols])[:, 0]
-            (part * grad[i:i + rows, j:j + cols].to(part.device)).sum().backward(retain_graph=j + cols < k)
+            (part * grad[i:i + rows, j:j + cols].to(part.device)).sum().backward()
+            del part
+        live = [(x, x_in.grad) for x, x_in in roots if x.requires_grad and x_in.grad is not None]
+        if live:
+            torch.autograd.backward([x for x, _ in live], [g for _, g in live])
     return loss.detach()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -130,7 +131,8 @@ def test_interrupted_export_leaves_nothing_behind(tiny_ckpt, tmp_path, monkeypat
     # a SIGKILLed export (no cleanup ran) leaves its staging folder; the next export of that bundle removes it
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (tmp_path / "exports" / f".tiny.export-{dead.pid}" / "unet").mkdir(parents=True)
+    host = socket.gethostname().replace("-", "_")
+    (tmp_path / "exports" / f".tiny.export-{host}-{dead.pid}" / "unet").mkdir(parents=True)
     monkeypatch.setattr(export_mod, "export_graph", real)
     export_bundle(tiny_ckpt, out, ExportOptions(), log=io.StringIO())
     assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == ["tiny"]

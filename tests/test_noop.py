@@ -60,7 +60,7 @@ def test_training_lowers_the_loss_and_is_deterministic(tiny_setup) -> None:
     assert first.tau > 0 and 1 <= first.best_epoch <= 8
 
 
-@pytest.mark.parametrize("max_batch", [1, 3])
+@pytest.mark.parametrize("max_batch", [1, 3, 4])  # K = 2: one image per chunk, then two
 def test_chunked_two_pass_gradient_equals_the_one_pass_gradient(tiny_setup, max_batch) -> None:
     """Training at a small --max-batch (SD-1.5 on 24 GB) takes the exact two-pass gradient: same loss and the same
     gradients on eps_D, the meta-net and the prompt context as one pass over the whole batch."""
@@ -182,6 +182,9 @@ def test_classify_with_mismatched_class_folders_is_refused(tiny_ckpt, tiny_sd, t
     # the same class set (any order) keeps the trained embeddings; new names via --classes use the ckpt's template
     res = runner.invoke(app, ["classify", img, "--data", str(shape_images), "--ckpt", str(tiny_ckpt), "--model",
                               str(tiny_sd), "--json"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["classify", img, "--data", str(shape_images), "--ckpt", str(tiny_ckpt), "--model",
+                              str(tiny_sd), "--template", "a photo of a {}", "--json"])  # same classes, new prompts
     assert res.exit_code == 0, res.output
     from noop_rt.runtime.loader import Request, open_classifier
 

@@ -58,7 +58,7 @@ def _with_classes(spec: ClassSpec, req: Request, prompt_tuned: bool) -> ClassSpe
     classes, template = req.classes, req.template
     if classes is None or (set(classes) == set(spec.classes) and template is None):
         return spec
-    if req.classes_from is not None:
+    if req.classes_from is not None and set(classes) != set(spec.classes):
         extra = sorted(set(classes) - set(spec.classes))
         missing = sorted(set(spec.classes) - set(classes))
         raise BadInputError(f"the class folders of {req.classes_from} do not match the trained classes"
