@@ -280,8 +280,8 @@ def train(
         ckpt.train["device"] = str(backbone.device)
         save_checkpoint(ckpt, out)
         if result.val_accuracy >= 1.0:
-            print(f"note: the validation split is classified perfectly, so temperature scaling cannot bound tau "
-                  f"({result.tau:.3g}): probabilities will be overconfident; more --val-shots give a calibrated tau",
+            print(f"note: the validation split is classified perfectly, so tau ({result.tau:.3g}) comes from the "
+                  f"calibration prior, not the data: probabilities are not calibrated; more --val-shots fix that",
                   file=sys.stderr)
         summary = {"out": str(out), "classes": len(split.classes), "train_images": len(split.train),
                    "val_images": len(split.val), "val_accuracy": result.val_accuracy, "best_epoch": result.best_epoch,

@@ -165,3 +165,18 @@ def test_noop_spends_exactly_c_evals_and_probabilities_normalise() -> None:
     p = scores.probabilities(3.0)
     assert torch.allclose(p.sum(dim=1), torch.ones(4))
     assert torch.equal(p.argmax(dim=1), scores.predictions())
+
+
+def test_temperature_recovers_a_known_tau_and_stays_finite_when_separable() -> None:
+    from noop_rt.calibration import fit_temperature
+
+    gen = torch.Generator().manual_seed(0)
+    errors = torch.rand((4000, 5), generator=gen)
+    true_tau = 8.0
+    labels = torch.multinomial(torch.softmax(-true_tau * errors, dim=1), 1, generator=gen)[:, 0]
+    assert abs(fit_temperature(errors, labels) - true_tau) / true_tau < 0.15
+    # perfectly separable: the plain NLL would push tau to infinity; the weak prior keeps it finite
+    labels = errors.argmin(dim=1)
+    tau = fit_temperature(errors, labels)
+    assert 0 < tau < 1e3
+    assert fit_temperature(errors, labels, prior_weight=0.0) > 2 * tau
