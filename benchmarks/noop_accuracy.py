@@ -35,6 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--variants", default="eps,meta,prompt", help="which NoOp variants to train")
     parser.add_argument("--name", default="noop_accuracy", help="results file name")
+    parser.add_argument("--val-shots", type=int, default=10, help="validation images per class")
     parser.add_argument("--timestep", type=int, default=TrainConfig().t_star, help="NoOp's t*")
     parser.add_argument("--shots", type=int, default=16)
     parser.add_argument("--seeds", type=int, default=1, help="training seeds per variant")
@@ -51,8 +52,8 @@ def main() -> None:
     variants = dict(every[v.strip()] for v in args.variants.split(","))
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        write_image_folders(Path(tmp), shots=args.shots, val_shots=10)
-        split = fewshot_split(tmp, shots=args.shots, val_shots=10, seed=0)
+        write_image_folders(Path(tmp), shots=args.shots, val_shots=args.val_shots)
+        split = fewshot_split(tmp, shots=args.shots, val_shots=args.val_shots, seed=0)
         # Image folders sort classes by name ("eight", "five", ...); the test labels are digit values: reorder.
         order = [split.classes.index(name) for name in DIGIT_NAMES]
         emb_plain = backbone.embed([DEMO_TEMPLATE.format(c) for c in DIGIT_NAMES])
@@ -86,13 +87,14 @@ def main() -> None:
     else:
         acc100 = accuracy(baseline(backbone, z0, emb_plain, 100, desc="baseline N=100"), y)
     rows["baseline, 100 (t, eps) pairs"] = {"accuracy": acc100, "std": 0.0, "unet_evals_per_image": 1000}
-    out = {"shots_per_class": args.shots, "val_per_class": 10, "test_images": len(y), "t_star": base.t_star,
+    out = {"shots_per_class": args.shots, "val_per_class": args.val_shots, "test_images": len(y), "t_star": base.t_star,
            "config": base.to_dict(), "rows": rows, "minutes": round((time.time() - start) / 60, 1)}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2) + "\n")
     lines = [f"# NoOp on the demo: held-out accuracy ({len(y)} test digits, {args.shots} shots/class)", "",
              f"Produced by `python benchmarks/noop_accuracy.py --seeds {args.seeds} --variants {args.variants}"
-             f" --name {args.name} --timestep {args.timestep}` (2 CPU cores). Mean ± std over training seeds "
+             f" --name {args.name} --timestep {args.timestep} --val-shots {args.val_shots}` (2 CPU cores). "
+             "Mean ± std over training seeds "
              f"where seeds > 1 (here {args.seeds}; per-seed results in {args.name}.json); over 5 noise seeds for the "
              "random noise.", "",
              "| classifier | UNet evals / image | accuracy |", "|---|---|---|"]
