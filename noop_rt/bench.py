@@ -256,9 +256,8 @@ def sd15_shape_checkpoint(folder: Path, classes: int, log: Any = sys.stderr) -> 
 
 def bench_setup(wanted: list[str], backbone: str, bundle: Path | None, ckpt: Path | None, images: Path | None,
                 num_classes: int, cache_dir: Path, device: str, fp16: bool,
-                engines: Path | None = None) -> tuple[dict[str, Classifier], list[torch.Tensor], str]:
-    """The classifiers to time (one per available backend), the images to time them on, and the backbone source
-    (for the UNet FLOP count)."""
+                engines: Path | None = None) -> tuple[dict[str, Classifier], list[torch.Tensor]]:
+    """The classifiers to time (one per available backend) and the images to time them on."""
     from noop_rt.bundle import Bundle
     from noop_rt.data import load_image
     from noop_rt.demo import BUNDLE_DIR, CKPT_PATH, EXAMPLES_DIR
@@ -313,10 +312,4 @@ def bench_setup(wanted: list[str], backbone: str, bundle: Path | None, ckpt: Pat
         arrays = [torch.from_numpy(load_image(p, r)) for p in sorted(EXAMPLES_DIR.glob("*.png"))]
     else:
         arrays = list(torch.rand((4, 3, r, r), generator=torch.Generator().manual_seed(0)) * 2 - 1)
-    if ckpt_path is not None:
-        from noop_rt.checkpoint import load_checkpoint
-
-        source = load_checkpoint(ckpt_path).backbone_source
-    else:
-        source = str(Bundle.open(bundle_dir, verify=False).manifest["backbone"]["source"])
-    return classifiers, arrays, source
+    return classifiers, arrays

@@ -428,14 +428,14 @@ def bench(
         )
 
         wanted = [b.strip() for b in backends.split(",") if b.strip()]
-        classifiers, arrays, source = bench_setup(wanted, backbone, bundle, ckpt, images, num_classes, cache_dir,
-                                                  device, fp16, engines)
+        classifiers, arrays = bench_setup(wanted, backbone, bundle, ckpt, images, num_classes, cache_dir, device,
+                                          fp16, engines)
         first = next(iter(classifiers.values()))
         if "torch" in classifiers:
             bb = classifiers["torch"].backend.backbone
             gflop = unet_gflop(bb.unet, bb.latent_shape, bb.max_tokens, int(first.emb.shape[-1]))
-        else:
-            gflop = unet_gflop_from_source(source)
+        else:  # only bundle backends: count from the bundle's backbone config
+            gflop = unet_gflop_from_source(str(first.backend.bundle.manifest["backbone"]["source"]))
         options = BenchOptions(backends=wanted, baseline_noises=baseline_noises,
                                baseline_measured_pairs=measured_pairs, runs=runs, device=device, fp16=fp16)
         report = run_bench(classifiers, arrays, options, gflop, backbone)
@@ -512,7 +512,6 @@ def run() -> None:
         code = app(args=argv, prog_name="noop-rt", standalone_mode=False)
     except usage_error as exc:
         where = f"noop-rt {exc.ctx.info_name} --help" if exc.ctx is not None and exc.ctx.parent else "noop-rt --help"
-        where = where.replace("noop-rt noop-rt", "noop-rt")
         if exc.format_message().strip():  # empty: the help was shown for a bare `noop-rt`
             print(f"error: {exc.format_message()} (see {where})", file=sys.stderr)
         sys.exit(2)

@@ -71,8 +71,8 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OverflowError, ValueError, OSError):
-        return True  # not ours to judge: leave it
+    except (OverflowError, ValueError, OSError):  # PermissionError included: not ours to judge, leave it
+        return True
     return True
 
 
@@ -216,8 +216,7 @@ def validate_bundle(bundle_dir: Path, backbone: Backbone, ckpt: NoopCheckpoint, 
         ids = backbone.tokenize(ckpt.prompts)
         text_ref = backbone.text_encoder(ids)[0]
         graphs["text_encoder"] = _rel_error(ort_backend.run("text_encoder", input_ids=ids)[0], text_ref)
-    spec = ClassSpec(ckpt.classes, ckpt.prompts, ckpt.class_embeddings, ckpt.tau, ckpt.t_star, ckpt.loss,
-                     ckpt.template)
+    spec = ClassSpec.from_checkpoint(ckpt)
     options = StrategyOptions(method="noop")
     ref = Classifier(TorchBackend(backbone, noise), spec, max_batch=step * c)
     ort = Classifier(ort_backend, spec, max_batch=step * c)

@@ -227,19 +227,19 @@ def loss_and_backward(backbone: Backbone, noise: NoiseModel, class_embeddings: C
     t = torch.full((1, 1), config.t_star, dtype=torch.long)
     target = torch.zeros(b, dtype=torch.long)
 
-    def errors_of(z: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        return pair_errors(backbone.predict_eps, z, t.expand(len(z), 1), noise(z).unsqueeze(1), class_embeddings(),
-                           backbone.alphas_cumprod, config.loss, config.max_batch, class_idx=classes)[:, 0]
+    def errors_of(z: torch.Tensor, eps: torch.Tensor, emb: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        return pair_errors(backbone.predict_eps, z, t.expand(len(z), 1), eps, emb, backbone.alphas_cumprod,
+                           config.loss, config.max_batch, class_idx=classes)[:, 0]
 
     def loss_of(errors: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(-config.logit_scale * zscore(errors), target.to(errors.device))
 
     if b * k <= config.max_batch:
-        loss = loss_of(errors_of(z0, cls))
+        loss = loss_of(errors_of(z0, noise(z0).unsqueeze(1), class_embeddings(), cls))
         loss.backward()
         return loss.detach()
     with torch.no_grad():
-        errors = errors_of(z0, cls)
+        errors = errors_of(z0, noise(z0).unsqueeze(1), class_embeddings(), cls)
     errors.requires_grad_(True)
     loss = loss_of(errors)
     (grad,) = torch.autograd.grad(loss, errors)
@@ -251,8 +251,7 @@ def loss_and_backward(backbone: Backbone, noise: NoiseModel, class_embeddings: C
         roots = [(x, x.detach().requires_grad_(x.requires_grad)) for x in (noise(z).unsqueeze(1), class_embeddings())]
         (_, eps_in), (_, emb_in) = roots
         for j in range(0, k, cols):
-            part = pair_errors(backbone.predict_eps, z, t.expand(len(z), 1), eps_in, emb_in, backbone.alphas_cumprod,
-                               config.loss, config.max_batch, class_idx=cls[i:i + rows, j:j + cols])[:, 0]
+            part = errors_of(z, eps_in, emb_in, cls[i:i + rows, j:j + cols])
             (part * grad[i:i + rows, j:j + cols].to(part.device)).sum().backward()
             del part
         live = [(x, x_in.grad) for x, x_in in roots if x.requires_grad and x_in.grad is not None]

@@ -27,6 +27,11 @@ class ClassSpec:
     loss: str = "l2"
     template: str | None = None  # the prompt template new class names are embedded with
 
+    @classmethod
+    def from_checkpoint(cls, ckpt: Any) -> ClassSpec:
+        """The class set a NoOp checkpoint was trained on, with its cached embeddings, tau, t* and error norm."""
+        return cls(ckpt.classes, ckpt.prompts, ckpt.class_embeddings, ckpt.tau, ckpt.t_star, ckpt.loss, ckpt.template)
+
 
 @dataclass
 class StrategyOptions:

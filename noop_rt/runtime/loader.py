@@ -106,8 +106,7 @@ def open_classifier(req: Request) -> Classifier:
         reason = same_backbone(ckpt.backbone_fingerprint, backbone)
         if reason is not None:
             raise CheckpointError(f"{req.ckpt} was trained on another backbone than {backbone.source}: {reason}")
-        spec = ClassSpec(ckpt.classes, ckpt.prompts, ckpt.class_embeddings, ckpt.tau, ckpt.t_star, ckpt.loss,
-                         ckpt.template)
+        spec = ClassSpec.from_checkpoint(ckpt)
         spec = _with_classes(spec, req, ckpt.prompt_ctx is not None)
         return Classifier(TorchBackend(backbone, ckpt.noise_model()), spec, req.max_batch)
     backbone = load_backbone(req.model, dtype=dtype, device=device)
