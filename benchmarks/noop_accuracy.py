@@ -3,7 +3,7 @@
     python benchmarks/noop_accuracy.py [--seeds S] [--variants eps,meta,prompt] [--name noop_accuracy]
     # writes benchmarks/results/NAME.{md,json}
 
-Few-shot data: `noop-rt demo-data` (16 shots/class for training, 10/class validation, all from the backbone's training
+Few-shot data: `noop-rt demo-data` (16 shots/class for training, 30/class validation, all from the backbone's training
 split); accuracy on the 360 held-out test digits. Training goes through the same code as `noop-rt train`
 (`training.fewshot_split` + `training.train_checkpoint`). The shipped `noop_rt/demo/digits.pt` is written by the
 command itself: `noop-rt train --model demo --data DIR --shots 16 --out digits.pt` (its `train.command` records it).
@@ -22,6 +22,7 @@ import torch
 
 from noop_rt.backbone import load_backbone
 from noop_rt.configs import DEMO_TEMPLATE, DIGIT_NAMES
+from noop_rt.defaults import SHOTS, VAL_SHOTS
 from noop_rt.demo.digits import split_tensors, write_image_folders
 from noop_rt.evaluation import accuracy, baseline, mean_std, score_in_batches, single_noise
 from noop_rt.noop import TrainConfig
@@ -35,9 +36,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--variants", default="eps,meta,prompt", help="which NoOp variants to train")
     parser.add_argument("--name", default="noop_accuracy", help="results file name")
-    parser.add_argument("--val-shots", type=int, default=10, help="validation images per class")
+    parser.add_argument("--val-shots", type=int, default=VAL_SHOTS, help="validation images per class")
     parser.add_argument("--timestep", type=int, default=TrainConfig().t_star, help="NoOp's t*")
-    parser.add_argument("--shots", type=int, default=16)
+    parser.add_argument("--shots", type=int, default=SHOTS)
     parser.add_argument("--seeds", type=int, default=1, help="training seeds per variant")
     args = parser.parse_args()
     start = time.time()

@@ -224,21 +224,29 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def sd15_shape_model(folder: Path, log: Any = sys.stderr) -> Path:
+    """An SD-1.5-architecture diffusers folder with random weights, cached as `folder/sd15-shape`."""
+    from noop_rt.configs import SD15_SHAPE, random_components, save_components
+
+    model_dir = folder / "sd15-shape"
+    if not (model_dir / "model_index.json").is_file():
+        print(f"building an SD-1.5-shape model with random weights in {model_dir} …", file=log)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder))
+        save_components(random_components(SD15_SHAPE), str(tmp))
+        tmp.rename(model_dir)
+    return model_dir
+
+
 def sd15_shape_checkpoint(folder: Path, classes: int, log: Any = sys.stderr) -> Path:
     """An SD-1.5-architecture folder with random weights (latency does not depend on them) and a random NoOp
     checkpoint for it, cached in `folder`."""
     from noop_rt.backbone import load_backbone
     from noop_rt.checkpoint import NoopCheckpoint, backbone_fingerprint, save_checkpoint
-    from noop_rt.configs import SD15_SHAPE, random_components, save_components
     from noop_rt.noop import MetaNet, MetaNetConfig
 
-    model_dir = folder / "sd15-shape"
+    model_dir = sd15_shape_model(folder, log)
     ckpt_path = folder / f"sd15-shape-{classes}.pt"
-    if not (model_dir / "model_index.json").is_file():
-        print(f"building an SD-1.5-shape model with random weights in {model_dir} …", file=log)
-        tmp = Path(tempfile.mkdtemp(dir=folder))
-        save_components(random_components(SD15_SHAPE), str(tmp))
-        tmp.rename(model_dir)
     if not ckpt_path.is_file():
         backbone = load_backbone(model_dir)
         names = [f"class {i}" for i in range(classes)]

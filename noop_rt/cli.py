@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
+from noop_rt.defaults import SHOTS, VAL_SHOTS
 from noop_rt.errors import BadInputError, NoopError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -223,9 +224,9 @@ def train(
     data: Annotated[Path, typer.Option("--data", help="Image-folder tree (DIR/<class>/…, or DIR/train + DIR/val).")],
     out: Annotated[Path, typer.Option("--out", help="Checkpoint to write, e.g. pets.pt.")],
     model: Annotated[str, typer.Option("--model", help="'demo' or a local diffusers SD folder.")] = "demo",
-    shots: Annotated[int, typer.Option("--shots", min=1, help="Training images per class.")] = 16,
+    shots: Annotated[int, typer.Option("--shots", min=1, help="Training images per class.")] = SHOTS,
     val_shots: Annotated[int, typer.Option("--val-shots", min=1, help="Validation images per class "
-                                                                      "(when DIR has no val/).")] = 10,
+                                                                      "(when DIR has no val/).")] = VAL_SHOTS,
     timestep: Annotated[int, typer.Option("--timestep", min=0, help="NoOp's fixed timestep t*.")] = 500,
     meta_net: Annotated[bool, typer.Option("--meta-net/--no-meta-net", help="Learn the image-specific offset.")] = True,
     prompt_tuning: Annotated[bool, typer.Option("--prompt-tuning", help="Also learn CoOp-style context.")] = False,
@@ -454,8 +455,8 @@ def bench(
 @app.command("demo-data")
 def demo_data(
     out: Annotated[Path, typer.Argument(help="Folder to write train/ val/ test/ image-folder trees into.")],
-    shots: Annotated[int, typer.Option("--shots", min=1)] = 16,
-    val_shots: Annotated[int, typer.Option("--val-shots", min=1)] = 10,
+    shots: Annotated[int, typer.Option("--shots", min=1)] = SHOTS,
+    val_shots: Annotated[int, typer.Option("--val-shots", min=1)] = VAL_SHOTS,
 ) -> None:
     """Write the demo's digits split (few-shot train, val, held-out test) as image folders."""
     def go() -> None:

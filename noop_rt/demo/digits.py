@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from noop_rt.configs import DIGIT_NAMES
+from noop_rt.defaults import SHOTS, VAL_SHOTS
 
 RESOLUTION = 16
 TEST_SIZE = 360
@@ -56,7 +57,7 @@ def fewshot_indices(labels: np.ndarray, train: np.ndarray, shots: int, val_shots
     return {"fewshot": np.array(sorted(fewshot)), "val": np.array(sorted(val))}
 
 
-def write_image_folders(out: Path, shots: int = 16, val_shots: int = 10) -> dict[str, int]:
+def write_image_folders(out: Path, shots: int = SHOTS, val_shots: int = VAL_SHOTS) -> dict[str, int]:
     """Write `out/{train,val,test}/<class>/<index>.png` image-folder trees (train = the few-shot set, `shots` per
     class; val = `val_shots` per class; test = the 360 held-out digits); returns the image count per split."""
     images, labels = digit_images()
@@ -72,7 +73,7 @@ def write_image_folders(out: Path, shots: int = 16, val_shots: int = 10) -> dict
     return counts
 
 
-def split_tensors(name: str, shots: int = 16, val_shots: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+def split_tensors(name: str, shots: int = SHOTS, val_shots: int = VAL_SHOTS) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (N, 3, 16, 16) in [-1, 1] (exactly what loading the written PNGs gives) and labels (N,) of a split:
     'train', 'test', 'fewshot' or 'val'."""
     images, labels = digit_images()

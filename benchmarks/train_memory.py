@@ -1,0 +1,124 @@
+"""Peak memory of NoOp training on the SD-1.5 architecture at batch 1 (512 px), per memory option.
+
+    python benchmarks/train_memory.py [--model DIR] [--device auto|cpu|cuda] [--fp16] [--name train_memory]
+    # writes benchmarks/results/NAME.{md,json}
+
+Each configuration trains one epoch (2 classes, 1 shot + 1 validation image each, batch 1, 2 classes scored per step)
+in a fresh child process through `training.train_checkpoint`, the code behind `noop-rt train`. Reported per run:
+the process's peak resident memory (CPU) or torch's peak allocated/reserved CUDA memory, and the same after the
+backbone is loaded, so that the difference is what training adds on top of the weights. Without `--model`, an
+SD-1.5-shape diffusers folder with random weights is built (memory does not depend on the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CONFIGS = {  # name -> (max_batch, gradient_checkpointing)
+    "one pass, whole step's graph": (256, False),
+    "two-pass, chunk 1": (1, False),
+    "two-pass, chunk 1 + gradient checkpointing": (1, True),
+}
+
+
+def peak_gib(device: str) -> dict[str, float]:
+    import torch
+
+    if device.startswith("cuda"):
+        return {"cuda_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+                "cuda_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+    return {"rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # ru_maxrss is KiB on Linux
+
+
+def child(model: str, device: str, fp16: bool, max_batch: int, checkpointing: bool) -> None:
+    import torch
+
+    from noop_rt.backbone import load_backbone
+    from noop_rt.demo.digits import write_image_folders
+    from noop_rt.noop import TrainConfig
+    from noop_rt.runtime.loader import pick_device
+    from noop_rt.training import fewshot_split, train_checkpoint
+
+    dev = pick_device(device)
+    backbone = load_backbone(model, dtype=torch.float16 if fp16 else torch.float32, device=dev)
+    loaded = peak_gib(str(backbone.device))
+    with tempfile.TemporaryDirectory() as tmp:
+        write_image_folders(Path(tmp), shots=1, val_shots=1)
+        for split in ("train", "val"):  # keep two classes: the memory of one step does not depend on the class count
+            for extra in sorted((Path(tmp) / split).iterdir())[2:]:
+                for f in extra.iterdir():
+                    f.unlink()
+                extra.rmdir()
+        split = fewshot_split(tmp, shots=1, val_shots=1, seed=0)
+        config = TrainConfig(t_star=500, epochs=1, batch_size=1, negatives=2, max_batch=max_batch,
+                             gradient_checkpointing=checkpointing)
+        start = time.time()
+        train_checkpoint(backbone, split, "a photo of a {}", config, show_progress=False)
+    print(json.dumps({"after_load": loaded, "peak": peak_gib(str(backbone.device)),
+                      "seconds": round(time.time() - start, 1), "device": str(backbone.device),
+                      "dtype": str(backbone.dtype), "latent_shape": list(backbone.latent_shape),
+                      "steps": len(split.train)}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default=None, help="diffusers SD folder (default: SD-1.5 shape, random weights)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--fp16", action="store_true")
+    parser.add_argument("--cache-dir", type=Path, default=Path("~/.cache/noop-rt"))
+    parser.add_argument("--name", default="train_memory")
+    parser.add_argument("--child", nargs=2, metavar=("MAX_BATCH", "CHECKPOINTING"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.model, args.device, args.fp16, int(args.child[0]), args.child[1] == "1")
+        return
+    if args.model is None:
+        from noop_rt.bench import sd15_shape_model
+
+        args.model = str(sd15_shape_model(args.cache_dir.expanduser()))
+    rows = {}
+    for name, (max_batch, checkpointing) in CONFIGS.items():
+        print(f"{name} …", file=sys.stderr, flush=True)
+        cmd = [sys.executable, __file__, "--model", args.model, "--device", args.device, "--child", str(max_batch),
+               "1" if checkpointing else "0"] + (["--fp16"] if args.fp16 else [])
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            rows[name] = {"error": (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]}
+        else:
+            rows[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        rows[name].update(max_batch=max_batch, gradient_checkpointing=checkpointing)
+        print(f"  {rows[name]}", file=sys.stderr, flush=True)
+    import torch
+
+    out = {"model": args.model, "fp16": args.fp16, "torch": torch.__version__, "machine": platform.processor() or
+           platform.machine(), "cpu_threads": torch.get_num_threads(), "runs": rows}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2) + "\n")
+    key = next((k for r in rows.values() if "peak" in r for k in r["peak"]), "rss_gib")
+    lines = [f"# NoOp training memory, batch 1, {args.model.rsplit('/', 1)[-1]}",
+             "", f"Produced by `python benchmarks/train_memory.py{' --fp16' if args.fp16 else ''} --device "
+             f"{args.device}` (torch {torch.__version__}). One epoch of 2 steps (batch 1, 2 classes scored per step) "
+             f"plus validation; `{key}` is the peak over the child process.", "",
+             "| configuration | after loading the backbone | peak while training | added by training | seconds |",
+             "|---|---|---|---|---|"]
+    for name, r in rows.items():
+        if "error" in r:
+            lines.append(f"| {name} | | failed: {r['error']} | | |")
+            continue
+        lines.append(f"| {name} | {r['after_load'][key]:.2f} GiB | {r['peak'][key]:.2f} GiB | "
+                     f"{r['peak'][key] - r['after_load'][key]:.2f} GiB | {r['seconds']} |")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
