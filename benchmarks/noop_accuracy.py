@@ -1,12 +1,13 @@
 """NoOp on the demo: one learned noise (+ meta-net, + prompt tuning) vs random single noises vs the 100-noise baseline.
 
-    python benchmarks/noop_accuracy.py [--seeds S] [--variants eps,meta,prompt] [--name noop_accuracy]
+    python benchmarks/noop_accuracy.py [--seeds S] [--variants eps,meta,prompt] [--name noop_accuracy] [--rows-from N]
     # writes benchmarks/results/NAME.{md,json}
 
 Few-shot data: `noop-rt demo-data` (16 shots/class for training, 30/class validation, all from the backbone's training
 split); accuracy on the 360 held-out test digits. Training goes through the same code as `noop-rt train`
 (`training.fewshot_split` + `training.train_checkpoint`). The shipped `noop_rt/demo/digits.pt` is written by the
-command itself: `noop-rt train --model demo --data DIR --shots 16 --out digits.pt` (its `train.command` records it).
+command itself: `noop-rt train --model demo --data DIR --shots 16 --timestep 300 --out digits.pt` (its
+`train.command` records it).
 """
 
 from __future__ import annotations
@@ -32,6 +33,15 @@ from noop_rt.training import fewshot_split, train_checkpoint
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def earlier_rows(name: str, shots: int, val_shots: int, t_star: int) -> dict[str, dict]:
+    """The NoOp rows of an earlier results file, refused unless it used the same split and t*."""
+    earlier = json.loads((RESULTS / f"{name}.json").read_text())
+    got = (earlier["shots_per_class"], earlier["val_per_class"], earlier["t_star"])
+    if got != (shots, val_shots, t_star):
+        raise SystemExit(f"error: {name}.json has shots/val/t* {got}, this run {(shots, val_shots, t_star)}")
+    return {k: v for k, v in earlier["rows"].items() if "runs" in v}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--variants", default="eps,meta,prompt", help="which NoOp variants to train")
@@ -40,7 +50,10 @@ def main() -> None:
     parser.add_argument("--timestep", type=int, default=TrainConfig().t_star, help="NoOp's t*")
     parser.add_argument("--shots", type=int, default=SHOTS)
     parser.add_argument("--seeds", type=int, default=1, help="training seeds per variant")
+    parser.add_argument("--rows-from", default=None, metavar="NAME",
+                        help="also show the NoOp rows of results/NAME.json (same shots, validation split and t*)")
     args = parser.parse_args()
+    earlier = earlier_rows(args.rows_from, args.shots, args.val_shots, args.timestep) if args.rows_from else {}
     start = time.time()
     backbone = load_backbone("demo")
     x, y = split_tensors("test")
@@ -82,6 +95,9 @@ def main() -> None:
                       f"{result.minutes:.1f} min", flush=True)
             m, s = mean_std([r["accuracy"] for r in results])
             rows[name] = {"accuracy": m, "std": s, "runs": results, "unet_evals_per_image": 10}
+    labels = [label for label, _ in every.values()]  # show the variants in this order, after the random noise
+    rows = {**rows, **{k: v for k, v in earlier.items() if k not in rows}}
+    rows = dict(sorted(rows.items(), key=lambda kv: labels.index(kv[0]) if kv[0] in labels else -1))
     ref = RESULTS / "demo_accuracy.json"
     if ref.is_file() and "100" in json.loads(ref.read_text())["baseline"]:
         acc100 = json.loads(ref.read_text())["baseline"]["100"]["accuracy"]
@@ -89,12 +105,14 @@ def main() -> None:
         acc100 = accuracy(baseline(backbone, z0, emb_plain, 100, desc="baseline N=100"), y)
     rows["baseline, 100 (t, eps) pairs"] = {"accuracy": acc100, "std": 0.0, "unet_evals_per_image": 1000}
     out = {"shots_per_class": args.shots, "val_per_class": args.val_shots, "test_images": len(y), "t_star": base.t_star,
-           "config": base.to_dict(), "rows": rows, "minutes": round((time.time() - start) / 60, 1)}
+           "config": base.to_dict(), "rows_from": args.rows_from, "rows": rows,
+           "minutes": round((time.time() - start) / 60, 1)}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2) + "\n")
     lines = [f"# NoOp on the demo: held-out accuracy ({len(y)} test digits, {args.shots} shots/class)", "",
              f"Produced by `python benchmarks/noop_accuracy.py --seeds {args.seeds} --variants {args.variants}"
-             f" --name {args.name} --timestep {args.timestep} --val-shots {args.val_shots}` (2 CPU cores). "
+             f" --name {args.name} --timestep {args.timestep} --val-shots {args.val_shots}"
+             f"{f' --rows-from {args.rows_from}' if args.rows_from else ''}` (2 CPU cores). "
              "Mean ± std over training seeds "
              f"where seeds > 1 (here {args.seeds}; per-seed results in {args.name}.json); over 5 noise seeds for the "
              "random noise.", "",
@@ -105,7 +123,10 @@ def main() -> None:
         per_seed = ", ".join(f"{100 * x['accuracy']:.1f}" for x in runs)
         each = f" (seeds: {per_seed})" if len(runs) > 1 else ""
         lines.append(f"| {name} | {r['unet_evals_per_image']} | {100 * r['accuracy']:.1f}{spread} %{each} |")
-    lines += ["", f"Wall time: {out['minutes']} min."]
+    if earlier:
+        lines += ["", f"Rows {', '.join(repr(k) for k in earlier if k not in variants)} are from the earlier run "
+                  f"`{args.rows_from}.json` (same split and t*; its command is in `{args.rows_from}.md`)."]
+    lines += ["", f"Wall time: {out['minutes']} min (this run)."]
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
