@@ -33,12 +33,20 @@ from noop_rt.training import fewshot_split, train_checkpoint
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def earlier_rows(name: str, shots: int, val_shots: int, t_star: int) -> dict[str, dict]:
-    """The NoOp rows of an earlier results file, refused unless it used the same split and t*."""
+VARIANT_KEYS = ("meta_net", "prompt_tuning", "seed")  # what differs between the variants of one run
+
+
+def earlier_rows(name: str, shots: int, val_shots: int, config: TrainConfig) -> dict[str, dict]:
+    """The NoOp rows of an earlier results file, refused unless it used the same split and training options."""
     earlier = json.loads((RESULTS / f"{name}.json").read_text())
-    got = (earlier["shots_per_class"], earlier["val_per_class"], earlier["t_star"])
-    if got != (shots, val_shots, t_star):
-        raise SystemExit(f"error: {name}.json has shots/val/t* {got}, this run {(shots, val_shots, t_star)}")
+    got = (earlier["shots_per_class"], earlier["val_per_class"])
+    if got != (shots, val_shots):
+        raise SystemExit(f"error: {name}.json has shots/val {got}, this run {(shots, val_shots)}")
+    theirs = {k: v for k, v in earlier["config"].items() if k not in VARIANT_KEYS}
+    ours = {k: v for k, v in config.to_dict().items() if k not in VARIANT_KEYS}
+    if theirs != ours:
+        differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+        raise SystemExit(f"error: {name}.json was trained with other options: {', '.join(differ)}")
     return {k: v for k, v in earlier["rows"].items() if "runs" in v}
 
 
@@ -53,13 +61,13 @@ def main() -> None:
     parser.add_argument("--rows-from", default=None, metavar="NAME",
                         help="also show the NoOp rows of results/NAME.json (same shots, validation split and t*)")
     args = parser.parse_args()
-    earlier = earlier_rows(args.rows_from, args.shots, args.val_shots, args.timestep) if args.rows_from else {}
     start = time.time()
     backbone = load_backbone("demo")
     x, y = split_tensors("test")
     with torch.no_grad():
         z0 = backbone.encode(x)
     base = TrainConfig(t_star=args.timestep)
+    earlier = earlier_rows(args.rows_from, args.shots, args.val_shots, base) if args.rows_from else {}
     every = {"eps": ("eps_D alone", replace(base, meta_net=False)),
              "meta": ("eps_D + meta-net", base),
              "prompt": ("eps_D + meta-net + prompt tuning", replace(base, prompt_tuning=True))}
@@ -123,8 +131,9 @@ def main() -> None:
         per_seed = ", ".join(f"{100 * x['accuracy']:.1f}" for x in runs)
         each = f" (seeds: {per_seed})" if len(runs) > 1 else ""
         lines.append(f"| {name} | {r['unet_evals_per_image']} | {100 * r['accuracy']:.1f}{spread} %{each} |")
-    if earlier:
-        lines += ["", f"Rows {', '.join(repr(k) for k in earlier if k not in variants)} are from the earlier run "
+    carried = [k for k in earlier if k not in variants]
+    if carried:
+        lines += ["", f"Rows {', '.join(repr(k) for k in carried)} are from the earlier run "
                   f"`{args.rows_from}.json` (same split and t*; its command is in `{args.rows_from}.md`)."]
     lines += ["", f"Wall time: {out['minutes']} min (this run)."]
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")

@@ -4,11 +4,12 @@
     # writes benchmarks/results/NAME.{md,json}
 
 Each configuration trains one epoch (2 classes, 1 shot + 1 validation image each, batch 1, 2 classes scored per step)
-in a fresh child process through `training.train_checkpoint`, the code behind `noop-rt train`. Reported per run:
-the process's peak resident memory (CPU) or torch's peak allocated/reserved CUDA memory, and the size of the
-backbone's weights (UNet + text encoder + image encoder), so that the difference is what training adds on top of
-them. Without `--model`, an SD-1.5-shape diffusers folder with random weights is built (memory does not depend on
-the weights).
+in a fresh child process: the images are encoded as `noop-rt train` does, then the peak is reset and
+`noop.train_noop` (the training loop, validation and tau fit behind `noop-rt train`) runs. Reported per run: the
+peak during loading + encoding and the peak during training alone (resident memory, Linux VmHWM, on CPU; torch's
+peak allocated/reserved memory on CUDA), and the size of the backbone's weights (UNet + text encoder + VAE), so
+that training's peak minus the weights is what the training graph adds. Without `--model`, an SD-1.5-shape
+diffusers folder with random weights is built (memory does not depend on the weights).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
+import re
 import subprocess
 import sys
 import tempfile
@@ -32,25 +33,38 @@ CONFIGS = {  # name -> (max_batch, gradient_checkpointing)
 
 
 def peak_gib(device: str) -> dict[str, float]:
+    """The peak since the last `reset_peak`: resident memory (Linux VmHWM) or torch's CUDA allocator peaks."""
     import torch
 
     if device.startswith("cuda"):
         return {"cuda_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
                 "cuda_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
-    return {"rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # ru_maxrss is KiB on Linux
+    status = Path("/proc/self/status").read_text()
+    return {"rss_gib": int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 2**20}
+
+
+def reset_peak(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
 
 
 def child(model: str, device: str, fp16: bool, max_batch: int, checkpointing: bool) -> None:
     import torch
 
     from noop_rt.backbone import load_backbone
+    from noop_rt.data import make_prompts
     from noop_rt.demo.digits import write_image_folders
-    from noop_rt.noop import TrainConfig
+    from noop_rt.noop import TrainConfig, encode_paths, train_noop
     from noop_rt.runtime.loader import pick_device
-    from noop_rt.training import fewshot_split, train_checkpoint
+    from noop_rt.training import fewshot_split
 
     dev = pick_device(device)
     backbone = load_backbone(model, dtype=torch.float16 if fp16 else torch.float32, device=dev)
+    where = str(backbone.device)
     modules = (backbone.unet, backbone.text_encoder, backbone.encoder)
     weights = sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()]) / 2**30
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,14 +75,18 @@ def child(model: str, device: str, fp16: bool, max_batch: int, checkpointing: bo
                     f.unlink()
                 extra.rmdir()
         split = fewshot_split(tmp, shots=1, val_shots=1, seed=0)
-        config = TrainConfig(t_star=500, epochs=1, batch_size=1, negatives=2, max_batch=max_batch,
-                             gradient_checkpointing=checkpointing)
-        start = time.time()
-        train_checkpoint(backbone, split, "a photo of a {}", config, show_progress=False)
-    print(json.dumps({"weights_gib": weights, "peak": peak_gib(str(backbone.device)),
-                      "seconds": round(time.time() - start, 1), "device": str(backbone.device),
-                      "dtype": str(backbone.dtype), "latent_shape": list(backbone.latent_shape),
-                      "steps": len(split.train)}))
+        z = encode_paths(backbone, [p for p, _ in split.train + split.val])  # as `train_checkpoint` does
+    loading = peak_gib(where)
+    reset_peak(where)
+    config = TrainConfig(t_star=500, epochs=1, batch_size=1, negatives=2, max_batch=max_batch,
+                         gradient_checkpointing=checkpointing)
+    n = len(split.train)
+    start = time.time()
+    train_noop(backbone, make_prompts(split.classes, "a photo of a {}"), "a photo of a {}", z[:n],
+               torch.tensor([y for _, y in split.train]), z[n:], torch.tensor([y for _, y in split.val]), config)
+    print(json.dumps({"weights_gib": weights, "load_and_encode": loading, "peak": peak_gib(where),
+                      "seconds": round(time.time() - start, 1), "device": where, "dtype": str(backbone.dtype),
+                      "latent_shape": list(backbone.latent_shape), "steps": n}))
 
 
 def main() -> None:
@@ -93,10 +111,10 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--model", args.model, "--device", args.device, "--child", str(max_batch),
                "1" if checkpointing else "0"] + (["--fp16"] if args.fp16 else [])
         done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            rows[name] = {"error": (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]}
-        else:
+        try:
             rows[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        except (IndexError, json.JSONDecodeError):
+            rows[name] = {"error": (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]}
         rows[name].update(max_batch=max_batch, gradient_checkpointing=checkpointing)
         print(f"  {rows[name]}", file=sys.stderr, flush=True)
     import torch
@@ -108,16 +126,17 @@ def main() -> None:
     key = next((k for r in rows.values() if "peak" in r for k in r["peak"]), "rss_gib")
     lines = [f"# NoOp training memory, batch 1, {args.model.rsplit('/', 1)[-1]}",
              "", f"Produced by `python benchmarks/train_memory.py{' --fp16' if args.fp16 else ''} --device "
-             f"{args.device}` (torch {torch.__version__}). One epoch of 2 steps (batch 1, 2 classes scored per step) "
-             f"plus validation; `{key}` is the peak over the child process.", "",
-             "| configuration | backbone weights | peak while training | peak minus weights | seconds |",
-             "|---|---|---|---|---|"]
+             f"{args.device}` (torch {torch.__version__}, {out['cpu_threads']} CPU threads). One epoch of 2 steps "
+             f"(batch 1, 2 classes scored per step) plus validation; peaks are `{key}`, training's measured after a "
+             "reset that follows loading and encoding.", "",
+             "| configuration | backbone weights | peak, load + encode | peak, training | training peak minus weights "
+             "| training seconds |", "|---|---|---|---|---|---|"]
     for name, r in rows.items():
         if "error" in r:
-            lines.append(f"| {name} | | failed: {r['error']} | | |")
+            lines.append(f"| {name} | | | failed: {r['error']} | | |")
             continue
-        lines.append(f"| {name} | {r['weights_gib']:.2f} GiB | {r['peak'][key]:.2f} GiB | "
-                     f"{r['peak'][key] - r['weights_gib']:.2f} GiB | {r['seconds']} |")
+        lines.append(f"| {name} | {r['weights_gib']:.2f} GiB | {r['load_and_encode'][key]:.2f} GiB | "
+                     f"{r['peak'][key]:.2f} GiB | {r['peak'][key] - r['weights_gib']:.2f} GiB | {r['seconds']} |")
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
