@@ -133,8 +133,8 @@ def main() -> None:
         lines.append(f"| {name} | {r['unet_evals_per_image']} | {100 * r['accuracy']:.1f}{spread} %{each} |")
     carried = [k for k in earlier if k not in variants]
     if carried:
-        lines += ["", f"Rows {', '.join(repr(k) for k in carried)} are from the earlier run "
-                  f"`{args.rows_from}.json` (same split and t*; its command is in `{args.rows_from}.md`)."]
+        lines += ["", f"Carried over from the earlier run `{args.rows_from}.json` (same split and training options; "
+                  f"its command is in `{args.rows_from}.md`): {', '.join(repr(k) for k in carried)}."]
     lines += ["", f"Wall time: {out['minutes']} min (this run)."]
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
