@@ -1,9 +1,9 @@
-"""Peak memory of NoOp training on the SD-1.5 architecture at batch 1 (512 px), per memory option.
+"""Peak memory of NoOp training on the SD-1.5 architecture at batch 1-2 (512 px), per memory option.
 
     python benchmarks/train_memory.py [--model DIR] [--device auto|cpu|cuda] [--fp16] [--name train_memory]
     # writes benchmarks/results/NAME.{md,json}
 
-Each configuration trains one epoch (2 classes, 1 shot + 1 validation image each, batch 1, 2 classes scored per step)
+Each configuration trains one epoch (2 classes, 1 shot + 1 validation image each, 2 classes scored per image)
 in a fresh child process: the images are encoded as `noop-rt train` does, then the peak is reset and
 `noop.train_noop` (the training loop, validation and tau fit behind `noop-rt train`) runs. Reported per run: the
 peak during loading + encoding and the peak during training alone (resident memory, Linux VmHWM, on CPU; torch's
@@ -25,10 +25,11 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CONFIGS = {  # name -> (max_batch, gradient_checkpointing)
-    "one pass, whole step's graph": (256, False),
-    "two-pass, chunk 1": (1, False),
-    "two-pass, chunk 1 + gradient checkpointing": (1, True),
+CONFIGS = {  # name -> (images per step, max_batch, gradient_checkpointing)
+    "batch 1, one pass, whole step's graph": (1, 256, False),
+    "batch 1, two-pass, chunk 1": (1, 1, False),
+    "batch 1, two-pass, chunk 1 + gradient checkpointing": (1, 1, True),
+    "batch 2, two-pass, chunk 2 + gradient checkpointing": (2, 2, True),
 }
 
 
@@ -52,7 +53,7 @@ def reset_peak(device: str) -> None:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
 
 
-def child(model: str, device: str, fp16: bool, max_batch: int, checkpointing: bool) -> None:
+def child(model: str, device: str, fp16: bool, batch: int, max_batch: int, checkpointing: bool) -> None:
     import torch
 
     from noop_rt.backbone import load_backbone
@@ -78,7 +79,7 @@ def child(model: str, device: str, fp16: bool, max_batch: int, checkpointing: bo
         z = encode_paths(backbone, [p for p, _ in split.train + split.val])  # as `train_checkpoint` does
     loading = peak_gib(where)
     reset_peak(where)
-    config = TrainConfig(t_star=500, epochs=1, batch_size=1, negatives=2, max_batch=max_batch,
+    config = TrainConfig(t_star=500, epochs=1, batch_size=batch, negatives=2, max_batch=max_batch,
                          gradient_checkpointing=checkpointing)
     n = len(split.train)
     start = time.time()
@@ -96,26 +97,26 @@ def main() -> None:
     parser.add_argument("--fp16", action="store_true")
     parser.add_argument("--cache-dir", type=Path, default=Path("~/.cache/noop-rt"))
     parser.add_argument("--name", default="train_memory")
-    parser.add_argument("--child", nargs=2, metavar=("MAX_BATCH", "CHECKPOINTING"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("BATCH", "MAX_BATCH", "CHECKPOINTING"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.model, args.device, args.fp16, int(args.child[0]), args.child[1] == "1")
+        child(args.model, args.device, args.fp16, int(args.child[0]), int(args.child[1]), args.child[2] == "1")
         return
     if args.model is None:
         from noop_rt.bench import sd15_shape_model
 
         args.model = str(sd15_shape_model(args.cache_dir.expanduser()))
     rows = {}
-    for name, (max_batch, checkpointing) in CONFIGS.items():
+    for name, (batch, max_batch, checkpointing) in CONFIGS.items():
         print(f"{name} …", file=sys.stderr, flush=True)
-        cmd = [sys.executable, __file__, "--model", args.model, "--device", args.device, "--child", str(max_batch),
-               "1" if checkpointing else "0"] + (["--fp16"] if args.fp16 else [])
+        cmd = [sys.executable, __file__, "--model", args.model, "--device", args.device, "--child", str(batch),
+               str(max_batch), "1" if checkpointing else "0"] + (["--fp16"] if args.fp16 else [])
         done = subprocess.run(cmd, capture_output=True, text=True)
         try:
             rows[name] = json.loads(done.stdout.strip().splitlines()[-1])
         except (IndexError, json.JSONDecodeError):
             rows[name] = {"error": (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]}
-        rows[name].update(max_batch=max_batch, gradient_checkpointing=checkpointing)
+        rows[name].update(batch=batch, max_batch=max_batch, gradient_checkpointing=checkpointing)
         print(f"  {rows[name]}", file=sys.stderr, flush=True)
     import torch
 
@@ -124,10 +125,11 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2) + "\n")
     key = next((k for r in rows.values() if "peak" in r for k in r["peak"]), "rss_gib")
-    lines = [f"# NoOp training memory, batch 1, {args.model.rsplit('/', 1)[-1]}",
+    lines = [f"# NoOp training memory, {args.model.rsplit('/', 1)[-1]}",
              "", f"Produced by `python benchmarks/train_memory.py{' --fp16' if args.fp16 else ''} --device "
-             f"{args.device}` (torch {torch.__version__}, {out['cpu_threads']} CPU threads). One epoch of 2 steps "
-             f"(batch 1, 2 classes scored per step) plus validation; peaks are `{key}`, training's measured after a "
+             f"{args.device}` (torch {torch.__version__}, {out['cpu_threads']} CPU threads). One epoch over 2 "
+             "training images (2 classes scored per image; UNet samples per step = batch × 2) plus validation; "
+             f"peaks are `{key}`, training's measured after a "
              "reset that follows loading and encoding.", "",
              "| configuration | backbone weights | peak, load + encode | peak, training | training peak minus weights "
              "| training seconds |", "|---|---|---|---|---|---|"]
