@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=SHOTS)
     parser.add_argument("--seeds", type=int, default=1, help="training seeds per variant")
     parser.add_argument("--rows-from", default=None, metavar="NAME",
-                        help="also show the NoOp rows of results/NAME.json (same shots, validation split and t*)")
+                        help="also show the NoOp rows of results/NAME.json (same split and training options)")
     args = parser.parse_args()
     start = time.time()
     backbone = load_backbone("demo")

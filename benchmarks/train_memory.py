@@ -59,9 +59,9 @@ def child(model: str, device: str, fp16: bool, batch: int, max_batch: int, check
     from noop_rt.backbone import load_backbone
     from noop_rt.data import make_prompts
     from noop_rt.demo.digits import write_image_folders
-    from noop_rt.noop import TrainConfig, encode_paths, train_noop
+    from noop_rt.noop import TrainConfig, train_noop
     from noop_rt.runtime.loader import pick_device
-    from noop_rt.training import fewshot_split
+    from noop_rt.training import encode_split, fewshot_split
 
     dev = pick_device(device)
     backbone = load_backbone(model, dtype=torch.float16 if fp16 else torch.float32, device=dev)
@@ -76,18 +76,17 @@ def child(model: str, device: str, fp16: bool, batch: int, max_batch: int, check
                     f.unlink()
                 extra.rmdir()
         split = fewshot_split(tmp, shots=1, val_shots=1, seed=0)
-        z = encode_paths(backbone, [p for p, _ in split.train + split.val])  # as `train_checkpoint` does
+        z_train, y_train, z_val, y_val = encode_split(backbone, split, show_progress=False)
     loading = peak_gib(where)
     reset_peak(where)
     config = TrainConfig(t_star=500, epochs=1, batch_size=batch, negatives=2, max_batch=max_batch,
                          gradient_checkpointing=checkpointing)
-    n = len(split.train)
     start = time.time()
-    train_noop(backbone, make_prompts(split.classes, "a photo of a {}"), "a photo of a {}", z[:n],
-               torch.tensor([y for _, y in split.train]), z[n:], torch.tensor([y for _, y in split.val]), config)
+    train_noop(backbone, make_prompts(split.classes, "a photo of a {}"), "a photo of a {}", z_train, y_train, z_val,
+               y_val, config)
     print(json.dumps({"weights_gib": weights, "load_and_encode": loading, "peak": peak_gib(where),
                       "seconds": round(time.time() - start, 1), "device": where, "dtype": str(backbone.dtype),
-                      "latent_shape": list(backbone.latent_shape), "steps": n}))
+                      "latent_shape": list(backbone.latent_shape), "steps": len(split.train)}))
 
 
 def main() -> None:

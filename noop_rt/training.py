@@ -56,16 +56,21 @@ def fewshot_split(data: str | Path, shots: int, val_shots: int, seed: int) -> Fe
     return FewShotSplit(classes, train, val, source)
 
 
+def encode_split(backbone: Backbone, split: FewShotSplit, show_progress: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clean latents and labels of the training and validation images: (z_train, y_train, z_val, y_val)."""
+    paths = [p for p, _ in split.train] + [p for p, _ in split.val]
+    with tqdm(total=len(paths), desc="encode images", unit="img", file=sys.stderr, disable=not show_progress) as bar:
+        z = encode_paths(backbone, paths, progress=bar.update)
+    return (z[:len(split.train)], torch.tensor([label for _, label in split.train]),
+            z[len(split.train):], torch.tensor([label for _, label in split.val]))
+
+
 def train_checkpoint(backbone: Backbone, split: FewShotSplit, template: str, config: TrainConfig,
                      show_progress: bool = True) -> tuple[NoopCheckpoint, TrainResult]:
     """Encode the split once, train NoOp with a progress bar, and assemble the checkpoint (not yet written)."""
     prompts = make_prompts(split.classes, template)
-    paths = [p for p, _ in split.train] + [p for p, _ in split.val]
-    with tqdm(total=len(paths), desc="encode images", unit="img", file=sys.stderr, disable=not show_progress) as bar:
-        z = encode_paths(backbone, paths, progress=bar.update)
-    z_train, z_val = z[:len(split.train)], z[len(split.train):]
-    y_train = torch.tensor([label for _, label in split.train])
-    y_val = torch.tensor([label for _, label in split.val])
+    z_train, y_train, z_val, y_val = encode_split(backbone, split, show_progress)
     bar = tqdm(desc="train NoOp", unit="step", file=sys.stderr, disable=not show_progress)
 
     def on_step(record: dict) -> None:
