@@ -1,8 +1,7 @@
 """Load a diffusion backbone: a local diffusers Stable Diffusion 1.x/2.x folder, or the built-in pixel demo.
 
-`Backbone` is the one seam between the math (`scoring.py`) and the networks: `encode` (image -> z0), `embed`
-(prompts -> text embeddings), and `predict_eps` (z_t, t, embeddings -> eps, v-prediction converted). Images are
-RGB in [-1, 1] at `resolution`.
+`Backbone` holds the frozen networks: `encode` (image -> z0), `embed` (prompts -> text embeddings), and
+`class_errors` (the scoring module of `scorer.py` over its UNet). Images are RGB in [-1, 1] at `resolution`.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import torch
 from torch import nn
 
 from noop_rt.errors import BackboneError
+from noop_rt.scorer import ClassErrors
 
 DEMO_SOURCE = "demo"
 
@@ -52,12 +52,6 @@ class VaeEncoderMean(nn.Module):
         return self.vae.encode(image).latent_dist.mean * self.scale
 
 
-def v_to_eps(v: torch.Tensor, z_t: torch.Tensor, abar_t: torch.Tensor) -> torch.Tensor:
-    """eps from a v-prediction (Salimans & Ho 2022): eps = sqrt(abar) v + sqrt(1 - abar) z_t."""
-    abar = abar_t.view(-1, *([1] * (z_t.dim() - 1)))
-    return abar.sqrt() * v + (1 - abar).sqrt() * z_t
-
-
 @dataclass
 class Backbone:
     """A frozen text-conditioned diffusion model, ready to score."""
@@ -81,6 +75,10 @@ class Backbone:
         return (int(self.unet.config.in_channels), size, size)
 
     @property
+    def text_dim(self) -> int:
+        return int(self.text_encoder.config.hidden_size)
+
+    @property
     def num_train_timesteps(self) -> int:
         return int(self.alphas_cumprod.shape[0])
 
@@ -99,14 +97,9 @@ class Backbone:
         """z0 (B, c, h, w) float32 from RGB images (B, 3, H, W) in [-1, 1]."""
         return self.encoder(images.to(self.device, self.dtype)).float()
 
-    def predict_eps(self, z_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """eps_theta(z_t, t, emb) (N, c, h, w) float32; `t` (N,) float; v-prediction converted to eps."""
-        out = self.unet(z_t.to(self.device, self.dtype), t.to(self.device, torch.float32),
-                        encoder_hidden_states=emb.to(self.device, self.dtype)).sample.float()
-        if self.prediction_type == "v_prediction":
-            abar = self.alphas_cumprod.to(out.device)[t.long().to(out.device)]
-            out = v_to_eps(out, z_t.to(out.device).float(), abar)
-        return out
+    def class_errors(self, losses: tuple[str, ...] = ("l2",)) -> ClassErrors:
+        """The scoring module (noising, class broadcast, UNet, v->eps, error norms) over this backbone's UNet."""
+        return ClassErrors(self.unet, self.alphas_cumprod, self.prediction_type, losses).to(self.device)
 
     def requires_grad_(self, flag: bool) -> Backbone:
         for module in (self.unet, self.text_encoder, self.encoder):

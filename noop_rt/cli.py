@@ -1,4 +1,5 @@
-"""`noop-rt`: the command line. Thin: parse, call the library, print; NoopError -> one line on stderr + exit code."""
+"""`noop-rt`: the command line. Parse, call the Python API (`noop_rt.load` and the jobs built on it), print.
+NoopError -> one line on stderr + its exit code. Arguments and inputs are checked before any model is opened."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import json
 import re
 import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,9 +16,13 @@ from noop_rt.defaults import SHOTS, VAL_SHOTS
 from noop_rt.errors import BadInputError, NoopError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,
                   help="Diffusion classifiers at one UNet pass per class: train NoOp, export to ONNX, build "
                        "TensorRT engines, classify.")
 _state: dict[str, bool] = {"debug": False}
+BACKEND_NAMES = ("auto", "tensorrt", "onnxruntime", "openvino", "torch")
+METHOD_NAMES = ("noop", "baseline", "adaptive", "pruned")
+LOSS_NAMES = ("l2", "l1", "huber")
 
 
 def _fail(exc: BaseException) -> None:
@@ -32,10 +36,10 @@ def _fail(exc: BaseException) -> None:
     raise typer.Exit(code)
 
 
-def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
+def _run(fn: Any) -> Any:
     """Call the library; map any exception to one line on stderr (traceback only with --debug)."""
     try:
-        return fn(*args, **kwargs)
+        return fn()
     except (typer.Exit, typer.Abort, KeyboardInterrupt):
         raise
     except Exception as exc:
@@ -47,100 +51,138 @@ def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")
     _state["debug"] = debug
 
 
-BundleOpt = Annotated[Path | None, typer.Option("--bundle", help="Exported bundle folder (onnxruntime/TensorRT).")]
-CkptOpt = Annotated[Path | None, typer.Option("--ckpt", help="NoOp checkpoint NAME.pt (torch backend).")]
-ModelOpt = Annotated[str | None, typer.Option("--model", help="A local diffusers SD folder, or 'demo'.")]
-ClassesOpt = Annotated[str | None, typer.Option("--classes", help="Comma-separated class names.")]
-TemplateOpt = Annotated[str | None, typer.Option("--template", help="Prompt template with one '{}'.")]
-BackendOpt = Annotated[str, typer.Option("--backend", help="auto|tensorrt|onnxruntime|torch")]
-EnginesOpt = Annotated[Path | None, typer.Option("--engines", help="TensorRT engine folder from `noop-rt build` "
-                                                 "(default engines/<bundle name>).")]
-MethodOpt = Annotated[str | None, typer.Option("--method", help="noop|baseline|adaptive|pruned (default: noop "
-                                                                "when a learned noise is loaded, else baseline)")]
-NoisesOpt = Annotated[int, typer.Option("--noises", min=1, help="(t, eps) pairs for baseline/adaptive/pruned.")]
-LossOpt = Annotated[str | None, typer.Option("--loss", help="l2|l1|huber (default: the checkpoint's, else l2).")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto|cpu|cuda[:N] for the torch backend.")]
+# ---------------------------------------------------------------------------------------------- shared options
+BundleOpt = Annotated[Path | None, typer.Option("--bundle", metavar="DIR",
+                                                help="Exported bundle folder (onnxruntime/OpenVINO/TensorRT).")]
+CkptOpt = Annotated[Path | None, typer.Option("--ckpt", metavar="NAME.pt", help="NoOp checkpoint (torch backend).")]
+ModelOpt = Annotated[str | None, typer.Option("--model", metavar="DIR", help="A local diffusers SD folder, or "
+                                              "'demo' (zero-shot strategies, torch backend).")]
+ClassesOpt = Annotated[str | None, typer.Option("--classes", metavar="A,B,C", help="Comma-separated class names.")]
+PromptsOpt = Annotated[Path | None, typer.Option("--prompts", metavar="FILE", help="CSV of class and prompt (Li et "
+                                                 "al.'s prompt files work: prompt,classname,classidx).")]
+TemplateOpt = Annotated[str | None, typer.Option("--template", metavar="TEXT", help="Prompt template with one "
+                                                 "'{}', e.g. 'a photo of a {}'.")]
+BackendOpt = Annotated[str, typer.Option("--backend", metavar="NAME",
+                                         help="auto | tensorrt | onnxruntime | openvino | torch.")]
+EnginesOpt = Annotated[Path | None, typer.Option("--engines", metavar="DIR", help="TensorRT engine folder from "
+                                                 "`noop-rt build` (default engines/<bundle name>).")]
+MethodOpt = Annotated[str | None, typer.Option("--method", metavar="NAME", help="noop | baseline | adaptive | "
+                                               "pruned (default: noop when a learned noise is loaded, else "
+                                               "baseline).")]
+NoisesOpt = Annotated[int | None, typer.Option("--noises", min=1, metavar="N", help="(t, eps) pairs: baseline "
+                                               "pairs (default 100), pruned's maximum (100), adaptive's last "
+                                               "stage with N/10 keep 5 before it (when --stages is not given).")]
+StagesOpt = Annotated[str | None, typer.Option("--stages", metavar="P:K,...", help="Adaptive stages, pairs:keep "
+                                               "(default Li et al.'s Pets 25:5,250:1), or a published setting: "
+                                               "pets, cifar10, stl10, food, flowers, aircraft, imagenet, objectnet.")]
+LossOpt = Annotated[str | None, typer.Option("--loss", metavar="NAME", help="l2 | l1 | huber (default: the "
+                                             "model's own, else l2).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Noise seed of the random strategies.")]
+TopKOpt = Annotated[int, typer.Option("--top-k", min=1, help="How many classes to report per image.")]
+DeviceOpt = Annotated[str, typer.Option("--device", metavar="DEV", help="auto | cpu | cuda[:N].")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
-MaxBatchOpt = Annotated[int, typer.Option("--max-batch", min=1, help="Largest UNet batch (B*C chunks).")]
+MaxBatchOpt = Annotated[int, typer.Option("--max-batch", min=1, help="Largest UNet batch (B*C) per call.")]
 RobustOpt = Annotated[bool, typer.Option("--robust", help="RDC likelihood maximisation first (torch backend).")]
+Fp16Opt = Annotated[bool, typer.Option("--fp16", help="torch backend in half precision.")]
 
 
-def _request(bundle: Path | None, ckpt: Path | None, model: str | None, backend: str, classes: str | None,
-             data: Path | None, template: str | None, device: str, max_batch: int, fp16: bool = False,
-             robust: bool = False, engines: Path | None = None):
-    from noop_rt.data import ImageFolder, parse_class_list
-    from noop_rt.runtime.loader import Request
+def _source(bundle: Path | None, ckpt: Path | None, model: str | None) -> str | Path | None:
+    given = [x for x in (bundle, ckpt, model) if x is not None]
+    if len(given) > 1:
+        raise BadInputError("pass one of --bundle, --ckpt and --model")
+    return given[0] if given else None
 
-    if robust and bundle is None and backend == "auto":
+
+def _check_choices(backend: str, method: str | None, loss: str | None) -> None:
+    from noop_rt.runtime.suggest import suggest
+
+    if backend not in BACKEND_NAMES:
+        raise suggest(backend, BACKEND_NAMES, "backend")
+    if method is not None and method not in METHOD_NAMES:
+        raise suggest(method, METHOD_NAMES, "method")
+    if loss is not None and loss not in LOSS_NAMES:
+        raise suggest(loss, LOSS_NAMES, "loss")
+
+
+def _strategy(noises: int | None, stages: str | None, loss: str | None, seed: int, robust: bool) -> dict[str, Any]:
+    options: dict[str, Any] = {"seed": seed}
+    if noises is not None:
+        options["pairs"] = noises
+    if loss is not None:
+        options["loss"] = loss
+    if stages is not None:
+        from noop_rt.scoring import parse_stages
+
+        try:
+            options["stages"] = parse_stages(stages)
+        except ValueError as exc:
+            raise BadInputError(f"--stages: {exc}") from None
+    if robust:
+        from noop_rt.robust import RobustConfig
+
+        options["robust"] = RobustConfig(seed=seed)
+    return options
+
+
+def _load(source: Any, *, backend: str, device: str, method: str | None, classes: str | None,
+          prompts: Path | None, template: str | None, strategy: dict[str, Any], max_batch: int = 256,
+          fp16: bool = False, engines: Path | None = None, classes_from: str | None = None,
+          class_list: list[str] | None = None) -> Any:
+    from noop_rt.data import parse_class_list, read_prompts_file
+    from noop_rt.runtime.open import LoadOptions, open_classifier
+
+    names = class_list if class_list is not None else (parse_class_list(classes) if classes is not None else None)
+    table = read_prompts_file(prompts) if prompts is not None else None
+    if strategy.get("robust") is not None and source is None and backend == "auto":
         backend = "torch"  # robust mode takes gradients: the built-in demo runs from its checkpoint
-
-    class_list, classes_from = None, None
-    if classes is not None:
-        class_list = parse_class_list(classes)
-    elif data is not None:
-        class_list, classes_from = ImageFolder.scan(data).classes, f"--data {data}"
-    return Request(bundle=bundle, ckpt=ckpt, model=model, backend=backend, classes=class_list, template=template,
-                   device=device, fp16=fp16, max_batch=max_batch, engines=engines, classes_from=classes_from)
-
-
-def _options(classifier: Any, method: str | None, noises: int, loss: str | None, seed: int, robust: bool = False):
-    from noop_rt.robust import RobustConfig
-    from noop_rt.runtime.classifier import StrategyOptions
-    from noop_rt.runtime.loader import suggest
-    from noop_rt.scoring import LOSSES, METHODS
-
-    method = method or classifier.default_method()
-    if method not in METHODS:
-        raise suggest(method, METHODS, "method")
-    if loss is not None and loss not in LOSSES:
-        raise suggest(loss, LOSSES, "loss")
-    classifier.check_method(method)
-    return StrategyOptions(method=method, noises=noises, seed=seed, loss=loss,
-                           robust=RobustConfig(seed=seed) if robust else None)
+    options = LoadOptions(backend=backend, device=device, fp16=fp16, max_batch=max_batch, engines=engines,
+                          classes=names, template=template, prompts=table, classes_from=classes_from, method=method,
+                          strategy=strategy)
+    classifier = open_classifier(source, options)
+    for note in classifier.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if classifier.model.info.tau is not None and (not classifier.class_set.trained
+                                                  or strategy.get("loss", classifier.model.info.loss)
+                                                  != classifier.model.info.loss):
+        print("note: probabilities are uncalibrated (a per-image 1/std scale): tau was fitted for the trained "
+              f"classes and the {classifier.model.info.loss} loss", file=sys.stderr)
+    return classifier
 
 
-def _speed_line(timings: Any, classifier: Any, method: str) -> str:
-    ms = timings.per_image_ms()
-    r = classifier.backend.resolution
-    return (f"Speed: {ms['preprocess']:.1f} ms preprocess, {ms['model']:.1f} ms noise+UNet, {ms['scoring']:.1f} ms "
-            f"scoring per image at {r}x{r} ({len(classifier.classes)} classes, method {method}, "
-            f"backend {classifier.backend.name} on {classifier.backend.device})")
-
-
-def _classify(images: list[Path], req: Any, method: str | None, noises: int, loss: str | None, seed: int,
-              top_k: int, as_json: bool, robust: bool = False, truth_table: bool = False) -> None:
-    from noop_rt.data import load_image
-    from noop_rt.runtime.classifier import Timings, predict_arrays
-    from noop_rt.runtime.loader import open_classifier
+def _check_images(images: list[Path]) -> None:
+    from noop_rt.data import is_uri
 
     if not images:
         raise BadInputError("no images given")
-    classifier = open_classifier(req)
-    options = _options(classifier, method, noises, loss, seed, robust)
-    import torch
+    for p in images:
+        if is_uri(p):
+            continue
+        if p.is_dir():
+            raise BadInputError(f"{p} is a folder, not an image: pass its images (e.g. {p}/*.png) or run "
+                                f"noop-rt batch {p} --out labels.jsonl")
+        if not p.is_file():
+            raise BadInputError(f"image not found: {p}")
 
-    start = time.perf_counter()
-    arrays = [torch.from_numpy(load_image(p, classifier.backend.resolution)) for p in images]
-    pre = Timings(preprocess=time.perf_counter() - start)
-    preds, timings, per_image = predict_arrays(classifier, arrays, options, top_k)
-    timings.add(pre)
-    pre_each = pre.preprocess / len(images)
-    results = [{"image": str(p), "top": pr.top, "method": options.method, "backend": classifier.backend.name,
-                "latency_ms": round(1e3 * (t + pre_each), 3), "unet_evals": pr.unet_evals}
-               for p, pr, t in zip(images, preds, per_image, strict=True)]
+
+# ---------------------------------------------------------------------------------------------- classify / eval
+def _classify(images: list[Path], classifier: Any, top_k: int, as_json: bool, truth_table: bool = False) -> None:
+    from tqdm import tqdm
+
+    with tqdm(total=len(images), desc="classify", unit="img", file=sys.stderr, disable=len(images) < 32,
+              leave=False) as bar:
+        results, timings = classifier.run([str(p) for p in images], top_k=top_k, progress=bar.update)
     if as_json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps([r.to_json() for r in results], indent=2))
     elif truth_table:
         _print_truth_table(results)
     else:
-        for res in results:
-            best = res["top"][0]
-            rest = ", ".join(f"{t['class']} {t['prob']:.2f}" for t in res["top"][1:])
-            print(f"{res['image']}: {best['class']} ({best['prob']:.2f})" + (f"  | {rest}" if rest else ""))
-    print(_speed_line(timings, classifier, options.method), file=sys.stderr)
+        for r in results:
+            rest = ", ".join(f"{t.label} {t.prob:.2f}" for t in r.top[1:])
+            print(f"{r.image}: {r.label} ({r.prob:.2f})" + (f"  | {rest}" if rest else ""))
+    print(classifier.speed_line(timings), file=sys.stderr)
 
 
-def _print_truth_table(results: list[dict[str, Any]]) -> None:
+def _print_truth_table(results: list[Any]) -> None:
     """A table of predictions against the true class, which the file name gives (`seven.png` is a seven)."""
     from rich.console import Console
     from rich.table import Table
@@ -149,61 +191,71 @@ def _print_truth_table(results: list[dict[str, Any]]) -> None:
     for col in ("image", "true", "predicted", "prob", "", "runner-up", "UNet evals"):
         table.add_column(col)
     correct = 0
-    for res in results:
-        truth = Path(res["image"]).stem.replace("_", " ")
-        best = res["top"][0]
-        ok = best["class"] == truth
+    for r in results:
+        truth = Path(r.image).stem.replace("_", " ")
+        ok = r.label == truth
         correct += ok
-        runner = f"{res['top'][1]['class']} {res['top'][1]['prob']:.2f}" if len(res["top"]) > 1 else ""
-        table.add_row(Path(res["image"]).name, truth, best["class"], f"{best['prob']:.2f}", "✓" if ok else "✗",
-                      runner, str(res["unet_evals"]))
+        runner = f"{r.top[1].label} {r.top[1].prob:.2f}" if len(r.top) > 1 else ""
+        table.add_row(Path(r.image).name, truth, r.label, f"{r.prob:.2f}", "✓" if ok else "✗", runner,
+                      str(r.unet_evals))
     table.caption = f"{correct}/{len(results)} correct"
     Console(width=100).print(table)
 
 
 @app.command()
 def classify(
-    images: Annotated[list[Path], typer.Argument(help="Image files.", show_default=False)],
+    images: Annotated[list[Path], typer.Argument(metavar="IMAGE...", help="Image files.", show_default=False)],
     bundle: BundleOpt = None, ckpt: CkptOpt = None, model: ModelOpt = None, classes: ClassesOpt = None,
-    data: Annotated[Path | None, typer.Option("--data", help="Take the class names from an image-folder tree.")] = None,
-    template: TemplateOpt = None, backend: BackendOpt = "auto", method: MethodOpt = None, noises: NoisesOpt = 100,
-    loss: LossOpt = None, seed: Annotated[int, typer.Option(help="Noise seed for random strategies.")] = 0,
-    top_k: Annotated[int, typer.Option("--top-k", min=1)] = 5, device: DeviceOpt = "auto",
-    fp16: Annotated[bool, typer.Option("--fp16", help="torch backend in half precision.")] = False,
-    max_batch: MaxBatchOpt = 256, robust: RobustOpt = False, engines: EnginesOpt = None, as_json: JsonOpt = False,
+    prompts: PromptsOpt = None,
+    data: Annotated[Path | None, typer.Option("--data", metavar="DIR",
+                                              help="Take the class names from an image-folder tree.")] = None,
+    template: TemplateOpt = None, backend: BackendOpt = "auto", method: MethodOpt = None, noises: NoisesOpt = None,
+    stages: StagesOpt = None, loss: LossOpt = None, seed: SeedOpt = 0, top_k: TopKOpt = 5, device: DeviceOpt = "auto",
+    fp16: Fp16Opt = False, max_batch: MaxBatchOpt = 256, robust: RobustOpt = False, engines: EnginesOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Classify images. No --bundle/--ckpt/--model: the built-in demo (handwritten digits)."""
     def go() -> None:
-        req = _request(bundle, ckpt, model, backend, classes, data, template, device, max_batch, fp16, robust,
-                       engines)
-        _classify(images, req, method, noises, loss, seed, top_k, as_json, robust)
+        from noop_rt.data import ImageFolder
+
+        _check_choices(backend, method, loss)
+        _check_images(images)
+        source = _source(bundle, ckpt, model)
+        strategy = _strategy(noises, stages, loss, seed, robust)
+        class_list, classes_from = None, None
+        if classes is None and data is not None:
+            class_list, classes_from = ImageFolder.scan(data).classes, f"--data {data}"
+        classifier = _load(source, backend=backend, device=device, method=method, classes=classes, prompts=prompts,
+                           template=template, strategy=strategy, max_batch=max_batch, fp16=fp16, engines=engines,
+                           classes_from=classes_from, class_list=class_list)
+        _classify(images, classifier, top_k, as_json)
 
     _run(go)
 
 
 @app.command("eval")
 def eval_command(
-    data: Annotated[Path, typer.Option("--data", help="Image-folder tree: DIR/<class>/<images>.")],
-    bundle: BundleOpt = None, ckpt: CkptOpt = None, model: ModelOpt = None, template: TemplateOpt = None,
-    backend: BackendOpt = "auto", method: MethodOpt = None, noises: NoisesOpt = 100, loss: LossOpt = None,
-    seed: Annotated[int, typer.Option(help="Noise seed for random strategies.")] = 0, device: DeviceOpt = "auto",
-    fp16: Annotated[bool, typer.Option("--fp16", help="torch backend in half precision.")] = False,
-    max_batch: MaxBatchOpt = 256, robust: RobustOpt = False, engines: EnginesOpt = None, as_json: JsonOpt = False,
+    data: Annotated[Path, typer.Option("--data", metavar="DIR", help="Image-folder tree: DIR/<class>/<images>.")],
+    bundle: BundleOpt = None, ckpt: CkptOpt = None, model: ModelOpt = None, prompts: PromptsOpt = None,
+    template: TemplateOpt = None, backend: BackendOpt = "auto", method: MethodOpt = None, noises: NoisesOpt = None,
+    stages: StagesOpt = None, loss: LossOpt = None, seed: SeedOpt = 0, device: DeviceOpt = "auto",
+    fp16: Fp16Opt = False, max_batch: MaxBatchOpt = 256, robust: RobustOpt = False, engines: EnginesOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Accuracy, per-class accuracy and confusion matrix on a labelled image folder."""
+    """Accuracy, per-class accuracy and confusion matrix on a labelled image folder; --json records the protocol."""
     def go() -> None:
         from noop_rt.data import ImageFolder
-        from noop_rt.runtime.loader import open_classifier
+        from noop_rt.evaluate import evaluate_folder
 
+        _check_choices(backend, method, loss)
         dataset = ImageFolder.scan(data)
-        classes = None if (ckpt or bundle or model in (None, "demo")) else ",".join(dataset.classes)
-        req = _request(bundle, ckpt, model, backend, classes, None, template, device, max_batch, fp16, robust,
-                       engines)
-        classifier = open_classifier(req)
-        options = _options(classifier, method, noises, loss, seed, robust)
-        from noop_rt.evaluation import evaluate_folder
-
-        report = evaluate_folder(classifier, dataset, options)
+        source = _source(bundle, ckpt, model)
+        strategy = _strategy(noises, stages, loss, seed, robust)
+        zero_shot_model = model is not None and model != "demo"
+        classifier = _load(source, backend=backend, device=device, method=method, classes=None, prompts=prompts,
+                           template=template, strategy=strategy, max_batch=max_batch, fp16=fp16, engines=engines,
+                           class_list=dataset.classes if zero_shot_model and prompts is None else None)
+        report = evaluate_folder(classifier, dataset)
         if as_json:
             print(json.dumps(report, indent=2))
             return
@@ -219,24 +271,29 @@ def eval_command(
     _run(go)
 
 
+# ---------------------------------------------------------------------------------------------- train / export
 @app.command()
 def train(
-    data: Annotated[Path, typer.Option("--data", help="Image-folder tree (DIR/<class>/…, or DIR/train + DIR/val).")],
-    out: Annotated[Path, typer.Option("--out", help="Checkpoint to write, e.g. pets.pt.")],
-    model: Annotated[str, typer.Option("--model", help="'demo' or a local diffusers SD folder.")] = "demo",
+    data: Annotated[Path, typer.Option("--data", metavar="DIR",
+                                       help="Image-folder tree (DIR/<class>/…, or DIR/train + DIR/val).")],
+    out: Annotated[Path, typer.Option("--out", metavar="NAME.pt", help="Checkpoint to write, e.g. pets.pt.")],
+    model: Annotated[str, typer.Option("--model", metavar="DIR", help="'demo' or a local diffusers SD folder.")] =
+        "demo",
     shots: Annotated[int, typer.Option("--shots", min=1, help="Training images per class.")] = SHOTS,
     val_shots: Annotated[int, typer.Option("--val-shots", min=1, help="Validation images per class "
                                                                       "(when DIR has no val/).")] = VAL_SHOTS,
     timestep: Annotated[int, typer.Option("--timestep", min=0, help="NoOp's fixed timestep t*.")] = 500,
     meta_net: Annotated[bool, typer.Option("--meta-net/--no-meta-net", help="Learn the image-specific offset.")] = True,
     prompt_tuning: Annotated[bool, typer.Option("--prompt-tuning", help="Also learn CoOp-style context.")] = False,
-    epochs: Annotated[int, typer.Option(min=1)] = 20,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
-    lr_noise: Annotated[float, typer.Option("--lr-noise")] = 1e-2,
-    lr_meta: Annotated[float, typer.Option("--lr-meta")] = 1e-3,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs (the best on validation is kept).")] = 20,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per step.")] = 16,
+    lr_noise: Annotated[float, typer.Option("--lr-noise", help="Learning rate of eps_D.")] = 1e-2,
+    lr_meta: Annotated[float, typer.Option("--lr-meta", help="Learning rate of the meta-net.")] = 1e-3,
     negatives: Annotated[int, typer.Option("--negatives", min=2, help="Classes scored per image and step.")] = 10,
-    loss: Annotated[str, typer.Option("--loss", help="l2|l1|huber: the error norm, stored in the ckpt")] = "l1",
-    template: TemplateOpt = None, seed: Annotated[int, typer.Option()] = 0, device: DeviceOpt = "auto",
+    loss: Annotated[str, typer.Option("--loss", metavar="NAME", help="l2 | l1 | huber: the error norm, stored in "
+                                      "the checkpoint.")] = "l1",
+    template: TemplateOpt = None, seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
+    device: DeviceOpt = "auto",
     fp16: Annotated[bool, typer.Option("--fp16", help="Frozen backbone in half precision (CUDA).")] = False,
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing",
                                                          help="Trade compute for memory (SD on 24 GB).")] = False,
@@ -250,70 +307,69 @@ def train(
     cli_options = {k: str(v) for k, v in locals().items()}
 
     def go() -> None:
-        import torch
+        from noop_rt.runtime.open import TRAIN_HINT
+        from noop_rt.runtime.suggest import suggest
 
-        from noop_rt.backbone import DEMO_SOURCE, load_backbone
-        from noop_rt.checkpoint import save_checkpoint
-        from noop_rt.configs import DEMO_TEMPLATE
-        from noop_rt.data import DEFAULT_TEMPLATE
-        from noop_rt.noop import TrainConfig
-        from noop_rt.runtime.loader import pick_device, suggest
-        from noop_rt.scoring import LOSSES
-        from noop_rt.training import fewshot_split, train_checkpoint
-
-        if loss not in LOSSES:
-            raise suggest(loss, LOSSES, "loss")
+        if loss not in LOSS_NAMES:
+            raise suggest(loss, LOSS_NAMES, "loss")
         if out.suffix != ".pt":
             raise BadInputError(f"--out must name a .pt file, got {out}")
-        split = fewshot_split(data, shots, val_shots, seed)
-        backbone = load_backbone(model, dtype=torch.float16 if fp16 else torch.float32, device=pick_device(device))
-        if not 0 <= timestep < backbone.num_train_timesteps:
-            raise BadInputError(f"--timestep must be in [0, {backbone.num_train_timesteps})")
-        config = TrainConfig(t_star=timestep, epochs=epochs, batch_size=batch_size, lr_noise=lr_noise,
-                             lr_meta=lr_meta, meta_net=meta_net, prompt_tuning=prompt_tuning, negatives=negatives,
-                             loss=loss, seed=seed, max_batch=max_batch, gradient_checkpointing=gradient_checkpointing)
-        tmpl = template or (DEMO_TEMPLATE if backbone.source == DEMO_SOURCE else DEFAULT_TEMPLATE)
-        ckpt, result = train_checkpoint(backbone, split, tmpl, config)
-        ckpt.train["options"] = cli_options
-        if Path(sys.argv[0]).name == "noop-rt":  # run from the console script (not a test runner)
-            ckpt.train["command"] = shlex.join(["noop-rt", *sys.argv[1:]])
-        ckpt.train["torch_threads"] = torch.get_num_threads()
-        ckpt.train["device"] = str(backbone.device)
-        save_checkpoint(ckpt, out)
-        if result.val_accuracy >= 1.0:
-            print(f"note: the validation split is classified perfectly, so tau ({result.tau:.3g}) comes from the "
-                  f"calibration prior, not the data: probabilities are not calibrated; more --val-shots fix that",
+        _need_train_extra("train", TRAIN_HINT)
+        from noop_rt.training import train_command
+
+        summary = train_command(data=data, out=out, model=model, shots=shots, val_shots=val_shots, timestep=timestep,
+                                meta_net=meta_net, prompt_tuning=prompt_tuning, epochs=epochs, batch_size=batch_size,
+                                lr_noise=lr_noise, lr_meta=lr_meta, negatives=negatives, loss=loss,
+                                template=template, seed=seed, device=device, fp16=fp16,
+                                gradient_checkpointing=gradient_checkpointing, max_batch=max_batch,
+                                cli_options=cli_options,
+                                command=shlex.join(["noop-rt", *sys.argv[1:]])
+                                if Path(sys.argv[0]).name == "noop-rt" else None)
+        if summary["val_accuracy"] >= 1.0:
+            print(f"note: the validation split is classified perfectly, so tau ({summary['tau']:.3g}) comes from the "
+                  "calibration prior, not the data: probabilities are not calibrated; more --val-shots fix that",
                   file=sys.stderr)
-        summary = {"out": str(out), "classes": len(split.classes), "train_images": len(split.train),
-                   "val_images": len(split.val), "val_accuracy": result.val_accuracy, "best_epoch": result.best_epoch,
-                   "tau": result.tau, "minutes": round(result.minutes, 2)}
         if as_json:
             print(json.dumps(summary, indent=2))
         else:
-            print(f"wrote {out}: {len(split.classes)} classes, {len(split.train)} training images, validation "
-                  f"accuracy {result.val_accuracy:.4f} (epoch {result.best_epoch}), tau {result.tau:.3g}, "
-                  f"{result.minutes:.1f} min")
+            print(f"wrote {out}: {summary['classes']} classes, {summary['train_images']} training images, validation "
+                  f"accuracy {summary['val_accuracy']:.4f} (epoch {summary['best_epoch']}), tau {summary['tau']:.3g}, "
+                  f"{summary['minutes']:.1f} min")
 
     _run(go)
 
 
+def _need_train_extra(command: str, hint: str) -> None:
+    from noop_rt.errors import MissingDependencyError
+    from noop_rt.runtime.backend import installed
+
+    missing = [m for m in ("torch", "diffusers", "transformers") if not installed(m)]
+    if missing:
+        raise MissingDependencyError(f"`noop-rt {command}` needs {', '.join(missing)}: {hint}")
+
+
 @app.command()
 def export(
-    ckpt: Annotated[Path, typer.Option("--ckpt", help="NoOp checkpoint NAME.pt.")],
-    out: Annotated[Path | None, typer.Option("--out", help="Bundle folder (default export/NAME).")] = None,
+    ckpt: Annotated[Path, typer.Option("--ckpt", metavar="NAME.pt", help="NoOp checkpoint.")],
+    out: Annotated[Path | None, typer.Option("--out", metavar="DIR", help="Bundle folder (default "
+                                             "export/NAME).")] = None,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset (>= 17).")] = 17,
     fp16: Annotated[bool, typer.Option("--fp16/--fp32", help="Half-precision graphs (GPU/TensorRT).")] = False,
     images_per_batch: Annotated[int, typer.Option("--images-per-batch", min=1,
                                                   help="Max images per UNet call: max batch = this x classes.")] = 4,
-    validate_data: Annotated[Path | None, typer.Option("--validate-data", help="Images to validate top-1 "
-                                                       "agreement on (default: the demo examples).")] = None,
+    validate_data: Annotated[Path | None, typer.Option("--validate-data", metavar="DIR", help="Images to validate "
+                                                       "top-1 agreement on (default: the demo examples).")] = None,
     tolerance: Annotated[float | None, typer.Option("--tolerance", help="Max relative error per graph.")] = None,
     min_agreement: Annotated[float | None, typer.Option("--min-agreement", help="Required top-1 agreement.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Re-export over an existing bundle.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Export a checkpoint to an ONNX bundle (UNet, text encoder, encoder, noise graph), validated vs PyTorch."""
+    """Export a checkpoint to an ONNX bundle (the classifier graph and the scorer, encoder, noise and text-encoder
+    graphs, weights stored once), validated against PyTorch."""
     def go() -> None:
+        from noop_rt.runtime.open import TRAIN_HINT
+
+        _need_train_extra("export", TRAIN_HINT)
         from noop_rt.export import ExportOptions, collect_images, export_bundle
 
         target = out or Path("export") / ckpt.stem
@@ -333,11 +389,36 @@ def export(
 
 
 @app.command()
+def verify(
+    bundle: Annotated[Path, typer.Argument(metavar="BUNDLE_DIR", help="Bundle folder written by noop-rt export.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Full check of a bundle: every file's sha256, every graph loads on onnxruntime, the class embeddings and the
+    tokenizer read."""
+    def go() -> None:
+        from noop_rt.runtime.verify import verify_bundle
+
+        report = verify_bundle(bundle)
+        if as_json:
+            print(json.dumps(report, indent=2))
+        else:
+            for line in report["checks"]:
+                print(f"  ✓ {line}")
+            print(f"{bundle}: verified ({report['files']} files, {report['bytes'] / 1e6:.1f} MB hashed)")
+
+    _run(go)
+
+
+@app.command()
 def build(
-    bundle: Annotated[Path, typer.Argument(help="Bundle folder written by noop-rt export --fp16.")],
-    out: Annotated[Path | None, typer.Option("--out", help="Engine folder (default engines/NAME).")] = None,
-    timing_cache: Annotated[Path | None, typer.Option("--timing-cache", help="Reused across builds.")] = None,
-    optimization_level: Annotated[int, typer.Option("--optimization-level", min=0, max=5)] = 3,
+    bundle: Annotated[Path, typer.Argument(metavar="BUNDLE_DIR", help="Bundle folder written by noop-rt export "
+                                           "--fp16.")],
+    out: Annotated[Path | None, typer.Option("--out", metavar="DIR", help="Engine folder (default "
+                                             "engines/NAME).")] = None,
+    timing_cache: Annotated[Path | None, typer.Option("--timing-cache", metavar="FILE",
+                                                      help="Reused across builds.")] = None,
+    optimization_level: Annotated[int, typer.Option("--optimization-level", min=0, max=5,
+                                                    help="TensorRT builder optimization level.")] = 3,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if the engines match.")] = False,
 ) -> None:
     """Build TensorRT FP16 engines for a bundle (needs TensorRT and an NVIDIA GPU)."""
@@ -351,31 +432,38 @@ def build(
     _run(go)
 
 
+# ---------------------------------------------------------------------------------------------- batch / bench
 @app.command()
 def batch(
-    inputs: Annotated[list[str], typer.Argument(help="Images, folders, globs, or .txt/.parquet lists of paths.",
-                                                show_default=False)],
-    out: Annotated[Path, typer.Option("--out", help="FILE.parquet or FILE.jsonl (resumes if it exists).")],
+    inputs: Annotated[list[str], typer.Argument(metavar="INPUT...", help="Images, folders, globs, or .txt/.parquet "
+                                                "lists of paths.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", metavar="FILE", help="FILE.parquet or FILE.jsonl (resumes if it "
+                                      "exists).")],
     bundle: BundleOpt = None, ckpt: CkptOpt = None, model: ModelOpt = None, classes: ClassesOpt = None,
-    template: TemplateOpt = None, backend: BackendOpt = "auto", method: MethodOpt = None, noises: NoisesOpt = 100,
-    loss: LossOpt = None, top_k: Annotated[int, typer.Option("--top-k", min=1)] = 5,
+    prompts: PromptsOpt = None, template: TemplateOpt = None, backend: BackendOpt = "auto", method: MethodOpt = None,
+    noises: NoisesOpt = None, stages: StagesOpt = None, loss: LossOpt = None, seed: SeedOpt = 0, top_k: TopKOpt = 5,
     ray: Annotated[bool, typer.Option("--ray", help="Run on Ray Data: a local cluster, or `--ray ADDRESS` "
                                       "(auto, ray://host:port, host:port) / RAY_ADDRESS for an existing one.")] = False,
-    ray_address: Annotated[str | None, typer.Option("--ray-address", help="Same as --ray ADDRESS.")] = None,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", metavar="ADDRESS",
+                                                    help="Same as --ray ADDRESS.")] = None,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Ray actors (one model copy each).")] = 1,
-    gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", min=0.0)] = 0.0,
+    gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", min=0.0, help="GPUs per Ray actor.")] = 0.0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per classification call.")] = 16,
     device: DeviceOpt = "auto", max_batch: MaxBatchOpt = 256, engines: EnginesOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Classify many images into a parquet/jsonl file, in process or on a Ray cluster; resumable."""
     def go() -> None:
         from noop_rt.batch import BatchOptions, run_batch
+        from noop_rt.data import parse_class_list, read_prompts_file
 
-        req = _request(bundle, ckpt, model, backend, classes, None, template, device, max_batch, engines=engines)
-        options = BatchOptions(method=method, noises=noises, loss=loss, top_k=top_k, batch_size=batch_size,
-                               ray=ray or ray_address is not None, ray_address=ray_address, workers=workers,
-                               gpus_per_worker=gpus_per_worker)
-        report = run_batch(inputs, out, req, options)
+        _check_choices(backend, method, loss)
+        load = {"source": _source(bundle, ckpt, model), "backend": backend, "device": device, "method": method,
+                "classes": parse_class_list(classes) if classes is not None else None,
+                "prompts": read_prompts_file(prompts) if prompts is not None else None, "template": template,
+                "max_batch": max_batch, "engines": engines, **_strategy(noises, stages, loss, seed, False)}
+        options = BatchOptions(top_k=top_k, batch_size=batch_size, ray=ray or ray_address is not None,
+                               ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker)
+        report = run_batch(inputs, out, load, options)
         summary = {"out": str(report.out), "total": report.total, "skipped": report.skipped,
                    "classified": report.classified, "failed": report.failed, "seconds": round(report.seconds, 2),
                    "images_per_s": round(report.images_per_s, 2), "backend": report.backend, "mode": report.mode}
@@ -395,68 +483,58 @@ def batch(
 @app.command()
 def bench(
     bundle: BundleOpt = None, ckpt: CkptOpt = None,
-    backbone: Annotated[str, typer.Option("--backbone", help="'ckpt' (the bundle/ckpt/demo model) or 'sd15-shape' "
-                                          "(SD-1.5 architecture, random weights, 512 px).")] = "ckpt",
+    backbone: Annotated[str, typer.Option("--backbone", metavar="NAME", help="'ckpt' (the bundle/ckpt/demo model) "
+                                          "or 'sd15-shape' (SD-1.5 architecture, random weights, 512 px).")] = "ckpt",
     num_classes: Annotated[int, typer.Option("--num-classes", min=2, help="Classes for sd15-shape.")] = 37,
-    baseline_noises: Annotated[int, typer.Option("--baseline-noises", min=1)] = 100,
+    baseline_noises: Annotated[int, typer.Option("--baseline-noises", min=1, help="Pairs of the baseline.")] = 100,
     measured_pairs: Annotated[int, typer.Option("--measured-pairs", min=1, help="Baseline pairs actually timed; "
                                                 "the rest extrapolated (labelled).")] = 10,
-    backends: Annotated[str, typer.Option("--backends", help="Comma-separated: torch,onnxruntime,tensorrt")] =
-        "torch,onnxruntime",
-    images: Annotated[Path | None, typer.Option("--images", help="Folder of images to time on.")] = None,
+    backends: Annotated[str, typer.Option("--backends", metavar="A,B", help="Comma-separated: torch, onnxruntime, "
+                                          "openvino, tensorrt.")] = "torch,onnxruntime",
+    images: Annotated[Path | None, typer.Option("--images", metavar="DIR", help="Folder of images to time on.")]
+        = None,
     runs: Annotated[int, typer.Option("--runs", min=1, help="Timed images per backend.")] = 10,
     device: DeviceOpt = "auto",
     fp16: Annotated[bool, typer.Option("--fp16", help="Half precision (torch on CUDA; fp16 bundle for sd15-shape).")]
         = False,
-    cache_dir: Annotated[Path, typer.Option("--cache-dir", help="Where sd15-shape models/bundles are kept.")] =
-        Path("~/.cache/noop-rt"),
-    json_file: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON to FILE.")] = None,
-    plot_file: Annotated[Path | None, typer.Option("--plot", help="Write a latency bar chart (PNG).")] = None,
+    startup: Annotated[bool, typer.Option("--startup/--no-startup", help="Also time a fresh `noop-rt classify` "
+                                          "process (import, open, first image).")] = True,
+    cache_dir: Annotated[Path, typer.Option("--cache-dir", metavar="DIR", help="Where sd15-shape models/bundles "
+                                            "are kept.")] = Path("~/.cache/noop-rt"),
+    json_file: Annotated[Path | None, typer.Option("--json", metavar="FILE", help="Write the report as JSON.")]
+        = None,
+    plot_file: Annotated[Path | None, typer.Option("--plot", metavar="FILE", help="Write a latency bar chart "
+                                                   "(PNG).")] = None,
     engines: EnginesOpt = None,
 ) -> None:
     """Latency/throughput of NoOp vs the N-noise baseline per backend, measured in one run."""
     def go() -> None:
+        from noop_rt.bench import BenchOptions, bench_command
 
-        from noop_rt.bench import (
-            SD15_UNET_GFLOP,
-            BenchOptions,
-            bench_setup,
-            format_table,
-            plot,
-            run_bench,
-            unet_gflop,
-            unet_gflop_from_source,
-        )
-
-        wanted = [b.strip() for b in backends.split(",") if b.strip()]
-        classifiers, arrays = bench_setup(wanted, backbone, bundle, ckpt, images, num_classes, cache_dir, device,
-                                          fp16, engines)
-        first = next(iter(classifiers.values()))
-        if "torch" in classifiers:
-            bb = classifiers["torch"].backend.backbone
-            gflop = unet_gflop(bb.unet, bb.latent_shape, bb.max_tokens, int(first.emb.shape[-1]))
-        else:  # only bundle backends: count from the bundle's backbone config
-            gflop = unet_gflop_from_source(str(first.backend.bundle.manifest["backbone"]["source"]))
-        options = BenchOptions(backends=wanted, baseline_noises=baseline_noises,
-                               baseline_measured_pairs=measured_pairs, runs=runs, device=device, fp16=fp16)
-        report = run_bench(classifiers, arrays, options, gflop, backbone)
-        if backbone == "sd15-shape":
-            report["reference_unet_gflop"] = SD15_UNET_GFLOP
-        print(format_table(report))
+        options = BenchOptions(backends=[b.strip() for b in backends.split(",") if b.strip()],
+                               baseline_noises=baseline_noises, baseline_measured_pairs=measured_pairs, runs=runs,
+                               device=device, fp16=fp16, startup=startup)
+        report, table = bench_command(options, backbone=backbone, bundle=bundle, ckpt=ckpt, images=images,
+                                      num_classes=num_classes, cache_dir=cache_dir, engines=engines)
+        print(table)
         if json_file is not None:
             json_file.parent.mkdir(parents=True, exist_ok=True)
             json_file.write_text(json.dumps(report, indent=2) + "\n")
         if plot_file is not None:
+            from noop_rt.bench import plot
+
             plot(report, plot_file)
 
     _run(go)
 
 
+# ---------------------------------------------------------------------------------------------- demo
 @app.command("demo-data")
 def demo_data(
-    out: Annotated[Path, typer.Argument(help="Folder to write train/ val/ test/ image-folder trees into.")],
-    shots: Annotated[int, typer.Option("--shots", min=1)] = SHOTS,
-    val_shots: Annotated[int, typer.Option("--val-shots", min=1)] = VAL_SHOTS,
+    out: Annotated[Path, typer.Argument(metavar="DIR", help="Folder to write train/ val/ test/ image-folder trees "
+                                        "into.")],
+    shots: Annotated[int, typer.Option("--shots", min=1, help="Training images per class.")] = SHOTS,
+    val_shots: Annotated[int, typer.Option("--val-shots", min=1, help="Validation images per class.")] = VAL_SHOTS,
 ) -> None:
     """Write the demo's digits split (few-shot train, val, held-out test) as image folders."""
     def go() -> None:
@@ -471,18 +549,19 @@ def demo_data(
 
 
 @app.command()
-def demo(
-    backend: BackendOpt = "auto", method: MethodOpt = None, noises: NoisesOpt = 100, as_json: JsonOpt = False,
-) -> None:
+def demo(backend: BackendOpt = "auto", method: MethodOpt = None, noises: NoisesOpt = None,
+         as_json: JsonOpt = False) -> None:
     """Classify the bundled example digits with the built-in demo and print a table."""
     def go() -> None:
         from noop_rt.demo import EXAMPLES_DIR
-        from noop_rt.runtime.loader import Request
 
+        _check_choices(backend, method, None)
         images = sorted(EXAMPLES_DIR.glob("*.png"))
         if not images:
             raise BadInputError(f"no example images in {EXAMPLES_DIR}")
-        _classify(images, Request(backend=backend), method, noises, None, 0, 3, as_json, truth_table=True)
+        classifier = _load(None, backend=backend, device="auto", method=method, classes=None, prompts=None,
+                           template=None, strategy=_strategy(noises, None, None, 0, False))
+        _classify(images, classifier, 3, as_json, truth_table=not as_json)
 
     _run(go)
 

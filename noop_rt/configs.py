@@ -13,10 +13,9 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from noop_rt.demo import DEMO_TEMPLATE, DIGIT_NAMES  # noqa: F401 - re-exported
 from noop_rt.vocab import build_clip_tokenizer
 
-DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-DEMO_TEMPLATE = "a handwritten digit {}"
 COMMON_WORDS = ("a", "an", "the", "photo", "of", "picture", "handwritten", "digit", "type", "pet", "cat", "dog")
 
 

@@ -13,6 +13,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from noop_rt.errors import BadInputError
 
 DEFAULT_TEMPLATE = "a photo of a {}"
+MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb warning limit
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
@@ -32,6 +33,9 @@ def read_bytes(path: str | Path) -> bytes:
         except (OSError, ValueError, pyarrow.ArrowException) as exc:
             raise BadInputError(f"cannot read image {path}: {str(exc).splitlines()[0]}") from None
     p = Path(path)
+    if p.is_dir():
+        raise BadInputError(f"{p} is a folder, not an image: pass its images (e.g. {p}/*.png) or run "
+                            f"noop-rt batch {p} --out labels.jsonl")
     if not p.is_file():
         raise BadInputError(f"image not found: {p}")
     try:
@@ -40,24 +44,31 @@ def read_bytes(path: str | Path) -> bytes:
         raise BadInputError(f"cannot read image {p}: {exc.strerror or exc}") from None
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: palette/grey/16-bit/CMYK converted, alpha composited on white."""
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if arr.max() > 255 else 255.0
+        return Image.fromarray((arr / peak * 255).round().astype(np.uint8), mode="L").convert("RGB")
+    return img.convert("RGB")
+
+
 def decode_rgb(data: bytes, name: str | Path) -> Image.Image:
-    """Decode image bytes to RGB: EXIF orientation applied, palette/grey/16-bit/CMYK converted, alpha composited
-    on white."""
+    """Decode image bytes to RGB (EXIF orientation applied). Pillow's decompression-bomb guard stays on: an image
+    of more than ~179 M pixels is refused before its pixels are allocated."""
     try:
         with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise BadInputError(f"cannot read image {name}: {img.width}x{img.height} pixels is over the "
+                                    f"{MAX_PIXELS // 1_000_000} M pixel limit")
             img.load()
-            img = ImageOps.exif_transpose(img)
-            if img.mode == "P" and "transparency" in img.info:
-                img = img.convert("RGBA")
-            if img.mode in ("RGBA", "LA", "PA"):
-                rgba = img.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                return Image.alpha_composite(background, rgba).convert("RGB")
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(img, dtype=np.float64)
-                peak = 65535.0 if arr.max() > 255 else 255.0
-                return Image.fromarray((arr / peak * 255).round().astype(np.uint8), mode="L").convert("RGB")
-            return img.convert("RGB")
+            return to_rgb(ImageOps.exif_transpose(img))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         if isinstance(exc, UnidentifiedImageError):
             reason = "not an image format Pillow can decode (corrupt or truncated?)"
@@ -71,17 +82,51 @@ def open_rgb(path: str | Path) -> Image.Image:
     return decode_rgb(read_bytes(path), path)
 
 
+def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """torchvision `Resize(resolution)` arithmetic (what Li et al.'s code uses): the shorter side becomes
+    `resolution`, the longer `int(resolution * long / short)` (truncated: 500x375 -> 682x512, not 683)."""
+    if width <= height:
+        return resolution, int(resolution * height / width)
+    return int(resolution * width / height), resolution
+
+
+def crop_offsets(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """torchvision `CenterCrop(resolution)` arithmetic: (left, top) = round((side - resolution) / 2), Python's
+    round (half to even)."""
+    return round((width - resolution) / 2.0), round((height - resolution) / 2.0)
+
+
 def to_model_input(img: Image.Image, resolution: int) -> np.ndarray:
-    """Resize the shorter side to `resolution` (bicubic), centre-crop square, scale to [-1, 1]: (3, R, R) float32."""
+    """Resize the shorter side to `resolution` (bicubic), centre-crop square, scale to [-1, 1]: (3, R, R) float32.
+    The sizes and offsets follow torchvision's Resize + CenterCrop, so scores reproduce the reference code."""
     w, h = img.size
-    scale = resolution / min(w, h)
-    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    new_w, new_h = resized_size(w, h, resolution)
     if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+    left, top = crop_offsets(new_w, new_h, resolution)
     img = img.crop((left, top, left + resolution, top + resolution))
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0  # (R, R, 3)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def as_model_input(image: object, resolution: int) -> np.ndarray:
+    """A path, PIL image or numpy array -> (3, R, R) float32 in [-1, 1]. Arrays: (H, W, 3) or (H, W) uint8 images
+    are preprocessed like files; a (3, R, R) float array is taken as already preprocessed."""
+    if isinstance(image, (str, Path)):
+        return load_image(image, resolution)
+    if isinstance(image, Image.Image):
+        return to_model_input(to_rgb(image), resolution)
+    if isinstance(image, np.ndarray):
+        if image.dtype == np.uint8 and image.ndim in (2, 3) and (image.ndim == 2 or image.shape[2] in (1, 3, 4)):
+            return to_model_input(to_rgb(Image.fromarray(image.squeeze(-1) if image.ndim == 3 and
+                                                          image.shape[2] == 1 else image)), resolution)
+        if image.ndim == 3 and image.shape == (3, resolution, resolution) and np.issubdtype(image.dtype, np.floating):
+            if not np.isfinite(image).all() or image.min() < -1.001 or image.max() > 1.001:
+                raise BadInputError("a preprocessed float image must hold finite values in [-1, 1]")
+            return np.ascontiguousarray(image, dtype=np.float32)
+        raise BadInputError(f"cannot classify an array of shape {image.shape} and dtype {image.dtype}: pass an "
+                            f"(H, W, 3) uint8 image or a preprocessed (3, {resolution}, {resolution}) float array")
+    raise BadInputError(f"cannot classify a {type(image).__name__}: pass a path, a PIL image or a numpy array")
 
 
 def load_image(path: str | Path, resolution: int) -> np.ndarray:
@@ -164,3 +209,37 @@ class ImageFolder:
             picked += [members[i] for i in order[:cut]]
             rest += [members[i] for i in order[cut:]]
         return picked, rest
+
+
+def read_prompts_file(path: str | Path) -> dict[str, str]:
+    """Per-class prompts from a CSV, {class: prompt} in file order. Li et al.'s files (header `prompt,classname,
+    classidx`) and any CSV with `class`/`classname` and `prompt` columns work, as does a headerless `class,prompt`."""
+    import csv
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise BadInputError(f"prompts file not found: {p}")
+    try:
+        rows = list(csv.reader(io.StringIO(p.read_text(encoding="utf-8-sig"))))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise BadInputError(f"cannot read prompts file {p}: {exc}") from None
+    rows = [r for r in rows if any(cell.strip() for cell in r)]
+    if not rows:
+        raise BadInputError(f"prompts file {p} is empty")
+    header = [c.strip().lower() for c in rows[0]]
+    class_col = next((header.index(n) for n in ("classname", "class", "class_name", "label") if n in header), None)
+    if "prompt" in header and class_col is not None:
+        prompt_col, body = header.index("prompt"), rows[1:]
+    elif "prompt" in header or class_col is not None:
+        raise BadInputError(f"prompts file {p} needs both a 'prompt' and a 'classname' (or 'class') column")
+    else:
+        class_col, prompt_col, body = 0, 1, rows
+    out: dict[str, str] = {}
+    for n, row in enumerate(body, 2 if body is not rows else 1):
+        if len(row) <= max(class_col, prompt_col) or not row[class_col].strip() or not row[prompt_col].strip():
+            raise BadInputError(f"prompts file {p}, line {n}: expected a class and a prompt")
+        name, prompt = row[class_col].strip(), row[prompt_col].strip()
+        if name in out and out[name] != prompt:
+            raise BadInputError(f"prompts file {p} gives class {name!r} two prompts; noop-rt takes one per class")
+        out[name] = prompt
+    return out

@@ -1,15 +1,17 @@
-"""`noop-rt export`: a NoOp checkpoint -> a self-contained ONNX bundle, validated against PyTorch.
+"""`noop-rt export`: a NoOp checkpoint -> a self-contained ONNX bundle (format 2), validated against PyTorch.
 
-Graphs (see `graphs.py`): vae_encoder (image -> z0), noise (z0 -> eps_D + g_phi(z0), eps_D baked in as a constant),
-unet (raw model output), text_encoder (+ tokenizer/) so new prompts embed at run time. TorchScript exporter
-(`dynamo=False`, as the SD deployers use for the UNet), opset >= 17. Everything is written into a temp folder next to
-the destination and renamed into place only after validation passes: an interrupted export leaves nothing behind.
+Graphs (`runtime/graphs.py` describes them, `graphs.py` builds their torch modules): `classifier`, the whole NoOp
+pass, image -> errors, probs (any ONNX runtime serves the classifier from this one file plus the weights); `scorer`,
+class errors of (z0, eps, t) rows for the zero-shot strategies; `vae_encoder`, `noise`, `text_encoder` (+ tokenizer/)
+so other losses and new prompts run too. The weights are stored once (`weights.bin`, shared by every graph).
+TorchScript exporter (`dynamo=False`, as the SD deployers use for the UNet), opset >= 17. Everything is written into a
+temp folder next to the destination and renamed into place only after validation passes: an interrupted export
+leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import os
@@ -28,14 +30,17 @@ import torch
 from torch import nn
 
 from noop_rt import __version__
-from noop_rt.backbone import Backbone, load_backbone
-from noop_rt.bundle import FORMAT, MANIFEST, VERSION, Bundle, sha256_file, write_json_atomic
+from noop_rt.backbone import load_backbone
 from noop_rt.checkpoint import NoopCheckpoint, load_checkpoint, same_backbone
 from noop_rt.data import IMAGE_SUFFIXES, load_image
 from noop_rt.errors import BadInputError, CheckpointError, ValidationFailedError
-from noop_rt.graphs import GraphSpec, TextEncoderGraph, UNetGraph, graph_specs
+from noop_rt.graphs import TRACE_DIMS, backbone_specs, graph_modules, sample_inputs
+from noop_rt.runtime.bundle import FORMAT, MANIFEST, VERSION, Bundle, sha256_file, write_json_atomic
+from noop_rt.runtime.graphs import CLASSIFIER, ENCODER, GRAPH_NAMES, NOISE, SCORER, TEXT_ENCODER, GraphSpec
+from noop_rt.runtime.model import default_preprocessing
+from noop_rt.scoring import LOSSES
+from noop_rt.shared_weights import share_weights
 
-TWO_GIB = 2 * 1024**3
 # Max relative error (max |onnx - torch| / max |torch|) allowed per graph, and the top-1 agreement required.
 TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}
 AGREEMENT = {"fp32": 1.0, "fp16": 0.995}
@@ -50,7 +55,6 @@ class ExportOptions:
     tolerance: float | None = None  # None: TOLERANCE[precision]
     min_agreement: float | None = None  # None: AGREEMENT[precision]
     validate_images: list[Path] = field(default_factory=list)  # empty: the demo examples, else synthetic images
-    external_data_threshold: int = TWO_GIB
 
 
 @dataclass
@@ -107,56 +111,38 @@ def _publish(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def export_graph(module: nn.Module, spec: GraphSpec, folder: Path, opset: int, sample_batch: int,
-                 external_data_threshold: int = TWO_GIB) -> list[str]:
-    """Export one graph with TorchScript (dynamo=False) into `folder`; returns the files written (the graph, plus
-    one external data file `NAME.onnx.data` when the graph reaches `external_data_threshold` bytes)."""
+def export_graph(module: nn.Module, spec: GraphSpec, work: Path, opset: int) -> Any:
+    """Trace one graph with TorchScript (dynamo=False) and return its ModelProto with every weight loaded (the
+    exporter may write external data past 2 GB; `share_weights` re-homes it)."""
     import onnx
 
-    work = folder / f".{spec.name}"
-    work.mkdir()
-    path = work / spec.file
-    args = spec.sample_inputs(sample_batch)
+    folder = work / spec.name
+    folder.mkdir()
+    path = folder / spec.file
+    args = sample_inputs(spec, TRACE_DIMS, _device_of(module))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # TracerWarnings about Python-side shape checks in diffusers
         torch.onnx.export(module.eval(), args, str(path), input_names=[t.name for t in spec.inputs],
                           output_names=[t.name for t in spec.outputs], dynamic_axes=spec.dynamic_axes(),
                           opset_version=opset, dynamo=False, do_constant_folding=True)
-    produced = list(work.iterdir())
-    size = sum(p.stat().st_size for p in produced)
-    data_name = f"{spec.file}.data"
-    if size >= external_data_threshold or len(produced) > 1:
-        # One external data file (the exporter may write one file per tensor past 2 GB).
-        model = onnx.load(str(path), load_external_data=True)
-        onnx.save_model(model, str(folder / spec.file), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
-        written = [spec.file, data_name]
-    else:
-        path.rename(folder / spec.file)
-        written = [spec.file]
-    shutil.rmtree(work)
-    onnx.checker.check_model(str(folder / spec.file))
-    return written
+    return onnx.load(str(path), load_external_data=True)
 
 
-def _graph_modules(backbone: Backbone, ckpt: NoopCheckpoint, precision: str) -> dict[str, nn.Module]:
-    modules: dict[str, nn.Module] = {
-        "vae_encoder": backbone.encoder,
-        "noise": ckpt.noise_model(),
-        "unet": UNetGraph(backbone.unet),
-        "text_encoder": TextEncoderGraph(backbone.text_encoder),
-    }
-    if precision == "fp16":
-        modules = {name: copy.deepcopy(m).half() for name, m in modules.items()}
-        text = modules["text_encoder"].text_encoder
-        if hasattr(text, "set_attn_implementation"):
-            # transformers' SDPA path builds its causal mask in fp32, which the TorchScript exporter turns into
-            # LayerNormalization nodes of mixed fp16/fp32 type (an invalid graph); eager attention stays fp16.
-            text.set_attn_implementation("eager")
-    return {name: m.eval() for name, m in modules.items()}
+def _device_of(module: nn.Module) -> torch.device:
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
 
 
-def _validation_images(options: ExportOptions, ckpt: NoopCheckpoint, resolution: int) -> tuple[torch.Tensor, str]:
+def set_default_input(model: Any, name: str, value: np.ndarray) -> None:
+    """Give graph input `name` a default: an initializer of the same name (feeding the input overrides it)."""
+    from onnx import numpy_helper
+
+    if name not in {i.name for i in model.graph.input}:
+        raise ValueError(f"graph has no input {name}")
+    model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value, dtype=np.float32), name))
+
+
+def _validation_images(options: ExportOptions, ckpt: NoopCheckpoint, resolution: int) -> tuple[np.ndarray, str]:
     """The images the classifier's top-1 agreement is measured on: given ones; for the demo the 360 held-out digits
     (fp16, where agreement below 100 % is expected and must be measured) or the 10 examples (fp32, fast); else
     synthetic images."""
@@ -166,79 +152,113 @@ def _validation_images(options: ExportOptions, ckpt: NoopCheckpoint, resolution:
         from noop_rt.demo.digits import split_tensors
 
         held_out, _ = split_tensors("test")
-        return held_out, f"{len(held_out)} held-out demo digits"
+        return held_out.numpy(), f"{len(held_out)} held-out demo digits"
     if not paths and ckpt.backbone_source == "demo":
         from noop_rt.demo import EXAMPLES_DIR
 
         paths = sorted(EXAMPLES_DIR.glob("*.png"))
         what = "demo examples"
     if paths:
-        return torch.stack([torch.from_numpy(load_image(p, resolution)) for p in paths]), f"{len(paths)} {what}"
-    gen = torch.Generator().manual_seed(0)
-    return torch.rand((8, 3, resolution, resolution), generator=gen) * 2 - 1, "8 synthetic images (uniform noise)"
+        return np.stack([load_image(p, resolution) for p in paths]), f"{len(paths)} {what}"
+    rng = np.random.default_rng(0)
+    return rng.uniform(-1, 1, (8, 3, resolution, resolution)).astype(np.float32), "8 synthetic images (uniform noise)"
 
 
-def _rel_error(ort_out: np.ndarray, ref: torch.Tensor) -> dict[str, float]:
-    ref_np = ref.detach().float().cpu().numpy()
-    diff = np.abs(ort_out.astype(np.float32) - ref_np)
-    scale = float(np.abs(ref_np).max()) or 1.0
+def _rel_error(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    diff = np.abs(got.astype(np.float32) - ref.astype(np.float32))
+    scale = float(np.abs(ref).max()) or 1.0
     return {"max_abs": float(diff.max()), "max_rel": float(diff.max() / scale), "ref_max_abs": scale}
 
 
-def validate_bundle(bundle_dir: Path, backbone: Backbone, ckpt: NoopCheckpoint, images: torch.Tensor,
-                    what: str, precision: str, tolerance: float, min_agreement: float) -> dict[str, Any]:
-    """ONNX Runtime (CPU) vs fp32 PyTorch on real inputs, per graph, and top-1 agreement of the full classifier."""
-    from noop_rt.runtime.classifier import Classifier, ClassSpec, StrategyOptions
-    from noop_rt.runtime.onnx_backend import OnnxBackend
-    from noop_rt.runtime.torch_backend import TorchBackend
+def validate_bundle(bundle_dir: Path, reference: dict[str, nn.Module], images: np.ndarray, what: str,
+                    precision: str, tolerance: float, min_agreement: float) -> dict[str, Any]:
+    """Every graph on onnxruntime (CPU) vs the fp32 torch modules it was exported from, on real inputs, at the
+    bundle's batch sizes; top-1 agreement of the classifier graph with the torch classifier on `images`; and the
+    classifier graph vs the same NoOp pass through the encoder, noise and scorer graphs."""
+    from noop_rt.runtime.onnxruntime_backend import OnnxRuntimeRunner
 
-    bundle = Bundle.open(bundle_dir, verify=False)
-    ort_backend = OnnxBackend(bundle, device="cpu")
-    noise = ckpt.noise_model()
-    c = ckpt.class_embeddings.shape[0]
-    # Run everything at the bundle's own batch sizes (images per batch x C): at 512 px the UNet's attention at a
-    # larger batch does not fit a 24 GB machine.
-    step = max(1, int(bundle.manifest["max_batch"]) // c)
+    bundle = Bundle.open(bundle_dir, verify="none")
+    m = bundle.manifest
+    ort = OnnxRuntimeRunner(bundle, "cpu")
+    emb = bundle.class_embeddings()
+    ref = _ModuleRunner(reference, emb)
+    c = emb.shape[0]
+    step = max(1, int(m["max_batch"]) // c)
     first = images[:step]
+    loss = str(m["loss"])
     graphs: dict[str, dict[str, float]] = {}
-    with torch.no_grad():
-        z0_ref = backbone.encode(first)
-        graphs["vae_encoder"] = _rel_error(ort_backend.run("vae_encoder", image=first)[0], z0_ref)
-        eps_ref = noise(z0_ref)
-        graphs["noise"] = _rel_error(ort_backend.run("noise", z0=z0_ref)[0], eps_ref)
-        emb = ckpt.class_embeddings
-        abar = backbone.alphas_cumprod[ckpt.t_star]
-        z_t = (abar.sqrt() * z0_ref[:1] + (1 - abar).sqrt() * eps_ref[:1]).expand(c, -1, -1, -1)
-        t = torch.full((c,), float(ckpt.t_star))
-        unet_ref = backbone.unet(z_t, t, encoder_hidden_states=emb).sample
-        graphs["unet"] = _rel_error(ort_backend.run("unet", sample=z_t, timestep=t, encoder_hidden_states=emb)[0],
-                                    unet_ref)
-        ids = backbone.tokenize(ckpt.prompts)
-        text_ref = backbone.text_encoder(ids)[0]
-        graphs["text_encoder"] = _rel_error(ort_backend.run("text_encoder", input_ids=ids)[0], text_ref)
-    spec = ClassSpec.from_checkpoint(ckpt)
-    options = StrategyOptions(method="noop")
-    ref = Classifier(TorchBackend(backbone, noise), spec, max_batch=step * c)
-    ort = Classifier(ort_backend, spec, max_batch=step * c)
-    same, gaps = [], []
+    z0 = ref.run(ENCODER, {"image": first}, ["z0"])[0]
+    graphs[ENCODER] = _rel_error(ort.run(ENCODER, {"image": first}, ["z0"])[0], z0)
+    eps = ref.run(NOISE, {"z0": z0}, ["eps"])[0]
+    graphs[NOISE] = _rel_error(ort.run(NOISE, {"z0": z0}, ["eps"])[0], eps)
+    t = np.linspace(10, int(m["num_train_timesteps"]) - 10, len(z0)).round().astype(np.float32)  # mixed timesteps
+    feeds = {"z0": z0, "eps": eps, "timestep": t, "class_embeddings": emb}
+    outs = [f"errors_{x}" for x in m["scorer_losses"]]
+    for name, got, want in zip(outs, ort.run(SCORER, feeds, outs), ref.run(SCORER, feeds, outs), strict=True):
+        graphs[f"{SCORER}:{name}"] = _rel_error(got, want)
+    ids = _token_ids(bundle)
+    graphs[TEXT_ENCODER] = _rel_error(ort.run(TEXT_ENCODER, {"input_ids": ids}, ["last_hidden_state"])[0],
+                                      ref.run(TEXT_ENCODER, {"input_ids": ids}, ["last_hidden_state"])[0])
+    same, gaps, path_gaps = [], [], []
     for i in range(0, len(images), step):
-        ref_scores, _ = ref.score(images[i:i + step], options)
-        ort_scores, _ = ort.score(images[i:i + step], options)
-        same.append(ref_scores.predictions() == ort_scores.predictions())
-        gaps.append((ref_scores.errors - ort_scores.errors).abs().max())
-    agree = float(torch.cat(same).float().mean())
-    err_gap = float(torch.stack(gaps).max())
+        batch = images[i:i + step]
+        want = ref.run(CLASSIFIER, {"image": batch}, ["errors"])[0]
+        got, probs = ort.run(CLASSIFIER, {"image": batch}, ["errors", "probs"])
+        same.append(want.argmin(axis=1) == got.argmin(axis=1))
+        gaps.append(float(np.abs(want - got).max()))
+        z = ort.run(ENCODER, {"image": batch}, ["z0"])[0]
+        e = ort.run(NOISE, {"z0": z}, ["eps"])[0]
+        via = ort.run(SCORER, {"z0": z, "eps": e, "timestep": np.full(len(z), float(m["t_star"]), np.float32),
+                               "class_embeddings": emb}, [f"errors_{loss}"])[0]
+        path_gaps.append(float(np.abs(via - got).max()))
+        if i == 0:
+            graphs[CLASSIFIER] = _rel_error(got, want)
+            graphs[CLASSIFIER]["probs_sum_max_dev"] = float(np.abs(probs.sum(axis=1) - 1).max())
+    agree = float(np.concatenate(same).mean())
     for g in graphs.values():
         g["passed"] = g["max_rel"] <= tolerance
     report = {
         "precision": precision, "runtime": "onnxruntime " + _ort_version() + " CPUExecutionProvider",
         "reference": "PyTorch fp32 " + torch.__version__, "images": what, "tolerance_max_rel": tolerance,
         "graphs": graphs,
-        "classifier": {"top1_agreement": agree, "min_agreement": min_agreement, "max_error_gap": err_gap,
-                       "passed": agree >= min_agreement},
+        "classifier": {"top1_agreement": agree, "min_agreement": min_agreement, "max_error_gap": max(gaps),
+                       "classifier_vs_scorer_path_max_gap": max(path_gaps), "passed": agree >= min_agreement},
     }
     report["passed"] = all(g["passed"] for g in graphs.values()) and report["classifier"]["passed"]
     return report
+
+
+class _ModuleRunner:
+    """The reference: the torch modules themselves, fed numpy."""
+
+    def __init__(self, modules: dict[str, nn.Module], class_embeddings: np.ndarray) -> None:
+        self.modules = modules
+        self.default_emb = torch.from_numpy(class_embeddings).to(_device_of(modules[SCORER]))
+
+    @torch.no_grad()
+    def run(self, graph: str, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        module = self.modules[graph]
+        device = _device_of(module)
+        args = [torch.from_numpy(np.ascontiguousarray(v)).to(device) for v in feeds.values()]
+        if graph == CLASSIFIER and len(args) == 1:
+            args.append(self.default_emb)
+        result = module(*args)
+        result = result if isinstance(result, tuple) else (result,)
+        if graph == SCORER:
+            names = [f"errors_{x}" for x in module.losses]
+        elif graph == CLASSIFIER:
+            names = ["errors", "probs"]
+        else:
+            names = outputs
+        by_name = dict(zip(names, result, strict=True))
+        return [by_name[o].float().cpu().numpy() for o in outputs]
+
+
+def _token_ids(bundle: Bundle) -> np.ndarray:
+    from noop_rt.runtime.tokenizer import PromptTokenizer
+
+    tokenize = PromptTokenizer(bundle.root / "tokenizer", int(bundle.manifest["max_tokens"]))
+    return tokenize(list(bundle.manifest["prompts"]))
 
 
 def _ort_version() -> str:
@@ -250,11 +270,11 @@ def _ort_version() -> str:
 def print_validation(report: dict[str, Any], stream: Any = sys.stderr) -> None:
     for name, g in report["graphs"].items():
         mark = "✓" if g["passed"] else "✗"
-        print(f"  {mark} {name:<13} max abs {g['max_abs']:.2e}  max rel {g['max_rel']:.2e} "
+        print(f"  {mark} {name:<20} max abs {g['max_abs']:.2e}  max rel {g['max_rel']:.2e} "
               f"(tolerance {report['tolerance_max_rel']:.0e})", file=stream)
     c = report["classifier"]
     mark = "✓" if c["passed"] else "✗"
-    print(f"  {mark} classifier    top-1 agreement {100 * c['top1_agreement']:.1f} % on {report['images']} "
+    print(f"  {mark} classifier top-1 agreement {100 * c['top1_agreement']:.1f} % on {report['images']} "
           f"(required {100 * c['min_agreement']:.1f} %), max error gap {c['max_error_gap']:.2e}", file=stream)
 
 
@@ -288,29 +308,42 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, options: ExportOptions
     reason = same_backbone(ckpt.backbone_fingerprint, backbone)
     if reason is not None:
         raise CheckpointError(f"{ckpt_path} does not match its backbone {backbone.source}: {reason}")
-    emb = ckpt.class_embeddings
+    emb = ckpt.class_embeddings.float()
     c, max_tokens, text_dim = emb.shape
-    specs = graph_specs(backbone.latent_shape, backbone.resolution, max_tokens, text_dim, options.precision)
-    modules = _graph_modules(backbone, ckpt, options.precision)
+    specs = backbone_specs(backbone)
+    half = options.precision == "fp16"
+    modules = graph_modules(backbone, ckpt, half=half)
+    reference = graph_modules(backbone, ckpt, half=False) if half else modules
     images, what = _validation_images(options, ckpt, backbone.resolution)
     tolerance = options.tolerance if options.tolerance is not None else TOLERANCE[options.precision]
     min_agreement = options.min_agreement if options.min_agreement is not None else AGREEMENT[options.precision]
-    command = (f"noop-rt export --ckpt {ckpt_path} --out {out} --opset {options.opset} "
-               f"--{options.precision}")
+    name = "digits" if _is_demo(ckpt_path) else ckpt_path.stem
+    command = f"noop-rt export --ckpt {ckpt_path} --out {out} --opset {options.opset} --{options.precision}"
     print(f"exporting {ckpt_path} -> {out} ({options.precision}, opset {options.opset}); equivalent: {command}",
           file=log)
     with _staging(out) as tmp:
-        files: list[str] = []
-        for name in ("vae_encoder", "noise", "unet", "text_encoder"):
+        work = tmp / ".work"
+        work.mkdir()
+        models = {}
+        for graph in GRAPH_NAMES:
             t0 = time.perf_counter()
-            files += export_graph(modules[name], specs[name], tmp, options.opset, sample_batch=2,
-                                  external_data_threshold=options.external_data_threshold)
-            print(f"  exported {specs[name].file} in {time.perf_counter() - t0:.1f} s", file=log)
+            models[specs[graph].file] = export_graph(modules[graph], specs[graph], work, options.opset)
+            print(f"  exported {specs[graph].file} in {time.perf_counter() - t0:.1f} s", file=log)
+        set_default_input(models[specs[CLASSIFIER].file], "class_embeddings", emb.numpy())
+        weights = share_weights(models, tmp)
+        shutil.rmtree(work)
+        print(f"  weights stored once: {weights['bytes'] / 1e6:.1f} MB in {weights['file']} "
+              f"({weights['referenced_tensor_bytes'] / 1e6:.1f} MB referenced by {len(models)} graphs)", file=log)
         backbone.tokenizer.save_pretrained(tmp / "tokenizer")
-        np.save(tmp / "class_embeddings.npy", emb.float().numpy())
-        files += ["class_embeddings.npy", *sorted(f"tokenizer/{p.name}" for p in (tmp / "tokenizer").iterdir())]
+        if not (tmp / "tokenizer" / "tokenizer.json").is_file():
+            raise BadInputError(f"the tokenizer of {backbone.source} has no fast (tokenizer.json) form, which the "
+                                "runtime needs")
+        np.save(tmp / "class_embeddings.npy", emb.numpy())
+        files = [*(s.file for s in specs.values()), weights["file"], "class_embeddings.npy",
+                 *sorted(f"tokenizer/{p.name}" for p in (tmp / "tokenizer").iterdir())]
+        classifier = specs[CLASSIFIER]
         manifest = {
-            "format": FORMAT, "version": VERSION, "cache_key": key, "noop_rt_version": __version__,
+            "format": FORMAT, "version": VERSION, "name": name, "cache_key": key, "noop_rt_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "source_ckpt": {"path": str(ckpt_path), "sha256": ckpt_sha},
             "backbone": {"source": ckpt.backbone_source, "kind": backbone.kind,
@@ -319,18 +352,26 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, options: ExportOptions
             "prompt_tuned": ckpt.prompt_ctx is not None, "t_star": ckpt.t_star,
             "abar_t_star": float(backbone.alphas_cumprod[ckpt.t_star]), "loss": ckpt.loss, "tau": ckpt.tau,
             "resolution": backbone.resolution, "latent_shape": list(backbone.latent_shape),
-            "max_tokens": max_tokens, "precision": options.precision, "opset": options.opset,
-            "max_batch": options.images_per_batch * c, "opt_batch": c,
-            "alphas_cumprod": [float(a) for a in backbone.alphas_cumprod],
-            "graphs": {name: spec.to_json() for name, spec in specs.items()},
+            "max_tokens": max_tokens, "text_dim": text_dim, "num_train_timesteps": backbone.num_train_timesteps,
+            "precision": options.precision, "opset": options.opset,
+            "images_per_batch": options.images_per_batch, "max_batch": options.images_per_batch * c, "opt_batch": c,
+            "preprocessing": default_preprocessing(backbone.resolution),
+            "classifier_graph": {"file": classifier.file, "input": "image", "errors": "errors", "probs": "probs",
+                                 "class_embeddings": "class_embeddings",
+                                 "note": "feed `image` alone: class_embeddings defaults to the trained classes"},
+            "scorer_losses": list(LOSSES),
+            "graphs": {g: spec.to_json() for g, spec in specs.items()},
+            "weights": weights, "drift": ckpt.train.get("drift"),
             "build_config": {"command": command, "exporter": "torch.onnx TorchScript (dynamo=False)",
                              "torch": torch.__version__, "onnx_opset": options.opset},
             "files": {},
         }
+        manifest["files"] = {f: {"sha256": sha256_file(tmp / f), "size": (tmp / f).stat().st_size} for f in files}
         write_json_atomic(tmp / MANIFEST, manifest)
-        validation = validate_bundle(tmp, backbone, ckpt, images, what, options.precision, tolerance, min_agreement)
+        validation = validate_bundle(tmp, reference, images, what, options.precision, tolerance, min_agreement)
         write_json_atomic(tmp / "validation.json", validation)
-        manifest["files"] = {f: sha256_file(tmp / f) for f in [*files, "validation.json"]}
+        manifest["files"]["validation.json"] = {"sha256": sha256_file(tmp / "validation.json"),
+                                                "size": (tmp / "validation.json").stat().st_size}
         write_json_atomic(tmp / MANIFEST, manifest)
         print("validation (onnxruntime vs PyTorch fp32):", file=log)
         print_validation(validation, log)
@@ -340,6 +381,15 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, options: ExportOptions
                 "--tolerance/--min-agreement if the gap is expected")
         _publish(tmp, out)
     return ExportReport(out, False, validation, time.perf_counter() - start)
+
+
+def _is_demo(path: Path) -> bool:
+    from noop_rt.demo import CKPT_PATH
+
+    try:
+        return path.resolve() == CKPT_PATH.resolve()
+    except OSError:
+        return False
 
 
 def collect_images(folder: Path) -> list[Path]:

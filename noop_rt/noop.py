@@ -20,7 +20,7 @@ from torch import nn
 from noop_rt.backbone import Backbone
 from noop_rt.calibration import fit_temperature
 from noop_rt.data import load_image
-from noop_rt.scoring import noop_scores, pair_errors
+from noop_rt.scorer import class_errors
 
 
 def _groups(channels: int) -> int:
@@ -189,14 +189,17 @@ def sample_classes(labels: torch.Tensor, num_classes: int, k: int, generator: to
 @torch.no_grad()
 def evaluate_noise(backbone: Backbone, noise: NoiseModel, emb: torch.Tensor, z0: torch.Tensor,
                    labels: torch.Tensor, t_star: int, loss: str, max_batch: int) -> tuple[float, torch.Tensor]:
-    """(accuracy, errors (N, C)) of the single-pass NoOp classifier on cached latents."""
+    """(accuracy, errors (N, C) on the CPU) of the single-pass NoOp classifier on cached latents (on any device:
+    each chunk moves to the backbone's device)."""
+    module = backbone.class_errors((loss,))
+    emb = emb.to(backbone.device)
     errors = []
     for start in range(0, len(z0), 64):
-        z = z0[start:start + 64]
-        scores = noop_scores(backbone.predict_eps, z, noise(z), t_star, emb, backbone.alphas_cumprod, loss, max_batch)
-        errors.append(scores.errors)
+        z = z0[start:start + 64].to(backbone.device)
+        t = torch.full((len(z),), float(t_star), device=backbone.device)
+        errors.append(class_errors(module, z, noise(z).float(), t, emb, max_batch).cpu())
     err = torch.cat(errors)
-    return float((err.argmin(dim=1) == labels).float().mean()), err
+    return float((err.argmin(dim=1) == labels.cpu()).float().mean()), err
 
 
 @torch.no_grad()
@@ -224,12 +227,14 @@ def loss_and_backward(backbone: Backbone, noise: NoiseModel, class_embeddings: C
     and the meta-net is per-image (GroupNorm), so this equals the one-pass gradient (tested). With
     `--gradient-checkpointing` this is what lets SD-1.5 train at `--max-batch 1` or 2."""
     b, k = cls.shape
-    t = torch.full((1, 1), config.t_star, dtype=torch.long)
     target = torch.zeros(b, dtype=torch.long)
+    module = backbone.class_errors((config.loss,))
 
     def errors_of(z: torch.Tensor, eps: torch.Tensor, emb: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        return pair_errors(backbone.predict_eps, z, t.expand(len(z), 1), eps, emb, backbone.alphas_cumprod,
-                           config.loss, config.max_batch, class_idx=classes)[:, 0]
+        """(B', K') errors of each image's own classes: emb (C, L, D) gathered per row to (B', K', L, D)."""
+        t = torch.full((len(z),), float(config.t_star), device=z.device)
+        per_row = emb[classes.to(emb.device)]
+        return class_errors(module, z, eps[:, 0], t, per_row, config.max_batch)
 
     def loss_of(errors: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(-config.logit_scale * zscore(errors), target.to(errors.device))

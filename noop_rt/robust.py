@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from noop_rt.backbone import Backbone
-from noop_rt.scoring import error_norm, evenly_spaced_timesteps, noised
+from noop_rt.scoring import evenly_spaced_timesteps
 
 
 @dataclass(frozen=True)
@@ -32,28 +32,28 @@ def unconditional_loss(backbone: Backbone, images: torch.Tensor, null_emb: torch
                        eps: torch.Tensor) -> torch.Tensor:
     """Empty-prompt diffusion loss per image, averaged over the given pairs: images (B, 3, H, W), t (P,),
     eps (P, c, h, w) shared by all images. (B,)"""
-    z0 = backbone.encoder(images.to(backbone.device, backbone.dtype)).float()  # (B, c, h, w), differentiable
+    z0 = backbone.encode(images)  # (B, c, h, w), differentiable
     b, p = z0.shape[0], t.shape[0]
-    abar = backbone.alphas_cumprod.to(z0.device)[t].repeat(b)  # (B*P,)
-    z0_rep = z0.repeat_interleave(p, dim=0)
-    target = eps.to(z0.device).repeat(b, 1, 1, 1)
-    z_t = noised(z0_rep, target, abar)
-    pred = backbone.predict_eps(z_t, t.float().repeat(b), null_emb.expand(b * p, -1, -1))
-    return error_norm(pred, target).view(b, p).mean(dim=1)
+    rows_z0 = z0.repeat_interleave(p, dim=0)  # (B*P, c, h, w) image-major
+    rows_eps = eps.to(z0.device).repeat(b, 1, 1, 1)
+    rows_t = t.to(z0.device).float().repeat(b)
+    errors = backbone.class_errors(("l2",))(rows_z0, rows_eps, rows_t, null_emb.to(z0.device))[0]  # (B*P, 1)
+    return errors.view(b, p).mean(dim=1)
 
 
 def likelihood_maximisation(backbone: Backbone, images: torch.Tensor, config: RobustConfig) -> torch.Tensor:
     """x' = argmin_{||x' - x||_inf <= eta} L_uncond(x') by signed gradient descent, clipped to [-1, 1]."""
     generator = torch.Generator().manual_seed(config.seed)
     null_emb = backbone.embed([""])  # (1, L, D)
-    t = evenly_spaced_timesteps(config.pairs, backbone.num_train_timesteps)
+    t = torch.from_numpy(evenly_spaced_timesteps(config.pairs, backbone.num_train_timesteps))
     original = images.detach().float()
     x = original.clone()
     for _ in range(config.steps):
         eps = torch.randn((config.pairs, *backbone.latent_shape), generator=generator)
-        x.requires_grad_(True)
-        loss = unconditional_loss(backbone, x, null_emb, t, eps).sum()
-        (grad,) = torch.autograd.grad(loss, x)
+        with torch.enable_grad():  # callers often score under no_grad/inference_mode; this step needs gradients
+            x = x.detach().requires_grad_(True)
+            loss = unconditional_loss(backbone, x, null_emb, t, eps).sum()
+            (grad,) = torch.autograd.grad(loss, x)
         with torch.no_grad():
             x = x - config.step_size * grad.sign()
             x = (original + (x - original).clamp(-config.eta, config.eta)).clamp(-1.0, 1.0)

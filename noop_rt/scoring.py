@@ -1,234 +1,355 @@
-"""The diffusion-classifier math, as pure functions over torch tensors with the model passed as a callable.
+"""Diffusion-classifier strategies: numpy bookkeeping over (rows, C) class errors, one signature, one registry.
 
-`eps_fn(z_t (N, c, h, w), t (N,) float, emb (N, L, D)) -> eps_hat (N, c, h, w)` is any backend (torch, onnxruntime,
-TensorRT). Every strategy scores all candidate classes with the SAME (t, eps) pairs (Li et al. 2023, Clark & Jaini
-2023): shared noise makes class differences low-variance. Errors are reduced in float32.
+Every strategy is `fn(model, images, config) -> Scores`, where `model` is any `ScoringModel` (the onnxruntime,
+OpenVINO, TensorRT and torch backends all are, through `runtime/model.py`) and `config` a frozen dataclass of that
+strategy's keyword-only options. The model computes errors; this module decides which (t, eps) pairs and classes to
+score, averages pairs, runs Li et al.'s stages and Clark & Jaini's paired t-test, and turns errors into
+probabilities. Every class of a pair is scored with the SAME (t, eps) (shared noise keeps class differences
+low-variance). No torch here: the runtime imports this module.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
 
-import torch
-import torch.nn.functional as F
+import numpy as np
 
-EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-Progress = Callable[[int], None] | None
 LOSSES = ("l2", "l1", "huber")
 METHODS = ("noop", "baseline", "adaptive", "pruned")
+Progress = Callable[[int], None] | None
+
+# Li et al.'s published adaptive schedules (their commands.md: --n_samples per stage, --to_keep after it).
+PUBLISHED_STAGES: dict[str, tuple[tuple[int, int], ...]] = {
+    "pets": ((25, 5), (250, 1)),
+    "cifar10": ((50, 5), (500, 1)),
+    "stl10": ((100, 5), (500, 1)),
+    "food": ((20, 20), (50, 10), (100, 5), (500, 1)),
+    "flowers": ((20, 20), (50, 10), (100, 5), (500, 1)),
+    "aircraft": ((20, 20), (50, 10), (100, 5), (500, 1)),
+    "imagenet": ((50, 500), (100, 50), (500, 10), (1000, 1)),
+    "objectnet": ((50, 25), (100, 10), (500, 5), (1000, 1)),
+}
 
 
-def noised(z0: torch.Tensor, eps: torch.Tensor, abar_t: torch.Tensor) -> torch.Tensor:
-    """z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps (DDPM forward process); abar_t (N,) or scalar."""
-    abar = abar_t.reshape(-1, *([1] * (z0.dim() - 1))) if abar_t.dim() else abar_t
-    return abar.sqrt() * z0 + (1 - abar).sqrt() * eps
+class ScoringModel(Protocol):
+    """What a strategy needs from a model. Arrays are numpy float32; errors are (rows, classes)."""
+
+    num_classes: int
+    latent_shape: tuple[int, int, int]  # (c, h, w) of z0
+    num_train_timesteps: int
+
+    def noop_errors(self, images: np.ndarray, loss: str) -> np.ndarray:
+        """NoOp's one pass, eps = eps_D + g_phi(z0) at t*: images (B, 3, H, W) in [-1, 1] -> errors (B, C)."""
+        ...
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """images (B, 3, H, W) in [-1, 1] -> z0 (B, c, h, w)."""
+        ...
+
+    def class_errors(self, z0: np.ndarray, eps: np.ndarray, t: np.ndarray, classes: np.ndarray | None, loss: str,
+                     progress: Progress = None) -> np.ndarray:
+        """Rows of (z0, eps, t) (R, c, h, w), (R, c, h, w), (R,) scored against `classes` (K,) indices (None: all)
+        -> errors (R, K). Each row's z_t is shared by all K classes."""
+        ...
 
 
-def error_norm(pred: torch.Tensor, target: torch.Tensor, loss: str = "l2") -> torch.Tensor:
-    """Per-sample error, mean over (c, h, w): l2 = squared, l1 = absolute, huber = smooth-l1 (delta 1). (N,)"""
-    pred, target = pred.float(), target.float()
-    if loss == "l2":
-        err = (pred - target).square()
-    elif loss == "l1":
-        err = (pred - target).abs()
-    elif loss == "huber":
-        err = F.huber_loss(pred, target, reduction="none", delta=1.0)
-    else:
-        raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
-    return err.flatten(1).mean(dim=1)
-
-
-def evenly_spaced_timesteps(n: int, num_train_timesteps: int = 1000) -> torch.Tensor:
-    """Li et al.'s grid: n timesteps evenly spaced over [0, T), offset by half a step (n=1 -> [500]). (n,) long"""
+# ---------------------------------------------------------------------------------------------- grids and noise
+def evenly_spaced_timesteps(n: int, num_train_timesteps: int = 1000) -> np.ndarray:
+    """Li et al.'s grid: n timesteps evenly spaced over [0, T), offset by half a step (n=1 -> [500]). (n,) int64"""
     n = max(1, min(n, num_train_timesteps))
     step = num_train_timesteps // n
-    return torch.arange(step // 2, num_train_timesteps, step)[:n]
+    return np.arange(step // 2, num_train_timesteps, step, dtype=np.int64)[:n]
 
 
-def noise_bank(n: int, shape: Sequence[int], seed: int = 0) -> torch.Tensor:
-    """n standard-normal noises (n, *shape), reproducible from `seed`; shared by every image and class."""
-    return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
+def noise_bank(n: int, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """n standard-normal noises (n, *shape) float32 from numpy's PCG64 seeded with `seed`; shared by every image
+    and class. (Pass `noises=` to a strategy to use another bank, e.g. the one a published run saved.)"""
+    return np.random.default_rng(seed).standard_normal((n, *shape), dtype=np.float32)
 
 
-def pair_errors(
-    eps_fn: EpsFn, z0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, emb: torch.Tensor,
-    alphas_cumprod: torch.Tensor, loss: str = "l2", max_batch: int = 256, progress: Progress = None,
-    class_idx: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Errors of the candidate classes for every (image, pair): (B, P, K).
-
-    z0 (B, c, h, w); t (B, P) long; eps (B, P, c, h, w) (may be an expanded view); emb (C, L, D);
-    class_idx (B, K) long: the classes scored for each image (default: all C, K = C).
-    The B*P*K UNet inputs are flattened image-major and run in chunks of at most `max_batch`;
-    every class of pair (b, p) sees exactly the same z_t, t and target eps.
-    """
-    b, p = t.shape
-    if class_idx is None:
-        class_idx = torch.arange(emb.shape[0]).expand(b, -1)
-    class_idx = class_idx.to(emb.device)
-    c = class_idx.shape[1]
-    abar = alphas_cumprod.to(z0.device)[t.reshape(-1)]  # (B*P,)
-    z0_rep = z0.unsqueeze(1).expand(b, p, *z0.shape[1:]).reshape(b * p, *z0.shape[1:])
-    target = eps.reshape(b * p, *eps.shape[2:]).to(z0.dtype)
-    z_t = noised(z0_rep, target, abar)  # (B*P, c, h, w)
-    t_flat = t.reshape(-1).to(torch.float32)
-    total = b * p * c
-    errors = []
-    for start in range(0, total, max_batch):
-        idx = torch.arange(start, min(start + max_batch, total))
-        pair, k = idx // c, idx % c
-        cls = class_idx[(pair // p).to(emb.device), k.to(emb.device)]
-        pred = eps_fn(z_t[pair], t_flat[pair], emb[cls])
-        errors.append(error_norm(pred, target[pair].to(pred.device), loss))
-        if progress is not None:
-            progress(len(idx))
-    return torch.cat(errors).reshape(b, p, c)
+def parse_stages(text: str) -> tuple[tuple[int, int], ...]:
+    """`25:5,250:1` -> ((25, 5), (250, 1)); a published name (`pets`, `food`, `imagenet`, `stl10`) also works."""
+    if text.strip().lower() in PUBLISHED_STAGES:
+        return PUBLISHED_STAGES[text.strip().lower()]
+    stages = []
+    for part in text.split(","):
+        pairs, sep, keep = part.strip().partition(":")
+        if not sep or not pairs.strip().isdigit() or not keep.strip().isdigit():
+            raise ValueError(f"bad stage {part.strip()!r}: write PAIRS:KEEP, e.g. 25:5,250:1 (or one of "
+                             f"{', '.join(PUBLISHED_STAGES)})")
+        stages.append((int(pairs), int(keep)))
+    check_stages(tuple(stages))
+    return tuple(stages)
 
 
+def check_stages(stages: tuple[tuple[int, int], ...]) -> None:
+    counts = [p for p, _ in stages]
+    if not stages or counts != sorted(counts) or counts[0] < 1 or any(k < 1 for _, k in stages):
+        raise ValueError(f"adaptive stages need increasing pair counts >= 1 and keep >= 1, got "
+                         f"{','.join(f'{p}:{k}' for p, k in stages)}")
+
+
+# ---------------------------------------------------------------------------------------------- results
 @dataclass
 class Scores:
     """What every strategy returns, per image: mean error per class and how many pairs each class was scored on."""
 
-    errors: torch.Tensor  # (B, C) float32 (CPU) mean error over the pairs the class was scored on
-    pairs_scored: torch.Tensor  # (B, C) long
-    unet_evals: torch.Tensor  # (B,) long UNet evaluations spent on each image
-    alive: torch.Tensor | None = None  # (B, C) bool, classes not eliminated; None: all (baseline, noop)
+    errors: np.ndarray  # (B, C) float64 mean error over the pairs the class was scored on
+    pairs_scored: np.ndarray  # (B, C) int64
+    unet_evals: np.ndarray  # (B,) int64 UNet evaluations spent on each image
+    alive: np.ndarray | None = None  # (B, C) bool classes not eliminated; None: all (baseline, noop)
 
     @property
-    def survivors(self) -> torch.Tensor:
+    def survivors(self) -> np.ndarray:
         """(B, C) bool: classes never eliminated (all for `baseline`/`noop`; the finalists for `adaptive`)."""
-        return self.alive if self.alive is not None else torch.ones_like(self.errors, dtype=torch.bool)
+        return self.alive if self.alive is not None else np.ones(self.errors.shape, dtype=bool)
 
-    def predictions(self) -> torch.Tensor:
-        """argmin of the mean error among survivors. (B,) long"""
-        return self.errors.masked_fill(~self.survivors, float("inf")).argmin(dim=1)
+    def predictions(self) -> np.ndarray:
+        """argmin of the mean error among survivors. (B,) int64"""
+        return np.where(self.survivors, self.errors, np.inf).argmin(axis=1)
 
-    def probabilities(self, tau: float) -> torch.Tensor:
+    def probabilities(self, tau: float | np.ndarray) -> np.ndarray:
         """softmax(-tau * err) over the survivors; eliminated classes get 0. (B, C)"""
-        return torch.softmax((-tau * self.errors).masked_fill(~self.survivors, float("-inf")), dim=1)
+        return softmax(np.where(self.survivors, -np.asarray(tau) * self.errors, -np.inf))
 
-    def ranking(self) -> torch.Tensor:
-        """Classes best first: survivors, then more pairs scored, then lower error. (B, C) long"""
-        big = float(self.errors.abs().max()) + 1.0
-        rounds = self.pairs_scored.float() + self.survivors.float() * (float(self.pairs_scored.max()) + 1)
-        key = self.errors - rounds * big * 4  # lexicographic (survivor, pairs, error)
-        return key.argsort(dim=1)
+    def ranking(self) -> np.ndarray:
+        """Classes best first: survivors, then more pairs scored, then lower error. (B, C) int64"""
+        return np.lexsort((self.errors, -self.pairs_scored, ~self.survivors), axis=1)
 
-
-def noop_scores(
-    eps_fn: EpsFn, z0: torch.Tensor, eps: torch.Tensor, t_star: int, emb: torch.Tensor,
-    alphas_cumprod: torch.Tensor, loss: str = "l2", max_batch: int = 256, progress: Progress = None,
-) -> Scores:
-    """NoOp: ONE (t*, eps) pair per image with eps = eps_D + g_phi(x) given — exactly C UNet evaluations per image."""
-    b, c = z0.shape[0], emb.shape[0]
-    t = torch.full((b, 1), t_star, dtype=torch.long)
-    errors = pair_errors(eps_fn, z0, t, eps.unsqueeze(1), emb, alphas_cumprod, loss, max_batch, progress)[:, 0]
-    return Scores(errors.cpu(), torch.ones(b, c, dtype=torch.long), torch.full((b,), c, dtype=torch.long))
+    @classmethod
+    def concat(cls, parts: list[Scores]) -> Scores:
+        alive = None if all(p.alive is None for p in parts) else np.concatenate([p.survivors for p in parts])
+        return cls(np.concatenate([p.errors for p in parts]), np.concatenate([p.pairs_scored for p in parts]),
+                   np.concatenate([p.unet_evals for p in parts]), alive)
 
 
-def baseline_scores(
-    eps_fn: EpsFn, z0: torch.Tensor, emb: torch.Tensor, alphas_cumprod: torch.Tensor, n: int = 100,
-    seed: int = 0, loss: str = "l2", max_batch: int = 256, progress: Progress = None,
-) -> Scores:
-    """Li et al.'s diffusion classifier: n (t, eps) pairs, t evenly spaced, eps ~ N(0, I); errors averaged."""
-    b, c = z0.shape[0], emb.shape[0]
-    ts = evenly_spaced_timesteps(n, alphas_cumprod.shape[0])
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row softmax; -inf entries get probability 0. (B, C)"""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def uncalibrated_tau(errors: np.ndarray) -> np.ndarray:
+    """Per-image fallback when no fitted tau applies: 1 / std of the errors across classes. (B, 1)"""
+    return 1.0 / np.maximum(errors.std(axis=1, ddof=1, keepdims=True), 1e-12)
+
+
+def paired_t_pvalues(per_pair: np.ndarray, best: int) -> np.ndarray:
+    """One-sided paired t-test per class against column `best` ("class k is no worse than best"), over the rows
+    (pairs) of `per_pair` (n, K): the same p-values as scipy.stats.ttest_rel(per_pair[:, k], per_pair[:, best],
+    alternative="greater"); 1.0 for `best` itself and for classes whose differences are all zero."""
+    from scipy.stats import t as student_t
+
+    n = per_pair.shape[0]
+    diff = per_pair - per_pair[:, best:best + 1]
+    mean, std = diff.mean(axis=0), diff.std(axis=0, ddof=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t_stat = mean / (std / np.sqrt(n))
+    p = student_t.sf(t_stat, df=n - 1)
+    return np.where(std > 0, p, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------- strategy configs
+@dataclass(frozen=True, kw_only=True)
+class NoopConfig:
+    """NoOp: ONE (t*, eps_D + g_phi(z0)) pair per image; C UNet evaluations. `loss` None: the model's own."""
+
+    loss: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class BaselineConfig:
+    """Li et al.'s diffusion classifier: `pairs` (t, eps), t evenly spaced, eps ~ N(0, I) shared by all classes."""
+
+    pairs: int = 100
+    seed: int = 0
+    loss: str | None = None
+    noises: np.ndarray | None = field(default=None, compare=False)  # (pairs, c, h, w) instead of seeded draws
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdaptiveConfig:
+    """Li et al.'s adaptive evaluation: per stage, score the surviving classes on `pairs` pairs in total (nested,
+    evenly spaced timesteps), keep the `keep` lowest mean errors. Default: their Pets setting (25 keep 5, then 250
+    keep 1)."""
+
+    stages: tuple[tuple[int, int], ...] = PUBLISHED_STAGES["pets"]
+    seed: int = 0
+    loss: str | None = None
+    noises: np.ndarray | None = field(default=None, compare=False)  # (max pairs, c, h, w)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrunedConfig:
+    """Clark & Jaini's successive elimination: rounds of `round_size` shared pairs; drop a class once a paired
+    t-test against the current best rejects it at `alpha`; stop at one class or `max_pairs`."""
+
+    max_pairs: int = 100
+    round_size: int = 5
+    alpha: float = 0.01
+    seed: int = 0
+    loss: str | None = None
+    noises: np.ndarray | None = field(default=None, compare=False)  # (max_pairs, c, h, w)
+
+
+StrategyConfig = NoopConfig | BaselineConfig | AdaptiveConfig | PrunedConfig
+
+
+def _noises(config: Any, n: int, model: ScoringModel) -> np.ndarray:
+    if config.noises is not None:
+        bank = np.asarray(config.noises, dtype=np.float32)
+        if bank.shape[0] < n or tuple(bank.shape[1:]) != tuple(model.latent_shape):
+            raise ValueError(f"the given noise bank has shape {bank.shape}; this run needs ({n}, "
+                             f"{', '.join(map(str, model.latent_shape))})")
+        return bank[:n]
+    return noise_bank(n, tuple(model.latent_shape), config.seed)
+
+
+# ---------------------------------------------------------------------------------------------- strategies
+def noop(model: ScoringModel, images: np.ndarray, config: NoopConfig, progress: Progress = None) -> Scores:
+    """NoOp: exactly C UNet evaluations per image."""
+    b, c = len(images), model.num_classes
+    errors = model.noop_errors(images, _loss(config))
+    if progress is not None:
+        progress(b * c)
+    return Scores(errors.astype(np.float64), np.ones((b, c), np.int64), np.full(b, c, np.int64))
+
+
+def baseline(model: ScoringModel, images: np.ndarray, config: BaselineConfig, progress: Progress = None) -> Scores:
+    """Every class on the same `pairs` (t, eps); errors averaged over pairs."""
+    z0 = model.encode(images)
+    b, c = len(z0), model.num_classes
+    ts = evenly_spaced_timesteps(config.pairs, model.num_train_timesteps)
     n = len(ts)
-    noises = noise_bank(n, z0.shape[1:], seed).to(z0.device)
-    errors = pair_errors(eps_fn, z0, ts.expand(b, n), noises.expand(b, *noises.shape), emb, alphas_cumprod,
-                         loss, max_batch, progress)
-    return Scores(errors.mean(dim=1).cpu(), torch.full((b, c), n, dtype=torch.long),
-                  torch.full((b,), n * c, dtype=torch.long))
+    eps = _noises(config, n, model)
+    rows_z0 = np.repeat(z0, n, axis=0)  # (B*P, c, h, w) image-major
+    rows_eps = np.tile(eps, (b, 1, 1, 1))
+    rows_t = np.tile(ts, b)
+    errors = model.class_errors(rows_z0, rows_eps, rows_t, None, _loss(config), progress).reshape(b, n, c)
+    return Scores(errors.astype(np.float64).mean(axis=1), np.full((b, c), n, np.int64), np.full(b, n * c, np.int64))
 
 
-def default_adaptive_stages(n: int, num_classes: int) -> list[tuple[int, int]]:
-    """Li et al.'s two-stage schedule scaled to n pairs: (n/10 pairs, keep 5), then (n pairs, keep 1)."""
-    return [(max(1, n // 10), min(5, num_classes)), (n, 1)]
-
-
-def adaptive_scores(
-    eps_fn: EpsFn, z0: torch.Tensor, emb: torch.Tensor, alphas_cumprod: torch.Tensor,
-    stages: Sequence[tuple[int, int]], seed: int = 0, loss: str = "l2", max_batch: int = 256,
-    progress: Progress = None,
-) -> Scores:
-    """Li et al.'s adaptive evaluation: at stage s score survivors on `pairs_s` pairs in total (nested, evenly
-    spaced timesteps of one grid, each grid slot with its own fixed noise), keep the `keep_s` lowest mean errors."""
-    counts = [pairs for pairs, _ in stages]
-    if sorted(counts) != counts or counts[0] < 1:
-        raise ValueError(f"adaptive stages need increasing pair counts >= 1, got {counts}")
-    t_total = alphas_cumprod.shape[0]
-    grid = evenly_spaced_timesteps(counts[-1], t_total)  # finest grid; stage s takes a strided subset
-    noises = noise_bank(len(grid), z0.shape[1:], seed).to(z0.device)
-    b, c = z0.shape[0], emb.shape[0]
-    errors = torch.zeros(b, c)
-    pairs_scored = torch.zeros(b, c, dtype=torch.long)
-    evals = torch.zeros(b, dtype=torch.long)
-    finalists = torch.zeros(b, c, dtype=torch.bool)
+def adaptive(model: ScoringModel, images: np.ndarray, config: AdaptiveConfig, progress: Progress = None) -> Scores:
+    """Li et al.'s `eval_prob_adaptive`: stage s scores the survivors on the timesteps of its own evenly spaced
+    subset of the finest grid not scored yet; the k-th timestep scored for an image takes noise k (as their code
+    indexes noise by evaluation order); keep the `keep` lowest mean errors."""
+    check_stages(tuple(config.stages))
+    z0 = model.encode(images)
+    grid = evenly_spaced_timesteps(config.stages[-1][0], model.num_train_timesteps)
+    eps = _noises(config, len(grid), model)
+    b, c = len(z0), model.num_classes
+    sums = np.zeros((b, c))
+    pairs_scored = np.zeros((b, c), np.int64)
+    evals = np.zeros(b, np.int64)
+    finalists = np.zeros((b, c), bool)
     for i in range(b):
-        alive = torch.arange(c)
-        sums = torch.zeros(c)
-        done: set[int] = set()
-        for pairs, keep in stages:
+        alive = np.arange(c)
+        done: list[int] = []
+        for pairs, keep in config.stages:
             finalists[i] = False
             finalists[i, alive] = True
             stride = max(1, len(grid) // pairs)
             slots = [s for s in range(stride // 2, len(grid), stride)[:pairs] if s not in done]
             if slots:
-                slot_t = torch.tensor(slots)
-                err = pair_errors(eps_fn, z0[i:i + 1], grid[slot_t].unsqueeze(0), noises[slot_t].unsqueeze(0),
-                                  emb, alphas_cumprod, loss, max_batch, progress, alive.unsqueeze(0))[0]  # (P, K)
-                sums[alive] += err.sum(dim=0).cpu()
+                first = len(done)
+                noise = eps[first:first + len(slots)]
+                err = model.class_errors(np.repeat(z0[i:i + 1], len(slots), axis=0), noise, grid[slots], alive,
+                                         _loss(config), progress)  # (P, K)
+                sums[i, alive] += err.astype(np.float64).sum(axis=0)
                 pairs_scored[i, alive] += len(slots)
                 evals[i] += len(slots) * len(alive)
-                done.update(slots)
-            mean = sums[alive] / pairs_scored[i, alive]
-            errors[i] = sums / pairs_scored[i].clamp(min=1)
-            alive = alive[mean.argsort()[:max(1, min(keep, len(alive)))]]
+                done += slots
+            mean = sums[i, alive] / pairs_scored[i, alive]
+            alive = alive[np.argsort(mean, kind="stable")[:max(1, min(keep, len(alive)))]]
+    errors = sums / np.maximum(pairs_scored, 1)
     return Scores(errors, pairs_scored, evals, finalists)
 
 
-def pruned_scores(
-    eps_fn: EpsFn, z0: torch.Tensor, emb: torch.Tensor, alphas_cumprod: torch.Tensor, max_pairs: int = 100,
-    round_size: int = 5, alpha: float = 0.01, seed: int = 0, loss: str = "l2", max_batch: int = 256,
-    progress: Progress = None,
-) -> Scores:
-    """Clark & Jaini's successive elimination: add `round_size` shared pairs per round (timesteps from a seeded
-    permutation of the evenly spaced grid), then drop every class whose paired t-test on per-pair error differences
-    against the current best rejects "no worse" at level `alpha`; stop at one class or `max_pairs`."""
-    from scipy.stats import t as student_t
-
-    t_total = alphas_cumprod.shape[0]
-    grid = evenly_spaced_timesteps(max_pairs, t_total)
-    order = torch.randperm(len(grid), generator=torch.Generator().manual_seed(seed + 1))
-    noises = noise_bank(len(grid), z0.shape[1:], seed).to(z0.device)
-    b, c = z0.shape[0], emb.shape[0]
-    errors = torch.zeros(b, c)
-    pairs_scored = torch.zeros(b, c, dtype=torch.long)
-    evals = torch.zeros(b, dtype=torch.long)
-    survivors = torch.zeros(b, c, dtype=torch.bool)
+def pruned(model: ScoringModel, images: np.ndarray, config: PrunedConfig, progress: Progress = None) -> Scores:
+    """Rounds of `round_size` shared pairs (timesteps from a seeded permutation of the evenly spaced grid); after
+    each, drop every class whose paired t-test against the current best rejects at `alpha`."""
+    z0 = model.encode(images)
+    grid = evenly_spaced_timesteps(config.max_pairs, model.num_train_timesteps)
+    order = np.random.default_rng(config.seed + 1).permutation(len(grid))
+    eps = _noises(config, len(grid), model)
+    b, c = len(z0), model.num_classes
+    errors = np.zeros((b, c))
+    pairs_scored = np.zeros((b, c), np.int64)
+    evals = np.zeros(b, np.int64)
+    survivors = np.zeros((b, c), bool)
     for i in range(b):
-        alive = torch.arange(c)
-        per_pair = torch.zeros(len(grid), c)  # (P, C) errors of the pairs scored so far
+        alive = np.arange(c)
+        per_pair = np.zeros((len(grid), c))  # errors of the pairs scored so far
         used = 0
         while used < len(grid) and len(alive) > 1:
-            slots = order[used:used + round_size]
-            err = pair_errors(eps_fn, z0[i:i + 1], grid[slots].unsqueeze(0), noises[slots].unsqueeze(0),
-                              emb, alphas_cumprod, loss, max_batch, progress, alive.unsqueeze(0))[0]
-            per_pair[used:used + len(slots), alive] = err.cpu()
+            slots = order[used:used + config.round_size]
+            err = model.class_errors(np.repeat(z0[i:i + 1], len(slots), axis=0), eps[slots], grid[slots], alive,
+                                     _loss(config), progress)
+            per_pair[used:used + len(slots), alive] = err
             pairs_scored[i, alive] += len(slots)
             evals[i] += len(slots) * len(alive)
             used += len(slots)
             if used < 2:
                 continue
-            scores = per_pair[:used, alive]  # (n, K)
-            best = scores.mean(dim=0).argmin()
-            diff = scores - scores[:, best:best + 1]  # (n, K) >= 0 on average for worse classes
-            mean, std = diff.mean(dim=0), diff.std(dim=0, unbiased=True)
-            t_stat = mean / (std / used ** 0.5).clamp(min=1e-12)
-            p_value = torch.from_numpy(student_t.sf(t_stat.numpy(), df=used - 1)).float()
-            keep = (p_value >= alpha) | (torch.arange(len(alive)) == best)
+            scores = per_pair[:used, alive]
+            best = int(scores.mean(axis=0).argmin())
+            keep = paired_t_pvalues(scores, best) >= config.alpha
+            keep[best] = True
             alive = alive[keep]
-        errors[i] = per_pair[:used].sum(dim=0) / pairs_scored[i].clamp(min=1)
+        errors[i] = per_pair[:used].sum(axis=0) / np.maximum(pairs_scored[i], 1)
         survivors[i, alive] = True
     return Scores(errors, pairs_scored, evals, survivors)
+
+
+def _loss(config: Any) -> str:
+    if config.loss not in LOSSES:
+        raise ValueError(f"unknown loss {config.loss!r}; choose one of {', '.join(LOSSES)}")
+    return config.loss
+
+
+@dataclass(frozen=True)
+class Strategy:
+    fn: Callable[..., Scores]
+    config: type
+    summary: str
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "noop": Strategy(noop, NoopConfig, "one pass at t* with the learned noise (C UNet evals)"),
+    "baseline": Strategy(baseline, BaselineConfig, "N evenly spaced (t, eps) pairs for every class (N*C evals)"),
+    "adaptive": Strategy(adaptive, AdaptiveConfig, "Li et al.'s stages: few pairs for all, more for the best"),
+    "pruned": Strategy(pruned, PrunedConfig, "Clark & Jaini: drop classes a paired t-test rejects"),
+}
+
+
+def make_config(method: str, **options: Any) -> StrategyConfig:
+    """The config of `method` from the options it takes (others, and None values, are ignored)."""
+    cls = STRATEGIES[method].config
+    names = set(cls.__dataclass_fields__)
+    return cls(**{k: v for k, v in options.items() if k in names and v is not None})
+
+
+def protocol(method: str, config: StrategyConfig, num_train_timesteps: int, t_star: int | None = None
+             ) -> dict[str, Any]:
+    """Everything that fixes a strategy's result, for eval --json and benchmark records (reproducibility)."""
+    out: dict[str, Any] = {"method": method, **{k: v for k, v in asdict(config).items() if k != "noises"}}
+    if isinstance(config, NoopConfig):
+        out["timesteps"] = [t_star]
+        out["noise"] = "learned: eps_D + g_phi(z0)"
+        return out
+    if isinstance(config, BaselineConfig):
+        grid = evenly_spaced_timesteps(config.pairs, num_train_timesteps)
+    elif isinstance(config, AdaptiveConfig):
+        out["stages"] = [list(s) for s in config.stages]
+        grid = evenly_spaced_timesteps(config.stages[-1][0], num_train_timesteps)
+    else:
+        grid = evenly_spaced_timesteps(config.max_pairs, num_train_timesteps)
+        out["round_order"] = f"numpy default_rng({config.seed + 1}).permutation of the grid"
+    out["timestep_grid"] = {"n": len(grid), "first": int(grid[0]), "step": int(grid[1] - grid[0]) if len(grid) > 1
+                            else None, "num_train_timesteps": num_train_timesteps}
+    out["noise"] = ("given bank" if getattr(config, "noises", None) is not None else
+                    f"numpy default_rng({config.seed}).standard_normal float32, one per grid slot")
+    return out

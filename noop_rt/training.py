@@ -106,3 +106,34 @@ def train_checkpoint(backbone: Backbone, split: FewShotSplit, template: str, con
 
 def _shots(split: FewShotSplit) -> int:
     return max(torch.bincount(torch.tensor([label for _, label in split.train])).tolist())
+
+
+def train_command(*, data: Path, out: Path, model: str, shots: int, val_shots: int, timestep: int, meta_net: bool,
+                  prompt_tuning: bool, epochs: int, batch_size: int, lr_noise: float, lr_meta: float, negatives: int,
+                  loss: str, template: str | None, seed: int, device: str, fp16: bool, gradient_checkpointing: bool,
+                  max_batch: int, cli_options: dict[str, str], command: str | None) -> dict:
+    """`noop-rt train`: split, load the backbone, train, write the checkpoint; returns the summary."""
+    from noop_rt.backbone import DEMO_SOURCE, load_backbone
+    from noop_rt.checkpoint import save_checkpoint
+    from noop_rt.data import DEFAULT_TEMPLATE
+    from noop_rt.demo import DEMO_TEMPLATE
+    from noop_rt.runtime.torch_backend import pick_device
+
+    split = fewshot_split(data, shots, val_shots, seed)
+    backbone = load_backbone(model, dtype=torch.float16 if fp16 else torch.float32, device=pick_device(device))
+    if not 0 <= timestep < backbone.num_train_timesteps:
+        raise BadInputError(f"--timestep must be in [0, {backbone.num_train_timesteps})")
+    config = TrainConfig(t_star=timestep, epochs=epochs, batch_size=batch_size, lr_noise=lr_noise, lr_meta=lr_meta,
+                         meta_net=meta_net, prompt_tuning=prompt_tuning, negatives=negatives, loss=loss, seed=seed,
+                         max_batch=max_batch, gradient_checkpointing=gradient_checkpointing)
+    tmpl = template or (DEMO_TEMPLATE if backbone.source == DEMO_SOURCE else DEFAULT_TEMPLATE)
+    ckpt, result = train_checkpoint(backbone, split, tmpl, config)
+    ckpt.train["options"] = cli_options
+    if command is not None:
+        ckpt.train["command"] = command
+    ckpt.train["torch_threads"] = torch.get_num_threads()
+    ckpt.train["device"] = str(backbone.device)
+    save_checkpoint(ckpt, out)
+    return {"out": str(out), "classes": len(split.classes), "train_images": len(split.train),
+            "val_images": len(split.val), "val_accuracy": result.val_accuracy, "best_epoch": result.best_epoch,
+            "tau": result.tau, "minutes": round(result.minutes, 2)}

@@ -7,3 +7,6 @@ MODEL_DIR = DEMO_DIR / "model"  # diffusers/transformers save_pretrained layout
 CKPT_PATH = DEMO_DIR / "digits.pt"  # NoOp checkpoint trained on the demo's few-shot split
 BUNDLE_DIR = DEMO_DIR / "bundle"  # pre-exported ONNX bundle of that checkpoint
 EXAMPLES_DIR = DEMO_DIR / "examples"  # one held-out image per class
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DEMO_TEMPLATE = "a handwritten digit {}"

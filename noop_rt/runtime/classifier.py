@@ -1,56 +1,87 @@
-"""The classifier: cached class embeddings + a backend + a strategy from `scoring.py`, timed per stage."""
+"""The classifier: a model on a backend, the class set it labels with, a strategy; typed results, timed per stage.
+
+`Classifier.classify` is what the CLI, `batch`, `bench` and the server call. Settings resolve as defaults < the
+artifact's own (its loss, t*, tau) < call arguments.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
 from noop_rt import scoring
-from noop_rt.calibration import uncalibrated_tau
-from noop_rt.errors import BadInputError
-from noop_rt.robust import RobustConfig
-from noop_rt.runtime.base import Backend
+from noop_rt.errors import BadInputError, UsageError
+from noop_rt.runtime.model import GraphModel
+from noop_rt.runtime.suggest import suggest
+
+ImageLike = Any  # a path (str/Path), a PIL image, or a numpy array (H, W, 3) uint8 / (3, R, R) float in [-1, 1]
 
 
 @dataclass
-class ClassSpec:
-    """What the classifier labels with: classes, their prompts, and what a checkpoint/bundle fixed."""
+class ClassSet:
+    """What the classifier labels with: names, prompts, embeddings (C, L, D), and which names are untrained."""
 
     classes: list[str]
     prompts: list[str]
-    class_embeddings: torch.Tensor | None = None  # (C, L, D) cached; None: embed the prompts now
-    tau: float | None = None  # fitted temperature; None: uncalibrated fallback
-    t_star: int | None = None  # NoOp's timestep
-    loss: str = "l2"
-    template: str | None = None  # the prompt template new class names are embedded with
+    embeddings: np.ndarray
+    trained: bool  # exactly the class set (and prompts) the checkpoint/bundle was trained and calibrated on
+    zero_shot: list[str] = field(default_factory=list)  # classes whose prompt NoOp never saw
 
-    @classmethod
-    def from_checkpoint(cls, ckpt: Any) -> ClassSpec:
-        """The class set a NoOp checkpoint was trained on, with its cached embeddings, tau, t* and error norm."""
-        return cls(ckpt.classes, ckpt.prompts, ckpt.class_embeddings, ckpt.tau, ckpt.t_star, ckpt.loss, ckpt.template)
+
+@dataclass(frozen=True)
+class ClassScore:
+    label: str  # the class name
+    prob: float
+    error: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"class": self.label, "prob": self.prob, "error": self.error}
 
 
 @dataclass
-class StrategyOptions:
-    method: str = "noop"
-    noises: int = 100  # baseline: pairs; adaptive: pairs of the last stage; pruned: max pairs
-    seed: int = 0
-    loss: str | None = None  # None: the checkpoint's (or l2)
-    alpha: float = 0.01  # pruned: t-test level
-    round_size: int = 5  # pruned: pairs added per round
-    robust: RobustConfig | None = None  # RDC likelihood maximisation before scoring (torch backend)
+class Result:
+    """One image's answer: the label, the top-k classes with probability and error, and what it cost."""
+
+    image: str | None  # the path, or None for an in-memory image
+    label: str
+    top: list[ClassScore]
+    method: str
+    backend: str
+    unet_evals: int
+    timings: dict[str, float]  # ms per image: preprocess, model, scoring
+    calibrated: bool = True  # probabilities use the fitted tau (else a per-image 1/std scale)
+    zero_shot: list[str] = field(default_factory=list)
+
+    @property
+    def prob(self) -> float:
+        return self.top[0].prob
+
+    @property
+    def latency_ms(self) -> float:
+        return round(sum(self.timings.values()), 3)
+
+    def to_json(self) -> dict[str, Any]:
+        """The `classify --json` object."""
+        out: dict[str, Any] = {"image": self.image, "top": [t.to_json() for t in self.top], "method": self.method,
+                               "backend": self.backend, "latency_ms": self.latency_ms, "unet_evals": self.unet_evals,
+                               "calibrated": self.calibrated}
+        if self.zero_shot:
+            out["zero_shot_classes"] = self.zero_shot
+        return out
 
 
 @dataclass
 class Timings:
-    """Seconds spent per stage for a batch of images (preprocess is filled in by the caller)."""
+    """Seconds spent per stage over `images` images."""
 
     preprocess: float = 0.0
-    model: float = 0.0  # encoder + noise + UNet
-    scoring: float = 0.0  # softmax, ranking, top-k
+    model: float = 0.0  # encoder + noise + UNet (every graph call)
+    scoring: float = 0.0  # probabilities, ranking, top-k
     images: int = 0
 
     def add(self, other: Timings) -> None:
@@ -65,114 +96,178 @@ class Timings:
                 "scoring": 1e3 * self.scoring / n}
 
 
-@dataclass
-class Prediction:
-    top: list[dict[str, Any]]  # [{"class", "prob", "error"}] best first
-    unet_evals: int
-    label: int
-
-
-@dataclass
 class Classifier:
-    backend: Backend
-    spec: ClassSpec
-    max_batch: int = 256
-    emb: torch.Tensor = field(init=False)
+    """Labels images with a diffusion model. Build one with `noop_rt.load()`."""
 
-    def __post_init__(self) -> None:
-        if not self.spec.classes:
-            raise BadInputError("the class list is empty")
-        emb = self.spec.class_embeddings
-        emb = emb if emb is not None else self.backend.embed(self.spec.prompts)
-        self.emb = emb.to(self.backend.torch_device, torch.float32)  # uploaded once, not per UNet call
+    def __init__(self, model: GraphModel, class_set: ClassSet, *, method: str | None = None,
+                 options: dict[str, Any] | None = None, notes: list[str] | None = None) -> None:
+        self.model = model
+        self.class_set = class_set
+        self.notes = list(notes or [])  # one-line remarks for the user (stale tau, zero-shot classes, fallbacks)
+        self.options = dict(options or {})  # strategy options (loss, pairs, stages, seed, ...) set at load time
+        model.emb = class_set.embeddings
+        model.custom_classes = not class_set.trained
+        self.method = method or self.default_method()
+        self.check_method(self.method)
+        model.prepare(self.method)
 
+    # ------------------------------------------------------------------------------------------ what it is
     @property
     def classes(self) -> list[str]:
-        return self.spec.classes
+        return self.class_set.classes
+
+    @property
+    def backend(self) -> str:
+        return self.model.runner.name
+
+    @property
+    def device(self) -> str:
+        return self.model.runner.device
+
+    @property
+    def info(self):
+        return self.model.info
+
+    @property
+    def resolution(self) -> int:
+        return self.model.info.resolution
 
     def default_method(self) -> str:
-        return "noop" if self.backend.has_noise and self.spec.t_star is not None else "baseline"
+        return "noop" if self.model.info.has_noise else "baseline"
 
     def check_method(self, method: str) -> None:
-        if method not in scoring.METHODS:
-            raise BadInputError(f"unknown method {method!r}; choose one of {', '.join(scoring.METHODS)}")
-        if method == "noop" and (not self.backend.has_noise or self.spec.t_star is None):
-            raise BadInputError("method 'noop' needs a learned noise: pass --ckpt NAME.pt or --bundle DIR")
+        if method not in scoring.STRATEGIES:
+            raise suggest(method, scoring.METHODS, "method")
+        if method == "noop" and not self.model.info.has_noise:
+            raise UsageError("method 'noop' needs a learned noise: load a NoOp checkpoint (NAME.pt) or bundle; "
+                             f"{self.model.info.location} is a plain diffusion model (use baseline, adaptive or "
+                             "pruned)")
 
-    def score(self, images: torch.Tensor, options: StrategyOptions) -> tuple[scoring.Scores, float]:
-        """Scores for images (B, 3, H, W) in [-1, 1], and the seconds spent in the model (encoder+noise+UNet)."""
-        self.check_method(options.method)
-        loss = options.loss or self.spec.loss
-        ab = self.backend.alphas_cumprod
-        eps_fn = self.backend.predict_eps
-        self.backend.synchronize()
+    def config(self, method: str | None = None, **options: Any) -> scoring.StrategyConfig:
+        """The strategy config: the classifier's options < call options; the loss defaults to the model's own."""
+        method = method or self.method
+        self.check_method(method)
+        merged = {**self.options, **{k: v for k, v in options.items() if v is not None}}
+        merged.setdefault("loss", self.model.info.loss)
+        if merged["loss"] not in scoring.LOSSES:
+            raise suggest(str(merged["loss"]), scoring.LOSSES, "loss")
+        if method == "pruned" and "pairs" in merged:
+            merged.setdefault("max_pairs", merged["pairs"])
+        if method == "adaptive" and "stages" not in merged and "pairs" in merged:  # scaled Pets schedule
+            n = int(merged["pairs"])
+            merged["stages"] = ((max(1, n // 10), min(5, len(self.classes))), (n, 1))
+        try:
+            return scoring.make_config(method, **merged)
+        except (TypeError, ValueError) as exc:
+            raise BadInputError(str(exc)) from None
+
+    def calibrated(self, method: str, config: scoring.StrategyConfig) -> bool:
+        """The fitted tau applies: NoOp, the trained classes and prompts, the loss it was fitted with."""
+        info = self.model.info
+        return (method == "noop" and info.tau is not None and self.class_set.trained
+                and getattr(config, "loss", None) == info.loss)
+
+    # ------------------------------------------------------------------------------------------ running
+    def score(self, images: np.ndarray, method: str | None = None, progress: scoring.Progress = None,
+              **options: Any) -> tuple[scoring.Scores, float]:
+        """Scores for preprocessed images (B, 3, R, R) in [-1, 1], and the seconds spent in the model."""
+        method = method or self.method
+        config = self.config(method, **options)
+        robust = options.get("robust") or self.options.get("robust")
         start = time.perf_counter()
-        if options.robust is not None:
-            purify = getattr(self.backend, "purify", None)
+        if robust is not None:
+            purify = getattr(self.model.runner, "purify", None)
             if purify is None:
                 raise BadInputError(f"--robust needs the torch backend (it takes gradients through the model); the "
-                                    f"{self.backend.name} graphs are forward-only: pass --ckpt NAME.pt")
-            images = purify(images, options.robust)
-        z0 = self.backend.encode(images)
-        if options.method == "noop":
-            scores = scoring.noop_scores(eps_fn, z0, self.backend.noise(z0), int(self.spec.t_star), self.emb, ab,
-                                         loss, self.max_batch)
-        elif options.method == "baseline":
-            scores = scoring.baseline_scores(eps_fn, z0, self.emb, ab, options.noises, options.seed, loss,
-                                             self.max_batch)
-        elif options.method == "adaptive":
-            stages = scoring.default_adaptive_stages(options.noises, len(self.classes))
-            scores = scoring.adaptive_scores(eps_fn, z0, self.emb, ab, stages, options.seed, loss, self.max_batch)
-        else:
-            scores = scoring.pruned_scores(eps_fn, z0, self.emb, ab, options.noises, options.round_size,
-                                           options.alpha, options.seed, loss, self.max_batch)
-        self.backend.synchronize()
+                                    f"{self.backend} graphs are forward-only: load the checkpoint (NAME.pt)")
+            images = purify(images, robust)
+        scores = scoring.STRATEGIES[method].fn(self.model, images, config, progress)
+        sync = getattr(self.model.runner, "synchronize", None)
+        if sync is not None:
+            sync()
         return scores, time.perf_counter() - start
 
-    def tau_for(self, method: str, errors: torch.Tensor) -> float | torch.Tensor:
-        """The fitted tau for the NoOp path; a per-image 1/std fallback for strategies it was not fitted on."""
-        if method == "noop" and self.spec.tau is not None:
-            return self.spec.tau
-        return uncalibrated_tau(errors)
-
-    def predict(self, images: torch.Tensor, options: StrategyOptions,
-                top_k: int = 5) -> tuple[list[Prediction], Timings]:
-        scores, model_s = self.score(images, options)
-        start = time.perf_counter()
-        probs = scores.probabilities(self.tau_for(options.method, scores.errors))
-        ranking = scores.ranking()
-        labels = scores.predictions()
+    def predict(self, images: np.ndarray, *, top_k: int = 5, method: str | None = None,
+                names: Sequence[str | None] | None = None, **options: Any) -> tuple[list[Result], Timings]:
+        """Results for preprocessed images (B, 3, R, R), batched into B*C UNet calls up to the max batch."""
+        method = method or self.method
+        config = self.config(method, **options)
+        calibrated = self.calibrated(method, config)
+        results: list[Result] = []
+        total = Timings()
+        step = self.model.images_per_call() if method == "noop" else 1
         k = max(1, min(top_k, len(self.classes)))
-        out = []
-        for i in range(len(images)):
-            top = [{"class": self.classes[c], "prob": float(probs[i, c]), "error": float(scores.errors[i, c])}
-                   for c in ranking[i, :k].tolist()]
-            out.append(Prediction(top=top, unet_evals=int(scores.unet_evals[i]), label=int(labels[i])))
-        return out, Timings(model=model_s, scoring=time.perf_counter() - start, images=len(images))
+        for s in range(0, len(images), step):
+            chunk = images[s:s + step]
+            scores, model_s = self.score(chunk, method, **options)
+            t0 = time.perf_counter()
+            tau = self.model.info.tau if calibrated else scoring.uncalibrated_tau(scores.errors)
+            probs = scores.probabilities(tau)
+            ranking = scores.ranking()[:, :k]
+            scoring_s = time.perf_counter() - t0
+            per = {"preprocess": 0.0, "model": 1e3 * model_s / len(chunk), "scoring": 1e3 * scoring_s / len(chunk)}
+            for i in range(len(chunk)):
+                top = [ClassScore(self.classes[c], float(probs[i, c]), float(scores.errors[i, c]))
+                       for c in ranking[i].tolist()]
+                results.append(Result(image=None if names is None else names[s + i], label=top[0].label, top=top,
+                                      method=method, backend=self.backend, unet_evals=int(scores.unet_evals[i]),
+                                      timings=dict(per), calibrated=calibrated, zero_shot=self.class_set.zero_shot))
+            total.add(Timings(model=model_s, scoring=scoring_s, images=len(chunk)))
+        return results, total
 
+    def classify(self, images: ImageLike | Sequence[ImageLike], *, top_k: int = 5, method: str | None = None,
+                 progress: Callable[[int], None] | None = None, **options: Any) -> Result | list[Result]:
+        """Classify paths, PIL images or numpy arrays; one image gives one Result, a list gives a list.
+        Strategy options (loss, pairs, stages, seed, alpha, round_size, robust) override the loaded ones."""
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        if not items:
+            raise BadInputError("no images given")
+        results, _ = self.run(items, top_k=top_k, method=method, progress=progress, **options)
+        return results[0] if single else results
 
-def images_per_call(classifier: Classifier, method: str) -> int:
-    """Images per strategy call: NoOp batches B images into one B*C UNet batch up to max_batch."""
-    if method == "noop":
-        return max(1, classifier.max_batch // len(classifier.classes))
-    return 1
+    def run(self, items: Sequence[ImageLike], *, top_k: int = 5, method: str | None = None,
+            progress: Callable[[int], None] | None = None, **options: Any) -> tuple[list[Result], Timings]:
+        """`classify` that also returns the summed timings (for speed lines and benchmarks)."""
+        from noop_rt.data import as_model_input
 
+        method = method or self.method
+        step = max(1, self.model.images_per_call()) if method == "noop" else 1
+        results: list[Result] = []
+        total = Timings()
+        for s in range(0, len(items), step):
+            chunk = items[s:s + step]
+            t0 = time.perf_counter()
+            arrays = np.stack([as_model_input(x, self.resolution) for x in chunk])
+            pre = time.perf_counter() - t0
+            names = [str(x) if isinstance(x, (str, Path)) else None for x in chunk]
+            out, timings = self.predict(arrays, top_k=top_k, method=method, names=names, **options)
+            for r in out:
+                r.timings["preprocess"] = 1e3 * pre / len(chunk)
+            timings.preprocess = pre
+            results += out
+            total.add(timings)
+            if progress is not None:
+                progress(len(chunk))
+        return results, total
 
-def predict_arrays(
-    classifier: Classifier, arrays: list[torch.Tensor], options: StrategyOptions, top_k: int = 5,
-    progress: Any = None,
-) -> tuple[list[Prediction], Timings, list[float]]:
-    """Predictions for preprocessed images, batched; also per-image model+scoring seconds (batch time / batch size)."""
-    step = images_per_call(classifier, options.method)
-    predictions: list[Prediction] = []
-    total = Timings()
-    per_image: list[float] = []
-    for start in range(0, len(arrays), step):
-        batch = torch.stack(arrays[start:start + step])
-        preds, timings = classifier.predict(batch, options, top_k)
-        predictions += preds
-        total.add(timings)
-        per_image += [(timings.model + timings.scoring) / len(preds)] * len(preds)
-        if progress is not None:
-            progress(len(preds))
-    return predictions, total, per_image
+    def speed_line(self, timings: Timings, method: str | None = None) -> str:
+        """A one-line speed summary like the detection tools print."""
+        ms = timings.per_image_ms()
+        r = self.resolution
+        return (f"Speed: {ms['preprocess']:.1f} ms preprocess, {ms['model']:.1f} ms noise+UNet, {ms['scoring']:.1f} "
+                f"ms scoring per image at {r}x{r} ({len(self.classes)} classes, method {method or self.method}, "
+                f"backend {self.backend} on {self.device})")
+
+    def close(self) -> None:
+        self.model.runner.close()
+
+    def __enter__(self) -> Classifier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Classifier({self.model.info.name!r}, {len(self.classes)} classes, method={self.method!r}, "
+                f"backend={self.backend!r} on {self.device!r})")

@@ -1,49 +1,138 @@
-"""The PyTorch backend: the diffusers/transformers modules themselves (eager), fp32 or fp16, CPU or CUDA."""
+"""The torch backend: the very modules that training runs and `export` traces (`noop_rt/graphs.py`), eager, fp32 or
+fp16, CPU or CUDA, behind the same graph-runner interface as the engines. It is the only runtime module that
+reaches the torch side (backbone, checkpoint, NoOp), and `open.py` imports it only when it is chosen. It runs
+checkpoints and diffusers folders, and robust mode (which takes gradients through the model).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 import torch
 
-from noop_rt.backbone import Backbone
-from noop_rt.errors import BadInputError
-from noop_rt.noop import NoiseModel
-from noop_rt.robust import RobustConfig, likelihood_maximisation
+from noop_rt.backbone import DEMO_SOURCE, Backbone, load_backbone
+from noop_rt.checkpoint import NoopCheckpoint, backbone_fingerprint, load_checkpoint, same_backbone
+from noop_rt.errors import BadInputError, CheckpointError
+from noop_rt.graphs import backbone_specs, graph_modules
+from noop_rt.runtime.bundle import sha256_file
+from noop_rt.runtime.graphs import CLASSIFIER
+from noop_rt.runtime.model import ModelInfo, default_preprocessing
 
 
-class TorchBackend:
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInputError("--device cuda asked for, but torch sees no CUDA GPU")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise BadInputError(f"unknown device {device!r} (use auto, cpu or cuda[:N])") from None
+
+
+class TorchRunner:
     name = "torch"
 
-    def __init__(self, backbone: Backbone, noise_model: NoiseModel | None = None) -> None:
+    def __init__(self, backbone: Backbone, ckpt: NoopCheckpoint | None, fp16: bool = False) -> None:
         self.backbone = backbone
-        self.noise_model = None if noise_model is None else noise_model.to(backbone.device).eval()
+        self.ckpt = ckpt
+        self.modules = graph_modules(backbone, ckpt, half=fp16)
+        self.specs = backbone_specs(backbone)
         self.device = str(backbone.device)
-        self.torch_device = backbone.device
-        self.resolution = backbone.resolution
-        self.latent_shape = backbone.latent_shape
-        self.alphas_cumprod = backbone.alphas_cumprod
-        self.has_noise = noise_model is not None
+        self._default_emb = None if ckpt is None else ckpt.class_embeddings.to(backbone.device, torch.float32)
+        self._fed: tuple[int, torch.Tensor] | None = None  # the last class embeddings fed, kept on the device
+
+    def has(self, graph: str) -> bool:
+        return graph in self.modules
+
+    def _tensor(self, name: str, array: np.ndarray) -> torch.Tensor:
+        if name == "class_embeddings":  # fed on every call: upload once per array
+            if self._fed is None or self._fed[0] != id(array):
+                self._fed = (id(array), torch.from_numpy(np.ascontiguousarray(array)).to(self.backbone.device))
+            return self._fed[1]
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.backbone.device)
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone.encode(images)
+    def run(self, graph: str, feeds: dict[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
+        spec = self.specs[graph]
+        args = []
+        for t in spec.inputs:
+            if t.name in feeds:
+                args.append(self._tensor(t.name, feeds[t.name]))
+            elif graph == CLASSIFIER and t.name == "class_embeddings":
+                args.append(self._default_emb)
+            else:
+                raise BadInputError(f"graph {graph} needs input {t.name}")
+        result = self.modules[graph](*args)
+        result = result if isinstance(result, tuple) else (result,)
+        names = [o.name for o in spec.outputs] if graph != CLASSIFIER else ["errors", "probs"]
+        by_name = dict(zip(names, result, strict=False))
+        return [by_name[o].float().cpu().numpy() if by_name[o].is_floating_point() else by_name[o].cpu().numpy()
+                for o in outputs]
 
-    @torch.no_grad()
-    def noise(self, z0: torch.Tensor) -> torch.Tensor:
-        if self.noise_model is None:
-            raise BadInputError("method 'noop' needs a learned noise: pass --ckpt NAME.pt or --bundle DIR")
-        return self.noise_model(z0.to(self.backbone.device)).float()
+    def purify(self, images: np.ndarray, config: Any) -> np.ndarray:
+        """RDC likelihood maximisation (robust.py) on images (B, 3, H, W)."""
+        from noop_rt.robust import likelihood_maximisation
 
-    @torch.no_grad()
-    def predict_eps(self, z_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        return self.backbone.predict_eps(z_t, t, emb)
-
-    def purify(self, images: torch.Tensor, config: RobustConfig) -> torch.Tensor:
-        """RDC likelihood maximisation (see robust.py)."""
-        return likelihood_maximisation(self.backbone, images, config)
-
-    def embed(self, prompts: list[str]) -> torch.Tensor:
-        return self.backbone.embed(prompts)
+        return likelihood_maximisation(self.backbone, torch.from_numpy(images), config).cpu().numpy()
 
     def synchronize(self) -> None:
         if self.backbone.device.type == "cuda":
             torch.cuda.synchronize(self.backbone.device)
+
+    def close(self) -> None:
+        self.modules.clear()
+
+
+def tokenizer_of(backbone: Backbone):
+    def tokenize(prompts: list[str]) -> np.ndarray:
+        return backbone.tokenize(prompts).numpy().astype(np.int64)
+
+    return tokenize
+
+
+def open_checkpoint(path: Path, model: str | None, device: str, fp16: bool, max_batch: int
+                    ) -> tuple[TorchRunner, ModelInfo, np.ndarray]:
+    """A NoOp checkpoint on its backbone (or `model`, which must be the same network)."""
+    ckpt = load_checkpoint(path)
+    dtype = torch.float16 if fp16 else torch.float32
+    backbone = load_backbone(model or ckpt.backbone_source, dtype=dtype, device=pick_device(device))
+    reason = same_backbone(ckpt.backbone_fingerprint, backbone)
+    if reason is not None:
+        raise CheckpointError(f"{path} was trained on another backbone than {backbone.source}: {reason}")
+    name = "digits" if _is_demo_ckpt(path) else path.stem
+    info = ModelInfo(name=name, source="checkpoint", location=str(path), resolution=backbone.resolution,
+                     latent_shape=backbone.latent_shape, num_train_timesteps=backbone.num_train_timesteps,
+                     prediction_type=backbone.prediction_type, max_batch=max_batch, fingerprint=sha256_file(path)[:16],
+                     classes=list(ckpt.classes), prompts=list(ckpt.prompts), template=ckpt.template,
+                     t_star=ckpt.t_star, tau=ckpt.tau, loss=ckpt.loss, prompt_tuned=ckpt.prompt_ctx is not None,
+                     precision="fp16" if fp16 else "fp32", preprocessing=default_preprocessing(backbone.resolution),
+                     drift=ckpt.train.get("drift"))
+    return TorchRunner(backbone, ckpt, fp16), info, ckpt.class_embeddings.float().numpy()
+
+
+def open_diffusers(folder: str, device: str, fp16: bool, max_batch: int) -> tuple[TorchRunner, ModelInfo]:
+    """A diffusers Stable Diffusion folder (or the demo backbone) for the zero-shot strategies."""
+    dtype = torch.float16 if fp16 else torch.float32
+    backbone = load_backbone(folder, dtype=dtype, device=pick_device(device))
+    fingerprint = hashlib.sha256(json.dumps(backbone_fingerprint(backbone), sort_keys=True).encode()).hexdigest()
+    name = "demo" if backbone.source == DEMO_SOURCE else Path(backbone.source).name
+    info = ModelInfo(name=name, source="diffusers", location=backbone.source, resolution=backbone.resolution,
+                     latent_shape=backbone.latent_shape, num_train_timesteps=backbone.num_train_timesteps,
+                     prediction_type=backbone.prediction_type, max_batch=max_batch, fingerprint=fingerprint[:16],
+                     precision="fp16" if fp16 else "fp32", preprocessing=default_preprocessing(backbone.resolution))
+    return TorchRunner(backbone, None, fp16), info
+
+
+def _is_demo_ckpt(path: Path) -> bool:
+    from noop_rt.demo import CKPT_PATH
+
+    try:
+        return path.resolve() == CKPT_PATH.resolve()
+    except OSError:
+        return False

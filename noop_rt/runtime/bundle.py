@@ -1,0 +1,196 @@
+"""Reading an exported bundle `export/NAME/` (format 2): the manifest, its files, and the checks that keep a
+truncated, swapped or edited file from being run. No torch.
+
+Opening checks the manifest, every listed file's presence and size, and re-hashes (sha256) only a file whose size or
+modification time changed since it was last verified; what was verified is remembered beside the bundle
+(`.verified.json`), or in the user cache when the bundle is read-only (an installed package). `export`, `build`
+and `noop-rt verify` hash everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from noop_rt.errors import BundleError
+from noop_rt.runtime.graphs import CLASSIFIER, GraphSpec
+
+FORMAT = "noop-rt.bundle"
+VERSION = 2
+MANIFEST = "manifest.json"
+VERIFIED = ".verified.json"
+REQUIRED = ("name", "classes", "prompts", "t_star", "loss", "tau", "resolution", "latent_shape", "max_tokens",
+            "text_dim", "num_train_timesteps", "max_batch", "precision", "graphs", "files", "preprocessing",
+            "classifier_graph", "backbone")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temp file beside `path`, then rename it over `path`."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def user_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "noop-rt"
+
+
+@dataclass
+class Bundle:
+    root: Path
+    manifest: dict[str, Any]
+
+    # ------------------------------------------------------------------------------------------ fields
+    @property
+    def name(self) -> str:
+        return str(self.manifest["name"])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["classes"])
+
+    @property
+    def graphs(self) -> dict[str, GraphSpec]:
+        return {name: GraphSpec.from_json(name, spec) for name, spec in self.manifest["graphs"].items()}
+
+    def has(self, graph: str) -> bool:
+        return graph in self.manifest["graphs"]
+
+    def path(self, graph: str) -> Path:
+        return self.root / self.manifest["graphs"][graph]["file"]
+
+    @property
+    def classifier_path(self) -> Path:
+        return self.root / self.manifest["classifier_graph"]["file"]
+
+    def class_embeddings(self) -> np.ndarray:
+        """The cached class embeddings (C, L, D) float32, checked; a bad file is a BundleError naming it."""
+        path = self.root / "class_embeddings.npy"
+        try:
+            emb = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise BundleError(f"{path} is not a plain numpy array file ({str(exc).splitlines()[0]}); re-export "
+                              "the bundle") from None
+        want = (len(self.classes), int(self.manifest["max_tokens"]), int(self.manifest["text_dim"]))
+        if emb.dtype != np.float32 or emb.shape != want:
+            raise BundleError(f"{path} holds a {emb.dtype} array of shape {emb.shape}; the manifest needs float32 "
+                              f"{want}")
+        if not np.isfinite(emb).all():
+            raise BundleError(f"{path} holds NaN or infinite values")
+        return emb
+
+    # ------------------------------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, root: str | Path, verify: str = "changed") -> Bundle:
+        """Read and check a bundle. verify="changed": hash only files changed since last verified; "all": hash
+        every file (noop-rt verify, export, build); "none": presence and sizes only (export's own staging)."""
+        root = Path(root).expanduser()
+        manifest = read_manifest(root)
+        bundle = cls(root, manifest)
+        bundle.check_files(verify)
+        return bundle
+
+    def check_files(self, verify: str = "changed") -> list[str]:
+        """Presence, size and (per `verify`) sha256 of every file the manifest lists; returns the files hashed."""
+        files: dict[str, Any] = self.manifest["files"]
+        for graph, spec in self.manifest["graphs"].items():
+            if spec.get("file") not in files:
+                raise BundleError(f"{self.root}/{MANIFEST} lists graph {graph!r} without a checked file")
+        cache = _VerifiedCache(self.root, self.manifest) if verify == "changed" else None
+        hashed = []
+        for name, record in files.items():
+            file = self.root / name
+            if not isinstance(record, dict) or "sha256" not in record or "size" not in record:
+                raise BundleError(f"{self.root}/{MANIFEST}: bad entry for {name}")
+            try:
+                stat = file.stat()
+            except OSError:
+                raise BundleError(f"{self.root} is incomplete: {name} is missing") from None
+            if stat.st_size != int(record["size"]):
+                raise BundleError(f"{file} has {stat.st_size} bytes where {MANIFEST} records {record['size']} "
+                                  "(truncated or replaced)")
+            if verify == "none" or (cache is not None and cache.fresh(name, stat)):
+                continue
+            if sha256_file(file) != record["sha256"]:
+                raise BundleError(f"{file} does not match the sha256 in {MANIFEST} (modified or corrupt)")
+            hashed.append(name)
+            if cache is not None:
+                cache.record(name, stat)
+        if cache is not None:
+            cache.save()
+        return hashed
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise BundleError(f"bundle folder not found: {root}")
+    if not path.is_file():
+        raise BundleError(f"{root} is not a noop-rt bundle: {MANIFEST} is missing (run noop-rt export)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{root} is not a noop-rt bundle (format tag {FORMAT!r} missing)")
+    if manifest.get("version") != VERSION:
+        source = (manifest.get("source_ckpt") or {}).get("path", "NAME.pt")
+        raise BundleError(f"{root} is bundle format {manifest.get('version')}; this noop-rt reads format {VERSION}: "
+                          f"re-export it with this version (noop-rt export --ckpt {source} --out {root} --force)")
+    missing = [key for key in REQUIRED if key not in manifest]
+    if missing:
+        raise BundleError(f"{path} lacks field(s) {', '.join(missing)}; re-export the bundle")
+    if manifest["classifier_graph"].get("file") != manifest["graphs"].get(CLASSIFIER, {}).get("file"):
+        raise BundleError(f"{path}: classifier_graph does not name the classifier graph's file")
+    return manifest
+
+
+class _VerifiedCache:
+    """(size, mtime) of the files whose sha256 matched this manifest, beside the bundle or in the user cache."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
+        self.key = hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
+        beside = root / VERIFIED
+        self.path = beside if os.access(root, os.W_OK) else (
+            user_cache_dir() / "verified" / (hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:24] + ".json"))
+        self.entries: dict[str, list[int]] = {}
+        self.dirty = False
+        try:
+            data = json.loads(self.path.read_text())
+            if data.get("files_key") == self.key:
+                self.entries = {k: list(v) for k, v in data.get("files", {}).items()}
+        except (OSError, ValueError, AttributeError, TypeError):
+            pass
+
+    def fresh(self, name: str, stat: os.stat_result) -> bool:
+        return self.entries.get(name) == [stat.st_size, stat.st_mtime_ns]
+
+    def record(self, name: str, stat: os.stat_result) -> None:
+        self.entries[name] = [stat.st_size, stat.st_mtime_ns]
+        self.dirty = True
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.path, {"files_key": self.key, "files": self.entries})
+        except OSError:
+            pass  # a cache that cannot be written only costs a re-hash next time

@@ -1,0 +1,264 @@
+"""One opener: source -> backend -> classifier, with no import cycle.
+
+The source's kind (one table) says which backends can run it: a bundle runs on TensorRT, onnxruntime (CUDA or CPU)
+or OpenVINO; a checkpoint or a diffusers folder on torch. `auto` is an ordered probe that records why each backend
+was skipped; an explicit backend turns its reason into the error. Backends are imported only when chosen, so a bundle
+never imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from noop_rt.data import DEFAULT_TEMPLATE, make_prompts
+from noop_rt.errors import BadInputError, MissingDependencyError, UsageError
+from noop_rt.runtime.backend import BACKENDS, installed, nvidia_gpus
+from noop_rt.runtime.classifier import Classifier, ClassSet
+from noop_rt.runtime.model import GraphModel, ModelInfo
+from noop_rt.runtime.suggest import close_match, suggest
+
+TRAIN_HINT = "pip install 'noop-rt[train]'"
+SOURCE_KINDS = "a bundle folder (manifest.json), a checkpoint NAME.pt, a diffusers Stable Diffusion folder " \
+               "(model_index.json), or 'demo'"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadOptions:
+    """How to open a source. Class options: `classes` (names), `template` (one '{}'), `prompts` ({class: prompt},
+    e.g. from Li et al.'s CSV files); `classes_from` names where `classes` came from when they must be the trained
+    set (`--data DIR`)."""
+
+    backend: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda[:N]
+    fp16: bool = False  # torch backend: the backbone in half precision
+    max_batch: int = 256  # largest UNet batch per call (capped by a bundle's own)
+    threads: int | None = None  # CPU engine threads (None: the engine's default)
+    engines: Path | None = None  # TensorRT engine folder (default engines/<bundle name>)
+    classes: list[str] | None = None
+    template: str | None = None
+    prompts: dict[str, str] | None = None
+    classes_from: str | None = None
+    method: str | None = None
+    strategy: dict[str, Any] = field(default_factory=dict)  # loss, pairs, stages, seed, alpha, round_size, robust
+
+
+def source_kind(source: str | Path | None) -> tuple[str, Path | None]:
+    """("demo" | "bundle" | "checkpoint" | "diffusers", path)."""
+    if source is None or str(source) == "demo":
+        return "demo", None
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if (path / "manifest.json").is_file():
+            return "bundle", path
+        if (path / "model_index.json").is_file():
+            return "diffusers", path
+        raise BadInputError(f"{path} is neither a noop-rt bundle (manifest.json) nor a diffusers folder "
+                            f"(model_index.json); load {SOURCE_KINDS}")
+    if path.suffix == ".pt":
+        if not path.is_file():
+            raise BadInputError(f"checkpoint not found: {path}")
+        return "checkpoint", path
+    if not path.exists():
+        raise BadInputError(f"not found: {path} (load {SOURCE_KINDS})")
+    raise BadInputError(f"cannot load {path}: expected {SOURCE_KINDS}")
+
+
+def open_classifier(source: str | Path | None = None, options: LoadOptions | None = None) -> Classifier:
+    """The classifier a source names; the built-in demo when there is none."""
+    options = options or LoadOptions()
+    if options.backend not in BACKENDS:
+        raise suggest(options.backend, BACKENDS, "backend")
+    kind, path = source_kind(source)
+    notes: list[str] = []
+    if kind == "demo":
+        from noop_rt.demo import BUNDLE_DIR, CKPT_PATH
+
+        if options.backend == "torch" or options.strategy.get("robust") is not None:
+            kind, path = "checkpoint", CKPT_PATH
+        else:
+            kind, path = "bundle", BUNDLE_DIR
+    if kind == "bundle":
+        model, trained_emb = _open_bundle(path, options, notes)
+    else:
+        model, trained_emb = _open_torch(kind, path, options)
+    class_set = resolve_classes(model, trained_emb, options, notes)
+    return Classifier(model, class_set, method=options.method, options=options.strategy, notes=notes)
+
+
+# ---------------------------------------------------------------------------------------------- bundles
+def _open_bundle(path: Path, options: LoadOptions, notes: list[str]) -> tuple[GraphModel, np.ndarray]:
+    from noop_rt.runtime.bundle import Bundle
+
+    if options.backend == "torch":
+        raise UsageError("the torch backend runs checkpoints and diffusers folders; pass the bundle's checkpoint "
+                         "(NAME.pt) or choose --backend onnxruntime/openvino/tensorrt")
+    if options.strategy.get("robust") is not None:
+        raise UsageError("--robust needs the torch backend (it takes gradients through the model): pass the "
+                         "checkpoint (NAME.pt) instead of the bundle")
+    bundle = Bundle.open(path)
+    runner = _bundle_runner(bundle, options, notes)
+    info = ModelInfo.from_manifest(bundle.manifest, str(path))
+    info.max_batch = min(info.max_batch, options.max_batch)
+
+    def tokenize(prompts: list[str]) -> np.ndarray:
+        from noop_rt.runtime.tokenizer import PromptTokenizer
+
+        return PromptTokenizer(bundle.root / "tokenizer", int(bundle.manifest["max_tokens"]))(prompts)
+
+    return GraphModel(runner, info, tokenize), bundle.class_embeddings()
+
+
+def _bundle_runner(bundle: Any, options: LoadOptions, notes: list[str]) -> Any:
+    """The first backend of the probe that can run the bundle (or the one asked for, or why not)."""
+    wanted = options.backend
+    device = options.device
+    cpu_only = device == "cpu"
+    reasons: dict[str, str] = {}
+    for name in ("tensorrt", "onnxruntime-cuda", "onnxruntime", "openvino"):
+        family = name.split("-")[0]
+        if wanted not in ("auto", family):
+            continue
+        if name in ("tensorrt", "onnxruntime-cuda") and cpu_only:
+            reasons[name] = "--device cpu"
+            continue
+        if name == "openvino" and device.startswith("cuda"):
+            reasons[name] = f"--device {device}"
+            continue
+        if name == "onnxruntime" and device.startswith("cuda") and wanted == "auto":
+            continue  # a GPU was asked for: only the GPU runners qualify
+        why = _why_not(name, bundle, options)
+        if why is None:
+            return _make_runner(name, bundle, options)
+        reasons[name] = why
+        if name == "onnxruntime-cuda" and wanted == "onnxruntime" and device.startswith("cuda"):
+            raise MissingDependencyError(f"--backend onnxruntime --device {device}: {why}")
+    if wanted == "auto" and reasons.get("onnxruntime-cuda", "").startswith("this onnxruntime has no CUDA"):
+        notes.append("an NVIDIA GPU is present but onnxruntime has no CUDA provider, so the bundle runs on the CPU: "
+                     + reasons["onnxruntime-cuda"])
+    detail = "; ".join(f"{k}: {v}" for k, v in reasons.items())
+    raise MissingDependencyError(f"no backend can run {bundle.root} here ({detail})" if wanted == "auto"
+                                 else f"--backend {wanted} cannot run here: {detail}")
+
+
+def _why_not(name: str, bundle: Any, options: LoadOptions) -> str | None:
+    if name == "tensorrt":
+        from noop_rt.runtime import tensorrt_backend
+
+        return tensorrt_backend.unavailable(bundle, options.engines)
+    if name == "onnxruntime-cuda":
+        from noop_rt.runtime import onnxruntime_backend
+
+        return onnxruntime_backend.cuda_unavailable() if nvidia_gpus() or options.device.startswith("cuda") \
+            else "no NVIDIA GPU"
+    if name == "openvino":
+        return None if installed("openvino") else "openvino is not installed (pip install 'noop-rt[openvino]')"
+    from noop_rt.runtime import onnxruntime_backend
+
+    return onnxruntime_backend.unavailable()
+
+
+def _make_runner(name: str, bundle: Any, options: LoadOptions) -> Any:
+    device = options.device if options.device.startswith("cuda") else "cuda:0"
+    if name == "tensorrt":
+        from noop_rt.runtime.tensorrt_backend import TensorRTRunner
+
+        return TensorRTRunner(bundle, options.engines, device)
+    if name == "openvino":
+        from noop_rt.runtime.openvino_backend import OpenVinoRunner
+
+        return OpenVinoRunner(bundle, threads=options.threads)
+    from noop_rt.runtime.onnxruntime_backend import OnnxRuntimeRunner
+
+    return OnnxRuntimeRunner(bundle, device if name == "onnxruntime-cuda" else "cpu", options.threads)
+
+
+# ---------------------------------------------------------------------------------------------- torch sources
+def _open_torch(kind: str, path: Path | None, options: LoadOptions) -> tuple[GraphModel, np.ndarray | None]:
+    if options.backend not in ("auto", "torch"):
+        raise UsageError(f"--backend {options.backend} runs exported bundles; a {kind} runs on the torch backend "
+                         f"(export it first: noop-rt export --ckpt NAME.pt)" if kind == "checkpoint" else
+                         f"--backend {options.backend} runs exported bundles; a {kind} folder runs on torch")
+    missing = [m for m in ("torch", "diffusers", "transformers") if not installed(m)]
+    if missing:
+        raise MissingDependencyError(f"a {kind} runs on the torch backend, which needs {', '.join(missing)}: "
+                                     f"{TRAIN_HINT} (or export it to a bundle on a machine that has them)")
+    from noop_rt.runtime import torch_backend
+
+    if kind == "checkpoint":
+        runner, info, emb = torch_backend.open_checkpoint(path, None, options.device, options.fp16, options.max_batch)
+        return GraphModel(runner, info, torch_backend.tokenizer_of(runner.backbone)), emb
+    runner, info = torch_backend.open_diffusers(str(path), options.device, options.fp16, options.max_batch)
+    return GraphModel(runner, info, torch_backend.tokenizer_of(runner.backbone)), None
+
+
+# ---------------------------------------------------------------------------------------------- classes
+def resolve_classes(model: GraphModel, trained_emb: np.ndarray | None, options: LoadOptions,
+                    notes: list[str]) -> ClassSet:
+    """The class set to label with: the trained one (cached embeddings, calibrated tau), or new prompts embedded
+    through the text encoder (zero-shot; the learned noise is class-agnostic)."""
+    info = model.info
+    trained = dict(zip(info.classes or [], info.prompts or [], strict=True))
+    names, prompts = _requested(info, options)
+    if names is None:  # the trained set
+        return ClassSet(list(trained), list(trained.values()), trained_emb, trained=True)
+    if trained and dict(zip(names, prompts, strict=True)) == trained:
+        return ClassSet(list(trained), list(trained.values()), trained_emb, trained=True)
+    if options.classes_from is not None and trained and set(names) != set(trained):
+        from noop_rt.data import describe_unknown
+
+        extra = sorted(set(names) - set(trained))
+        missing = sorted(set(trained) - set(names))
+        raise BadInputError(f"the class folders of {options.classes_from} do not match the trained classes"
+                            f"{': unknown ' + describe_unknown(extra, list(trained)) if extra else ''}"
+                            f"{'; missing ' + ', '.join(missing[:5]) if missing else ''} "
+                            "(pass --classes a,b,c to classify with new class prompts)")
+    if info.prompt_tuned:
+        raise BadInputError("this model's class embeddings are prompt-tuned; new classes or prompts need "
+                            "re-training (drop --classes/--prompts/--template, or train without --prompt-tuning)")
+    zero_shot = [n for n, p in zip(names, prompts, strict=True) if trained.get(n) != p] if trained else []
+    for name in zero_shot:
+        if name not in trained and (close := close_match(name, list(trained))) is not None:
+            notes.append(f"{name!r} is not a trained class (did you mean {close!r}?); it is classified zero-shot "
+                         f"from its prompt {dict(zip(names, prompts, strict=True))[name]!r}")
+    if zero_shot:
+        notes.append(f"zero-shot (untrained) prompts for {', '.join(zero_shot[:5])}"
+                     f"{' ...' if len(zero_shot) > 5 else ''}")
+    rows = []
+    todo = [i for i, (n, p) in enumerate(zip(names, prompts, strict=True)) if trained.get(n) != p]
+    new = model.embed([prompts[i] for i in todo]) if todo else None
+    order = list(trained)
+    for i, name in enumerate(names):
+        rows.append(new[todo.index(i)] if i in todo else trained_emb[order.index(name)])
+    return ClassSet(names, prompts, np.ascontiguousarray(np.stack(rows), dtype=np.float32), trained=False,
+                    zero_shot=zero_shot)
+
+
+def _requested(info: ModelInfo, options: LoadOptions) -> tuple[list[str] | None, list[str] | None]:
+    """The class names and prompts the options ask for, or (None, None) for the trained set."""
+    from noop_rt.demo import DEMO_TEMPLATE, DIGIT_NAMES
+
+    template = options.template
+    if options.prompts is not None:
+        table = options.prompts
+        names = options.classes or list(table)
+        unknown = [n for n in names if n not in table]
+        if unknown:
+            raise BadInputError(f"the prompts file has no prompt for class(es) {', '.join(unknown[:5])}")
+        if template is not None:
+            raise UsageError("pass either --prompts FILE or --template, not both")
+        return names, [table[n] for n in names]
+    if options.classes is None and template is None:
+        if info.classes:
+            return None, None
+        if info.source == "diffusers" and info.location == "demo":
+            return list(DIGIT_NAMES), make_prompts(list(DIGIT_NAMES), DEMO_TEMPLATE)
+        raise BadInputError("no classes given: pass --classes a,b,c, --prompts FILE or --data DIR (one sub-folder "
+                            "per class)")
+    names = options.classes or list(info.classes or [])
+    if not names:
+        raise BadInputError("no classes given: pass --classes a,b,c or --data DIR")
+    return names, make_prompts(names, template or info.template or DEFAULT_TEMPLATE)
