@@ -22,7 +22,27 @@ GPU_HINT = ("the GPU build replaces the CPU one: pip uninstall -y onnxruntime &&
 
 def unavailable() -> str | None:
     """Why this backend cannot run here, or None."""
-    return None if installed("onnxruntime") else "onnxruntime is not installed (pip install onnxruntime)"
+    if not installed("onnxruntime"):
+        return "onnxruntime is not installed (pip install onnxruntime)"
+    return both_builds_installed()
+
+
+def both_builds_installed() -> str | None:
+    """onnxruntime (CPU) and onnxruntime-gpu are one module in two distributions: with both installed, whichever
+    was installed last shadows the other, silently."""
+    from importlib import metadata
+
+    names = []
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            metadata.version(dist)
+            names.append(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    if len(names) == 2:
+        return ("both onnxruntime and onnxruntime-gpu are installed and shadow each other: pip uninstall -y "
+                "onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu (GPU) or onnxruntime (CPU)")
+    return None
 
 
 def cuda_unavailable() -> str | None:
