@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,9 @@ def load_checkpoint(path: str | Path) -> NoopCheckpoint:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing: one line only
+            warnings.simplefilter("ignore")
+            raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises many types (UnpicklingError, KeyError, RuntimeError...) on junk
         # (torch's own messages suggest weights_only=False, which a checkpoint of ours never needs: not repeated)
         raise CheckpointError(f"{path} is not a readable noop-rt checkpoint (corrupt, truncated or not a torch "

@@ -15,6 +15,33 @@ import typer
 from noop_rt.defaults import SHOTS, VAL_SHOTS
 from noop_rt.errors import BadInputError, NoopError
 
+def _plain_help_labels() -> None:
+    """Help shows plain value labels (`IMAGE...`, `--shots N`, `--lr-noise X`) instead of typer's type labels
+    (`<list[Path]>`, `<int range>`, `<float>`) and brace decoration (`{IMAGE...}...`)."""
+    from typer.core import TyperArgument, TyperOption
+
+    arg_label, arg_usage = TyperArgument.display_type_rich, TyperArgument._usage_display_name
+    opt_label = TyperOption.display_type_rich
+    plain = {"int": "N", "float": "X", "str": "TEXT", "Path": "PATH"}
+
+    def argument_label(self: Any, ctx: Any) -> str:
+        return "" if self.metavar else arg_label(self, ctx=ctx)
+
+    def argument_usage(self: Any) -> str:
+        return str(self.metavar) if self.metavar else arg_usage(self)
+
+    def option_label(self: Any, ctx: Any) -> str | None:
+        if self.metavar is not None or self.is_flag:
+            return opt_label(self, ctx=ctx)
+        label = str(opt_label(self, ctx=ctx) or "").strip("<>").split(" ")[0]
+        return plain.get(label, label.upper() or None)
+
+    TyperArgument.display_type_rich = argument_label  # type: ignore[method-assign]
+    TyperArgument._usage_display_name = argument_usage  # type: ignore[method-assign]
+    TyperOption.display_type_rich = option_label  # type: ignore[method-assign]
+
+
+_plain_help_labels()
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None,
                   help="Diffusion classifiers at one UNet pass per class: train NoOp, export to ONNX, build "
@@ -42,6 +69,11 @@ def _run(fn: Any) -> Any:
         return fn()
     except (typer.Exit, typer.Abort, KeyboardInterrupt):
         raise
+    except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as shell tools do
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(141) from None
     except Exception as exc:
         _fail(exc)
 
@@ -77,11 +109,11 @@ StagesOpt = Annotated[str | None, typer.Option("--stages", metavar="P:K,...", he
                                                "pets, cifar10, stl10, food, flowers, aircraft, imagenet, objectnet.")]
 LossOpt = Annotated[str | None, typer.Option("--loss", metavar="NAME", help="l2 | l1 | huber (default: the "
                                              "model's own, else l2).")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Noise seed of the random strategies.")]
-TopKOpt = Annotated[int, typer.Option("--top-k", min=1, help="How many classes to report per image.")]
+SeedOpt = Annotated[int, typer.Option("--seed", metavar="N", help="Noise seed of the random strategies.")]
+TopKOpt = Annotated[int, typer.Option("--top-k", min=1, metavar="K", help="How many classes to report per image.")]
 DeviceOpt = Annotated[str, typer.Option("--device", metavar="DEV", help="auto | cpu | cuda[:N].")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
-MaxBatchOpt = Annotated[int, typer.Option("--max-batch", min=1, help="Largest UNet batch (B*C) per call.")]
+MaxBatchOpt = Annotated[int, typer.Option("--max-batch", min=1, metavar="N", help="Largest UNet batch (B*C) per call.")]
 RobustOpt = Annotated[bool, typer.Option("--robust", help="RDC likelihood maximisation first (torch backend).")]
 Fp16Opt = Annotated[bool, typer.Option("--fp16", help="torch backend in half precision.")]
 
