@@ -1,9 +1,10 @@
 """`noop-rt batch`: classify many images offline, in process or on Ray Data, resumable, nothing lost.
 
-Pipeline: expand inputs -> skip paths already in the output -> decode + preprocess -> classify in batches of B images
-(one B*C UNet call each, chunked to the max batch) -> append a part file per batch -> at the end merge everything into
-the output (parquet or jsonl) atomically. A crash leaves the part files: re-running with the same --out resumes.
-Every input path appears exactly once in the output; an unreadable image gets an `error` row.
+Pipeline: expand inputs -> skip paths already in the output -> decode + preprocess (numpy) -> classify in batches of
+B images (`Classifier.predict`: B*C UNet batches up to the max batch) -> append a part file per batch -> at the end
+merge everything into the output (parquet or jsonl) atomically. A crash or Ctrl-C leaves the part files: re-running
+with the same --out resumes. Every input path appears exactly once in the output; an unreadable image gets an `error`
+row. The model is opened with `noop_rt.load(**load)`: a bundle never imports torch.
 """
 
 from __future__ import annotations
@@ -147,10 +148,6 @@ def write_part(folder: Path, index: int, rows: list[dict[str, Any]]) -> None:
 # ---------------------------------------------------------------------------------------------- classification
 @dataclass
 class BatchOptions:
-    method: str | None = None
-    noises: int = 100
-    seed: int = 0
-    loss: str | None = None
     top_k: int = 5
     batch_size: int = 16  # images per classification call
     ray: bool = False
@@ -160,18 +157,19 @@ class BatchOptions:
     fail_after_batches: int | None = None  # testing hook: raise after this many batches (simulates a crash)
 
 
-def model_id(classifier: Any, req: Any, method: str, noises: int) -> str:
-    """Identity of what produced a row: the bundle/ckpt/model, the classes and the strategy."""
-    from noop_rt.bundle import sha256_file
-
-    if getattr(classifier.backend, "bundle", None) is not None:
-        source = "bundle:" + classifier.backend.bundle.manifest.get("cache_key", "")
-    elif req.ckpt is not None:
-        source = "ckpt:" + sha256_file(Path(req.ckpt))
-    else:
-        source = "model:" + str(req.model)
-    blob = json.dumps({"source": source, "classes": classifier.classes, "method": method,
-                       "noises": None if method == "noop" else noises})
+def model_id(classifier: Any) -> str:
+    """Identity of what produced a row: the model (its fingerprint: bundle cache key, checkpoint sha256 or folder
+    fingerprint), the classes and their prompts, the method and its resolved strategy settings."""
+    info = classifier.model.info
+    config = classifier.config()
+    settings: dict[str, Any] = {}
+    for key, value in asdict(config).items():
+        if isinstance(value, np.ndarray):  # explicit noises: their content, not their repr
+            value = hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()
+        settings[key] = value
+    blob = json.dumps({"model": info.fingerprint or f"{info.source}:{info.location}", "classes": classifier.classes,
+                       "prompts": list(classifier.class_set.prompts), "method": classifier.method,
+                       "strategy": settings}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -188,28 +186,24 @@ def decode_batch(paths: list[str], resolution: int) -> tuple[np.ndarray, list[st
     return images, errors
 
 
-def classify_decoded(classifier: Any, options: Any, top_k: int, ident: str, paths: list[str], images: np.ndarray,
+def classify_decoded(classifier: Any, top_k: int, ident: str, paths: list[str], images: np.ndarray,
                      errors: list[str | None]) -> list[dict[str, Any]]:
-    """Rows for one batch: the good images classified together (one B*C UNet batch), error rows for the rest."""
-    import torch
-
-    from noop_rt.runtime.classifier import predict_arrays
-
+    """Rows for one batch: the good images classified together (B*C UNet batches), error rows for the rest."""
     good = [i for i, e in enumerate(errors) if e is None]
     preds = {}
     if good:
-        arrays = [torch.from_numpy(np.ascontiguousarray(images[i])) for i in good]
-        out, _, _ = predict_arrays(classifier, arrays, options, top_k)
-        preds = dict(zip(good, out, strict=True))
+        arrays = np.ascontiguousarray(images[good], dtype=np.float32)
+        results, _ = classifier.predict(arrays, top_k=top_k, names=[paths[i] for i in good])
+        preds = dict(zip(good, results, strict=True))
     rows = []
     for i, path in enumerate(paths):
         row: dict[str, Any] = {"path": path, "label": None, "prob": None, "top_classes": None, "top_probs": None,
-                               "top_errors": None, "method": options.method, "backend": classifier.backend.name,
+                               "top_errors": None, "method": classifier.method, "backend": classifier.backend,
                                "unet_evals": 0, "model_id": ident, "error": errors[i]}
         if i in preds:
             top = preds[i].top
-            row.update(label=top[0]["class"], prob=top[0]["prob"], top_classes=[t["class"] for t in top],
-                       top_probs=[t["prob"] for t in top], top_errors=[t["error"] for t in top],
+            row.update(label=top[0].label, prob=top[0].prob, top_classes=[t.label for t in top],
+                       top_probs=[t.prob for t in top], top_errors=[t.error for t in top],
                        unet_evals=preds[i].unet_evals)
         rows.append(row)
     return rows
@@ -229,54 +223,98 @@ class BatchReport:
     first_error: str | None = None  # the error of the first new row that failed
 
 
-def run_batch(inputs: list[str], out: Path, req: Any, options: BatchOptions, log: Any = sys.stderr,
+def run_batch(inputs: list[str], out: Path, load: dict[str, Any], options: BatchOptions, log: Any = None,
               show_progress: bool = True) -> BatchReport:
-    """Classify every input path into `out`, resuming from what `out` (and unfinished part files) already hold."""
-    from noop_rt.runtime.classifier import StrategyOptions
-    from noop_rt.runtime.loader import open_classifier
+    """Classify every input path into `out`, resuming from what `out` (and unfinished part files) already hold.
 
+    `load`: keyword arguments of `noop_rt.load` (source, backend, device, method, classes, prompts, template,
+    max_batch, engines, threads, strategy options). A bundle never imports torch. Ctrl-C keeps the rows done so far
+    in part files, says so on `log` (stderr) and re-raises KeyboardInterrupt."""
+    from noop_rt.api import load as open_model
+
+    log = sys.stderr if log is None else log
     out = Path(out)
     output_format(out)
     paths = expand_inputs(inputs)
     if not paths:
         raise BadInputError("no input images")
-    classifier = open_classifier(req)
-    method = options.method or classifier.default_method()
-    classifier.check_method(method)
-    strategy = StrategyOptions(method=method, noises=options.noises, seed=options.seed, loss=options.loss)
-    ident = model_id(classifier, req, method, options.noises)
+    classifier = open_model(**load)
+    ident = model_id(classifier)
+    backend, resolution = classifier.backend, classifier.resolution
     existing = read_rows(out)
     parts = parts_dir(out)
-    previous = existing + read_parts(parts)
-    foreign = {r.get("model_id") for r in previous} - {ident}
+    in_parts = read_parts(parts)
+    foreign = {r.get("model_id") for r in existing + in_parts} - {ident}
     if foreign:
+        classifier.close()
         raise BadInputError(f"{out} holds results of another bundle, class list or method (model id "
                             f"{sorted(map(str, foreign))[0]} != {ident}); choose another --out")
-    done = {r["path"] for r in previous}
+    in_out = {r["path"] for r in existing}
+    done = in_out | {r["path"] for r in in_parts}
     todo = [p for p in paths if p not in done]
     skipped = len(paths) - len(todo)
     if skipped:
-        print(f"resuming: skipped {skipped} path(s) already in {out}", file=log)
+        from_out = sum(1 for p in paths if p in in_out)
+        where = [f"{from_out} in {out}"] if from_out else []
+        if skipped > from_out:
+            where.append(f"{skipped - from_out} in the unfinished part files {parts}{os.sep}")
+        print(f"resuming: skipped {skipped} path(s) already done ({', '.join(where)})", file=log)
     start = time.perf_counter()
-    next_part = len(list(parts.glob("part-*.jsonl"))) if parts.is_dir() else 0
-    if todo:
-        runner = _run_ray if options.ray else _run_in_process
-        runner(todo, classifier, req, strategy, ident, options, parts, next_part, show_progress)
-    new_rows = read_parts(parts)
-    merged: dict[str, dict[str, Any]] = {}
-    for row in existing + new_rows:
-        merged.setdefault(row["path"], row)
-    order = {p: i for i, p in enumerate(paths)}
-    rows = sorted(merged.values(), key=lambda r: order.get(r["path"], len(order)))
-    write_rows_atomic(rows, out)
+    try:
+        if todo:
+            next_part = _next_part(parts)
+            if options.ray:
+                classifier.close()  # the actors open their own; the driver holds no model (nor GPU memory)
+                _run_ray(todo, load, resolution, ident, options, parts, next_part, show_progress)
+            else:
+                _run_in_process(todo, classifier, ident, options, parts, next_part, show_progress)
+        new_rows = read_parts(parts)
+        merged: dict[str, dict[str, Any]] = {}
+        for row in existing + new_rows:
+            merged.setdefault(row["path"], row)
+        order = {p: i for i, p in enumerate(paths)}
+        rows = sorted(merged.values(), key=lambda r: order.get(r["path"], len(order)))
+        write_rows_atomic(rows, out)
+    except KeyboardInterrupt:
+        print(f"interrupted: {_kept(out, parts)}; re-run the same command to resume", file=log)
+        raise
+    except Exception:
+        if _next_part(parts):  # a crash after some batches: say that they are not lost
+            print(f"stopped: {_kept(out, parts)}; re-run the same command to resume", file=log)
+        raise
+    finally:
+        classifier.close()
     shutil.rmtree(parts, ignore_errors=True)
     seconds = time.perf_counter() - start
-    fresh = [r for r in new_rows if r["path"] in set(todo)]
+    wanted = set(todo)
+    fresh = [r for r in new_rows if r["path"] in wanted]
     failed = sum(1 for r in fresh if r.get("error"))
     first_error = next((f"{r['path']}: {r['error']}" for r in fresh if r.get("error")), None)
+    backend = next((str(r["backend"]) for r in fresh if r.get("backend")), backend)  # Ray: what the actors ran
     return BatchReport(out, len(paths), skipped, len(fresh) - failed, failed, seconds,
-                       len(fresh) / seconds if seconds > 0 and fresh else 0.0, classifier.backend.name,
+                       len(fresh) / seconds if seconds > 0 and fresh else 0.0, backend,
                        "ray" if options.ray else "in-process", first_error)
+
+
+def _next_part(parts: Path) -> int:
+    """The index after the highest part file (part files of an interrupted run stay; new ones go after them)."""
+    numbers = [int(p.stem.removeprefix("part-")) for p in parts.glob("part-*.jsonl")] if parts.is_dir() else []
+    return max(numbers, default=-1) + 1
+
+
+def _kept(out: Path, parts: Path) -> str:
+    """Where the rows done so far are, for the Ctrl-C line."""
+    in_parts = len(read_parts(parts))
+    try:
+        in_out = len(read_rows(out))
+    except BadInputError:
+        in_out = 0
+    where = []
+    if in_parts:
+        where.append(f"{in_parts} in the unfinished part files {parts}{os.sep}")
+    if in_out:
+        where.append(f"{in_out} in {out}")
+    return f"kept {in_parts + in_out} row(s) ({', '.join(where)})" if where else "no rows were written yet"
 
 
 def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
@@ -284,39 +322,33 @@ def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
         yield items[i:i + size]
 
 
-def _run_in_process(todo: list[str], classifier: Any, req: Any, strategy: Any, ident: str, options: BatchOptions,
-                    parts: Path, next_part: int, show_progress: bool) -> None:
+def _run_in_process(todo: list[str], classifier: Any, ident: str, options: BatchOptions, parts: Path,
+                    next_part: int, show_progress: bool) -> None:
     from tqdm import tqdm
 
-    bar = tqdm(total=len(todo), desc="batch", unit="img", file=sys.stderr, disable=not show_progress)
-    for n, chunk in enumerate(_chunks(todo, options.batch_size)):
-        if options.fail_after_batches is not None and n >= options.fail_after_batches:
-            raise RuntimeError(f"simulated crash after {n} batches")
-        images, errors = decode_batch(chunk, classifier.backend.resolution)
-        rows = classify_decoded(classifier, strategy, options.top_k, ident, chunk, images, errors)
-        write_part(parts, next_part + n, rows)
-        bar.update(len(chunk))
-    bar.close()
+    with tqdm(total=len(todo), desc="batch", unit="img", file=sys.stderr, disable=not show_progress) as bar:
+        for n, chunk in enumerate(_chunks(todo, options.batch_size)):
+            if options.fail_after_batches is not None and n >= options.fail_after_batches:
+                raise RuntimeError(f"simulated crash after {n} batches")
+            images, errors = decode_batch(chunk, classifier.resolution)
+            rows = classify_decoded(classifier, options.top_k, ident, chunk, images, errors)
+            write_part(parts, next_part + n, rows)
+            bar.update(len(chunk))
 
 
 class _RayClassifier:
-    """One Ray actor per worker: opens the bundle's sessions and cached class embeddings once."""
+    """One Ray actor per worker: opens the classifier (its sessions and cached class embeddings) once."""
 
-    def __init__(self, req: Any, strategy: dict[str, Any], top_k: int, ident: str, threads: int) -> None:
-        import torch
+    def __init__(self, load: dict[str, Any], top_k: int, ident: str, threads: int) -> None:
+        from noop_rt.api import load as open_model
 
-        from noop_rt.runtime.classifier import StrategyOptions
-        from noop_rt.runtime.loader import open_classifier
-
-        torch.set_num_threads(max(1, threads))
-        self.classifier = open_classifier(req)
-        self.strategy = StrategyOptions(**strategy)
+        self.classifier = open_model(**{**load, "threads": max(1, threads)})
         self.top_k, self.ident = top_k, ident
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         paths = [str(p) for p in batch["path"]]
         errors = [str(e) if e else None for e in batch["error"]]
-        rows = classify_decoded(self.classifier, self.strategy, self.top_k, self.ident, paths,
+        rows = classify_decoded(self.classifier, self.top_k, self.ident, paths,
                                 np.asarray(batch["image"], dtype=np.float32), errors)
         return {"row": np.array([json.dumps(r) for r in rows], dtype=object)}
 
@@ -331,7 +363,7 @@ def _decode_for_ray(resolution: int) -> Callable[[dict[str, np.ndarray]], dict[s
     return decode
 
 
-def _run_ray(todo: list[str], classifier: Any, req: Any, strategy: Any, ident: str, options: BatchOptions,
+def _run_ray(todo: list[str], load: dict[str, Any], resolution: int, ident: str, options: BatchOptions,
              parts: Path, next_part: int, show_progress: bool) -> None:
     try:
         import ray
@@ -355,13 +387,12 @@ def _run_ray(todo: list[str], classifier: Any, req: Any, strategy: Any, ident: s
         # Leave one CPU to the decode tasks: on a 2-core machine a pool that takes every CPU deadlocks Ray Data.
         actor_cpus = 1.0 if options.gpus_per_worker else max(0.25, min(1.0, (cpus - 1) / workers))
         ds = ray.data.from_items([{"path": p} for p in todo])
-        ds = ds.map_batches(_decode_for_ray(classifier.backend.resolution), batch_size=options.batch_size,
-                            num_cpus=1)
+        ds = ds.map_batches(_decode_for_ray(resolution), batch_size=options.batch_size, num_cpus=1)
         ds = ds.map_batches(
             _RayClassifier, batch_size=options.batch_size, concurrency=workers, num_cpus=actor_cpus,
             num_gpus=options.gpus_per_worker or None,
-            fn_constructor_kwargs={"req": req, "strategy": asdict(strategy), "top_k": options.top_k,
-                                   "ident": ident, "threads": int(max(1, actor_cpus))})
+            fn_constructor_kwargs={"load": dict(load), "top_k": options.top_k, "ident": ident,
+                                   "threads": int(max(1, actor_cpus))})
         for n, batch in enumerate(ds.iter_batches(batch_size=options.batch_size, batch_format="numpy")):
             if options.fail_after_batches is not None and n >= options.fail_after_batches:
                 raise RuntimeError(f"simulated crash after {n} batches")
