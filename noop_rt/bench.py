@@ -1,30 +1,51 @@
-"""`noop-rt bench`: latency of the deployed NoOp path vs the 100-noise baseline, per backend, in one run.
+"""`noop-rt bench`: latency of the deployed NoOp path vs the N-noise baseline, per backend, in one run, and the
+start-up cost of a fresh `noop-rt classify` process.
 
 Per backend: warm-up, then timed single-image classifications (p50/p95 latency; one image = one call, as an online
-service sees it), batched throughput (images/s), and the baseline strategy with the same backbone. The baseline's
-time may be extrapolated from a measured subset of its (t, eps) pairs (cost is linear in pairs); it is labelled so.
-Achieved TFLOP/s uses the UNet's FLOP count measured once with torch's FlopCounterMode.
+service sees it), batched throughput (images/s), and the baseline strategy with the same model. The baseline's time
+may be extrapolated from a measured subset of its (t, eps) pairs (cost is linear in pairs); it is labelled so.
+Achieved TFLOP/s uses the UNet's FLOP count measured once with torch's FlopCounterMode (only when torch is
+installed). Start-up: N fresh processes of `python -m noop_rt classify IMAGE --json` (wall time, peak resident
+memory), and one more fresh process that times import, open and the first image separately.
+
+Nothing here imports torch at module level: benchmarking onnxruntime/OpenVINO runs without it. torch is imported for
+the torch backend, the FLOP count and the sd15-shape model only.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
-from noop_rt.errors import BadInputError, NoopError
-from noop_rt.runtime.classifier import Classifier, StrategyOptions, predict_arrays
+from noop_rt.errors import BadInputError, MissingDependencyError, UsageError
+from noop_rt.runtime.backend import installed, nvidia_gpus
+from noop_rt.runtime.suggest import suggest
 
+if TYPE_CHECKING:
+    import torch
+
+    from noop_rt.runtime.classifier import Classifier
+
+BENCH_BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
+BACKBONES = ("ckpt", "sd15-shape")
 SD15_UNET_GFLOP = 803.0  # SD-1.5 UNet, one sample at 64x64 latent (design §2b)
+STARTUP_RUNS = 5
+STARTUP_TARGET_S = 1.0  # runtime-v2: `noop-rt classify seven.png` as a whole process, median of 5
+HEAVY_MODULES = ("torch", "diffusers", "transformers", "scipy", "sklearn", "matplotlib", "pandas", "pyarrow", "ray",
+                 "openvino", "tensorrt")  # reported when a start-up process imports them
+MAX_IMAGES = 64  # images kept in memory from --images
 
 
 @dataclass
@@ -36,25 +57,36 @@ class BenchOptions:
     warmup: int = 2
     device: str = "auto"
     fp16: bool = False
+    startup: bool = True  # also time fresh `noop-rt classify` processes
+    startup_runs: int = STARTUP_RUNS
+
+
+# ---------------------------------------------------------------------------------------------- machine
+def _version(*dists: str) -> str | None:
+    for dist in dists:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def machine_info() -> dict[str, Any]:
-    import onnxruntime
-
+    """The machine and the engine versions (read from package metadata: nothing is imported for it)."""
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                            "torch_threads": torch.get_num_threads(), "onnxruntime": onnxruntime.__version__}
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info["gpu"] = props.name
-        info["compute_capability"] = f"{props.major}.{props.minor}"
-        info["cuda"] = torch.version.cuda
-    try:
-        import tensorrt
-
-        info["tensorrt"] = tensorrt.__version__
-    except ImportError:
-        info["tensorrt"] = None
+                            "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+                            "torch": _version("torch"), "onnxruntime": _version("onnxruntime", "onnxruntime-gpu"),
+                            "openvino": _version("openvino"), "tensorrt": _version("tensorrt", "tensorrt-cu12")}
+    torch_module = sys.modules.get("torch")
+    if torch_module is not None:  # already loaded by the torch backend: its view of the machine
+        info["torch_threads"] = torch_module.get_num_threads()
+        if torch_module.cuda.is_available():
+            props = torch_module.cuda.get_device_properties(0)
+            info["gpu"] = props.name
+            info["compute_capability"] = f"{props.major}.{props.minor}"
+            info["cuda"] = torch_module.version.cuda
+    if "gpu" not in info and nvidia_gpus():
+        info["gpu"] = _gpu_name()
     return info
 
 
@@ -68,8 +100,22 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def _gpu_name() -> str:
+    """The first NVIDIA GPU's model as the driver lists it (no CUDA library loaded)."""
+    try:
+        for folder in sorted(Path("/proc/driver/nvidia/gpus").iterdir()):
+            for line in (folder / "information").read_text().splitlines():
+                if line.startswith("Model:"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "NVIDIA GPU"
+
+
+# ---------------------------------------------------------------------------------------------- FLOPs
 def unet_gflop(unet: torch.nn.Module, latent_shape: tuple[int, ...], tokens: int, dim: int) -> float:
     """FLOPs of one UNet forward at batch 1 (2 x multiply-adds), counted by torch's FlopCounterMode."""
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     param = next(unet.parameters())
@@ -81,12 +127,14 @@ def unet_gflop(unet: torch.nn.Module, latent_shape: tuple[int, ...], tokens: int
 
 
 def unet_gflop_from_source(source: str) -> float | None:
-    """The UNet FLOP count from a backbone folder's config alone (a randomly initialised CPU copy; on the meta device
-    attention is counted through its math decomposition, ~2 % off), for runs that time only bundle backends; None if
-    the folder is not here."""
+    """The UNet FLOP count from a backbone folder's config alone (a randomly initialised CPU copy), for runs that
+    time only bundle backends; None if the folder is not here or torch/diffusers are not installed."""
+    if not (installed("torch") and installed("diffusers")):
+        return None
     from diffusers import UNet2DConditionModel
 
     from noop_rt.backbone import resolve_source
+    from noop_rt.errors import NoopError
 
     try:
         root = resolve_source(source)
@@ -99,6 +147,20 @@ def unet_gflop_from_source(source: str) -> float | None:
     return unet_gflop(UNet2DConditionModel.from_config(config), (channels, side, side), tokens, dim)
 
 
+def count_gflop(classifiers: dict[str, Classifier]) -> float | None:
+    """GFLOP of one UNet sample: from the torch backend's own UNet, else from the bundle's backbone config; None
+    without torch."""
+    if "torch" in classifiers:
+        bb = classifiers["torch"].model.runner.backbone
+        return unet_gflop(bb.unet, bb.latent_shape, bb.max_tokens, bb.text_dim)
+    for classifier in classifiers.values():
+        manifest = classifier.info.manifest
+        if manifest is not None:
+            return unet_gflop_from_source(str(manifest["backbone"]["source"]))
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- timing
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     k = (len(ordered) - 1) * q
@@ -106,24 +168,24 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-def time_single(classifier: Classifier, images: list[torch.Tensor], options: StrategyOptions, runs: int,
-                warmup: int) -> tuple[list[float], int]:
+def time_single(classifier: Classifier, images: np.ndarray, runs: int, warmup: int, method: str,
+                **strategy: Any) -> tuple[list[float], int]:
     """Per-image seconds over `runs` one-image calls (after `warmup` untimed ones), and UNet evals per image."""
-    evals = 0
+    n = len(images)
     for i in range(warmup):
-        classifier.predict(images[i % len(images)][None], options, 1)
-    seconds = []
+        classifier.predict(images[i % n][None], top_k=1, method=method, **strategy)
+    seconds: list[float] = []
+    evals = 0
     for i in range(runs):
-        classifier.backend.synchronize()
         start = time.perf_counter()
-        preds, _ = classifier.predict(images[i % len(images)][None], options, 1)
-        classifier.backend.synchronize()
-        seconds.append(time.perf_counter() - start)
-        evals = preds[0].unet_evals
+        results, _ = classifier.predict(images[i % n][None], top_k=1, method=method, **strategy)
+        seconds.append(time.perf_counter() - start)  # predict synchronises the device before it returns
+        evals = results[0].unet_evals
     return seconds, evals
 
 
 def stats(seconds: list[float], evals: float, gflop: float | None, scale: float = 1.0) -> dict[str, Any]:
+    """p50/p95 (ms), sequential images/s and UNet evals per image; `scale` multiplies the times (extrapolation)."""
     p50 = 1e3 * _percentile(seconds, 0.5) * scale
     out = {"p50_ms": p50, "p95_ms": 1e3 * _percentile(seconds, 0.95) * scale,
            "images_per_s": 1e3 / (statistics.mean(seconds) * 1e3 * scale), "unet_evals_per_image": evals}
@@ -132,49 +194,196 @@ def stats(seconds: list[float], evals: float, gflop: float | None, scale: float 
     return out
 
 
-def bench_backend(classifier: Classifier, images: list[torch.Tensor], options: BenchOptions,
-                  gflop: float | None, log: Any = sys.stderr) -> dict[str, Any]:
+def bench_backend(classifier: Classifier, images: np.ndarray, options: BenchOptions, gflop: float | None,
+                  log: IO[str] = sys.stderr) -> dict[str, Any]:
     """NoOp and baseline timings for one backend, measured back to back."""
-    noop = StrategyOptions(method="noop")
-    seconds, evals = time_single(classifier, images, noop, options.runs, options.warmup)
-    noop_stats = stats(seconds, evals, gflop)
-    batch = [images[i % len(images)] for i in range(max(len(images), 2 * options.runs))]
+    seconds, evals = time_single(classifier, images, options.runs, options.warmup, "noop")
+    noop = stats(seconds, evals, gflop)
+    batch = images[np.arange(max(len(images), 2 * options.runs)) % len(images)]
     start = time.perf_counter()
-    predict_arrays(classifier, batch, noop, 1)
-    classifier.backend.synchronize()
-    noop_stats["batched_images_per_s"] = len(batch) / (time.perf_counter() - start)
+    classifier.predict(batch, top_k=1, method="noop")
+    noop["batched_images_per_s"] = len(batch) / (time.perf_counter() - start)
     measured = min(options.baseline_noises, options.baseline_measured_pairs)
-    base_opts = StrategyOptions(method="baseline", noises=measured)
     runs = max(2, options.runs // 3)
-    seconds, evals = time_single(classifier, images, base_opts, runs, 1)
+    seconds, evals = time_single(classifier, images, runs, 1, "baseline", pairs=measured)
     scale = options.baseline_noises / measured
     base = stats(seconds, evals * scale, gflop, scale=scale)
     base["extrapolated"] = measured < options.baseline_noises
     base["measured_pairs"] = measured
-    print(f"  {classifier.backend.name:<12} noop p50 {noop_stats['p50_ms']:.1f} ms, baseline({options.baseline_noises})"
-          f" p50 {base['p50_ms']:.1f} ms{' (extrapolated)' if base['extrapolated'] else ''}", file=log)
-    return {"device": classifier.backend.device, "noop": noop_stats, "baseline": base,
-            "speedup_vs_baseline": base["p50_ms"] / noop_stats["p50_ms"]}
+    print(f"  {classifier.backend:<12} noop p50 {noop['p50_ms']:.1f} ms, baseline({options.baseline_noises}) p50 "
+          f"{base['p50_ms']:.1f} ms{' (extrapolated)' if base['extrapolated'] else ''}", file=log)
+    return {"device": classifier.device, "precision": classifier.info.precision, "noop": noop, "baseline": base,
+            "speedup_vs_baseline": base["p50_ms"] / noop["p50_ms"]}
 
 
-def run_bench(classifiers: dict[str, Classifier], images: list[torch.Tensor], options: BenchOptions,
-              gflop: float | None, backbone_name: str, log: Any = sys.stderr) -> dict[str, Any]:
+def run_bench(classifiers: dict[str, Classifier], images: np.ndarray, options: BenchOptions, gflop: float | None,
+              backbone_name: str, log: IO[str] = sys.stderr) -> dict[str, Any]:
+    """The report (design §3 `bench --json` schema) of the opened classifiers."""
     if not classifiers:
         raise BadInputError("no backend could be benchmarked")
     first = next(iter(classifiers.values()))
-    report: dict[str, Any] = {"machine": machine_info(), "backbone": backbone_name, "classes": len(first.classes),
-                              "resolution": first.backend.resolution, "unet_gflop_per_sample": gflop,
-                              "baseline_noises": options.baseline_noises, "runs": options.runs, "backends": {}}
+    report: dict[str, Any] = {"machine": machine_info(), "backbone": backbone_name, "model": first.info.name,
+                              "classes": len(first.classes), "resolution": first.resolution,
+                              "unet_gflop_per_sample": gflop, "baseline_noises": options.baseline_noises,
+                              "baseline_measured_pairs": min(options.baseline_noises,
+                                                             options.baseline_measured_pairs),
+                              "runs": options.runs, "images": len(images), "backends": {}}
     for name, classifier in classifiers.items():
         report["backends"][name] = bench_backend(classifier, images, options, gflop, log)
     if "torch" in report["backends"]:
         ref = report["backends"]["torch"]["noop"]["p50_ms"]
         report["speedup_vs_torch"] = {n: ref / b["noop"]["p50_ms"] for n, b in report["backends"].items()}
-    else:
-        report["speedup_vs_torch"] = {}
     return report
 
 
+# ---------------------------------------------------------------------------------------------- start-up
+_BREAKDOWN = """\
+import json, sys, time
+t0 = time.perf_counter()
+import noop_rt.cli
+from noop_rt.api import load
+t1 = time.perf_counter()
+args = json.loads(sys.argv[1])
+clf = load(args["source"], **args["load"])
+t2 = time.perf_counter()
+result = clf.classify(args["image"], top_k=5)
+t3 = time.perf_counter()
+heavy = [m for m in args["heavy"] if m in sys.modules]
+print(json.dumps({"import": t1 - t0, "open": t2 - t1, "first_image": t3 - t2, "label": result.label,
+                  "backend": clf.backend, "device": clf.device, "torch_imported": "torch" in sys.modules,
+                  "heavy_imported": heavy, "modules": len(sys.modules)}))
+"""
+
+
+@dataclass
+class ProcessRun:
+    wall_s: float
+    peak_rss_mb: float | None  # None where the OS gives no per-child rusage
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _rss_mb(maxrss: int) -> float:
+    return maxrss / (2**20 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
+
+
+def run_process(cmd: list[str]) -> ProcessRun:
+    """Run `cmd` to completion: wall seconds (spawn to exit) and the child's own peak resident memory (os.wait4)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+        rss: float | None = None
+        try:
+            if hasattr(os, "wait4"):
+                _, status, usage = os.wait4(proc.pid, 0)
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                rss = _rss_mb(usage.ru_maxrss)
+            else:
+                proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        wall = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        return ProcessRun(wall, rss, int(proc.returncode), out.read().decode(errors="replace"),
+                          err.read().decode(errors="replace"))
+
+
+def _failed(what: str, run: ProcessRun) -> BadInputError:
+    lines = [line for line in run.stderr.strip().splitlines() if line.strip()]
+    return BadInputError(f"start-up {what} failed (exit {run.returncode}): {lines[-1] if lines else 'no message'}")
+
+
+def classify_command(image: Path, source: Path | None = None, device: str = "auto",
+                     engines: Path | None = None) -> list[str]:
+    """`python -m noop_rt classify IMAGE [--bundle DIR | --ckpt PT] --json` (no source: the built-in demo)."""
+    cmd = [sys.executable, "-m", "noop_rt", "classify", str(image)]
+    if source is not None:
+        cmd += ["--ckpt" if source.suffix == ".pt" else "--bundle", str(source)]
+    if device != "auto":
+        cmd += ["--device", device]
+    if engines is not None:
+        cmd += ["--engines", str(engines)]
+    return [*cmd, "--json"]
+
+
+def _short(arg: str) -> str:
+    """A path argument relative to the working directory when it lies under it (for display)."""
+    path = Path(arg)
+    if path.is_absolute():
+        try:
+            return str(path.relative_to(Path.cwd()))
+        except ValueError:
+            return arg
+    return arg
+
+
+def measure_startup(image: Path, source: Path | None = None, *, runs: int = STARTUP_RUNS, device: str = "auto",
+                    engines: Path | None = None, log: IO[str] = sys.stderr) -> dict[str, Any]:
+    """Wall time and peak RSS of `runs` fresh `noop-rt classify IMAGE --json` processes, and the import / open /
+    first-image breakdown from one more fresh process. Raises BadInputError if a process fails."""
+    if runs < 1:
+        raise BadInputError("start-up runs must be >= 1")
+    image = Path(image).expanduser().resolve()
+    if not image.is_file():
+        raise BadInputError(f"image not found: {image}")
+    source = None if source is None else Path(source).expanduser().resolve()
+    cmd = classify_command(image, source, device, engines)
+    walls: list[float] = []
+    rss: list[float] = []
+    answer: dict[str, Any] = {}
+    for i in range(runs):
+        run = run_process(cmd)
+        if run.returncode != 0:
+            raise _failed("run of `noop-rt classify`", run)
+        walls.append(run.wall_s)
+        if run.peak_rss_mb is not None:
+            rss.append(run.peak_rss_mb)
+        if i == 0:
+            try:
+                answer = json.loads(run.stdout)[0]
+            except (ValueError, IndexError, KeyError, TypeError):
+                raise BadInputError(f"start-up run printed no classify JSON: {run.stdout[:200]!r}") from None
+        print(f"  start-up run {i + 1}/{runs}: {run.wall_s:.2f} s"
+              f"{f', peak RSS {run.peak_rss_mb:.0f} MB' if run.peak_rss_mb is not None else ''}", file=log)
+    load_args = {"device": device, **({"engines": str(engines)} if engines is not None else {})}
+    payload = json.dumps({"source": None if source is None else str(source), "image": str(image),
+                          "load": load_args, "heavy": list(HEAVY_MODULES)})
+    run = run_process([sys.executable, "-c", _BREAKDOWN, payload])
+    if run.returncode != 0:
+        raise _failed("breakdown process", run)
+    try:
+        parts = json.loads(run.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise BadInputError(f"start-up breakdown printed no JSON: {run.stdout[:200]!r}") from None
+    breakdown = {k: parts[k] for k in ("import", "open", "first_image")}
+    breakdown["interpreter_and_exit"] = max(0.0, run.wall_s - sum(breakdown.values()))
+    median = statistics.median(walls)
+    shown = " ".join("python" if c == sys.executable else _short(c) for c in cmd)
+    return {"command": shown, "image": str(image), "runs": runs, "wall_s": walls, "median_s": median,
+            "peak_rss_mb": max(rss) if rss else None, "rss_mb": rss, "target_s": STARTUP_TARGET_S,
+            "meets_target": median <= STARTUP_TARGET_S, "breakdown_s": breakdown,
+            "breakdown_wall_s": run.wall_s, "breakdown_peak_rss_mb": run.peak_rss_mb,
+            "torch_imported": bool(parts["torch_imported"]), "torch_importable": installed("torch"),
+            "heavy_imported": list(parts["heavy_imported"]), "modules_imported": parts["modules"],
+            "backend": answer.get("backend", parts.get("backend")), "device": parts.get("device"),
+            "label": answer.get("top", [{}])[0].get("class")}
+
+
+def startup_line(s: dict[str, Any]) -> str:
+    b = s["breakdown_s"]
+    rss = f", peak RSS {s['peak_rss_mb']:.0f} MB" if s.get("peak_rss_mb") is not None else ""
+    verdict = "met" if s["meets_target"] else "not met"
+    return (f"start-up ({s['command']}, {s['backend']}): median {s['median_s']:.2f} s of {s['runs']} fresh processes "
+            f"(target <= {s['target_s']:.1f} s: {verdict}){rss}; import {b['import']:.2f} s, open {b['open']:.2f} s, "
+            f"first image {b['first_image']:.2f} s, interpreter+exit {b['interpreter_and_exit']:.2f} s; torch "
+            f"{'imported' if s['torch_imported'] else 'not imported'}")
+
+
+# ---------------------------------------------------------------------------------------------- report
 def format_table(report: dict[str, Any]) -> str:
     gflop = report.get("unet_gflop_per_sample")
     flops = f", {gflop:.1f} GFLOP per UNet sample (counted)" if gflop else ""
@@ -193,10 +402,15 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append(f"{name:<12} {method:<9} {s['p50_ms']:>9.1f}{mark} {s['p95_ms']:>10.1f} "
                          f"{s['images_per_s']:>8.2f} {s['unet_evals_per_image']:>10.0f} {tflops:>8} {speed:>9}")
     if any(b["baseline"].get("extrapolated") for b in report["backends"].values()):
-        lines.append("* baseline extrapolated linearly from the timed pairs (cost is linear in pairs)")
+        lines.append(f"* baseline extrapolated linearly from {report.get('baseline_measured_pairs', '?')} timed pairs "
+                     "(cost is linear in pairs)")
     for name, x in report.get("speedup_vs_torch", {}).items():
         if name != "torch":
             lines.append(f"{name} vs torch eager (NoOp path): {x:.2f}x")
+    for name, why in report.get("skipped", {}).items():
+        lines.append(f"skipped {name}: {why}")
+    if "startup" in report:
+        lines.append(startup_line(report["startup"]))
     return "\n".join(lines)
 
 
@@ -220,11 +434,24 @@ def plot(report: dict[str, Any], path: Path) -> None:
                  fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=120)
+        tmp.replace(path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
 
 
-def sd15_shape_model(folder: Path, log: Any = sys.stderr) -> Path:
+# ---------------------------------------------------------------------------------------------- sd15-shape
+def _need_torch(what: str) -> None:
+    missing = [m for m in ("torch", "diffusers", "transformers") if not installed(m)]
+    if missing:
+        raise MissingDependencyError(f"{what} needs {', '.join(missing)}: pip install 'noop-rt[train]'")
+
+
+def sd15_shape_model(folder: Path, log: IO[str] = sys.stderr) -> Path:
     """An SD-1.5-architecture diffusers folder with random weights, cached as `folder/sd15-shape`."""
     from noop_rt.configs import SD15_SHAPE, random_components, save_components
 
@@ -238,9 +465,11 @@ def sd15_shape_model(folder: Path, log: Any = sys.stderr) -> Path:
     return model_dir
 
 
-def sd15_shape_checkpoint(folder: Path, classes: int, log: Any = sys.stderr) -> Path:
+def sd15_shape_checkpoint(folder: Path, classes: int, log: IO[str] = sys.stderr) -> Path:
     """An SD-1.5-architecture folder with random weights (latency does not depend on them) and a random NoOp
     checkpoint for it, cached in `folder`."""
+    import torch
+
     from noop_rt.backbone import load_backbone
     from noop_rt.checkpoint import NoopCheckpoint, backbone_fingerprint, save_checkpoint
     from noop_rt.noop import MetaNet, MetaNetConfig
@@ -262,62 +491,184 @@ def sd15_shape_checkpoint(folder: Path, classes: int, log: Any = sys.stderr) -> 
     return ckpt_path
 
 
-def bench_setup(wanted: list[str], backbone: str, bundle: Path | None, ckpt: Path | None, images: Path | None,
-                num_classes: int, cache_dir: Path, device: str, fp16: bool,
-                engines: Path | None = None) -> tuple[dict[str, Classifier], list[torch.Tensor]]:
-    """The classifiers to time (one per available backend) and the images to time them on."""
-    from noop_rt.bundle import Bundle
-    from noop_rt.data import load_image
-    from noop_rt.demo import BUNDLE_DIR, CKPT_PATH, EXAMPLES_DIR
-    from noop_rt.errors import NoopError
-    from noop_rt.export import ExportOptions, collect_images, export_bundle
-    from noop_rt.runtime.loader import Request, open_classifier, suggest
+# ---------------------------------------------------------------------------------------------- setup
+@dataclass
+class Sources:
+    ckpt: Path | None  # for the torch backend
+    bundle: Path | None  # for the bundle backends
+    skipped: dict[str, str] = field(default_factory=dict)  # backend -> why it cannot be benchmarked
 
-    for b in wanted:
-        if b not in ("torch", "onnxruntime", "tensorrt"):
-            raise suggest(b, ("torch", "onnxruntime", "tensorrt"), "backend")
-    if backbone not in ("ckpt", "sd15-shape"):
-        raise suggest(backbone, ("ckpt", "sd15-shape"), "backbone")
-    ckpt_path, bundle_dir = ckpt, bundle
+
+def check_names(backends: list[str], backbone: str) -> list[str]:
+    """The backends to bench, in order and once each; an unknown name is a usage error with the close match."""
+    if backbone not in BACKBONES:
+        raise suggest(backbone, BACKBONES, "backbone")
+    if not backends:
+        raise UsageError(f"no backend given; choose from {', '.join(BENCH_BACKENDS)}")
+    for name in backends:
+        if name not in BENCH_BACKENDS:
+            raise suggest(name, BENCH_BACKENDS, "backend")
+    return list(dict.fromkeys(backends))
+
+
+def _bundle_checkpoint(bundle: Path) -> tuple[Path | None, str | None]:
+    """The checkpoint a bundle was exported from, if it is still here unchanged, else (None, why)."""
+    from noop_rt.demo import BUNDLE_DIR, CKPT_PATH
+    from noop_rt.runtime.bundle import read_manifest, sha256_file
+
+    record = read_manifest(bundle.expanduser()).get("source_ckpt") or {}
+    if not record.get("path"):
+        return None, "the bundle does not record its checkpoint (pass --ckpt)"
+    path = Path(record["path"]).expanduser()
+    if not path.is_file() and bundle.expanduser().resolve() == BUNDLE_DIR.resolve():
+        path = CKPT_PATH  # the shipped demo records its path relative to the source tree
+    if not path.is_file():
+        return None, f"its checkpoint {record['path']} is not here (pass --ckpt)"
+    if record.get("sha256") and sha256_file(path) != record["sha256"]:
+        return None, f"{path} changed since the bundle was exported from it (pass --ckpt)"
+    return path, None
+
+
+def resolve_sources(backends: list[str], backbone: str, bundle: Path | None, ckpt: Path | None, num_classes: int,
+                    cache_dir: Path, fp16: bool, log: IO[str] = sys.stderr) -> Sources:
+    """Which checkpoint and bundle the backends run (building the sd15-shape ones), and which backends cannot."""
+    from noop_rt.demo import BUNDLE_DIR, CKPT_PATH
+
+    bundle_backends = [b for b in backends if b != "torch"]
     if backbone == "sd15-shape":
+        if bundle is not None or ckpt is not None:
+            raise UsageError("--backbone sd15-shape builds its own model; drop --bundle/--ckpt")
+        _need_torch("--backbone sd15-shape")
+        from noop_rt.export import ExportOptions, export_bundle
+
         folder = cache_dir.expanduser()
         folder.mkdir(parents=True, exist_ok=True)
-        ckpt_path = sd15_shape_checkpoint(folder, num_classes)
-        if {"onnxruntime", "tensorrt"} & set(wanted):
-            bundle_dir = folder / f"bundle-{num_classes}-{'fp16' if fp16 else 'fp32'}"
-            export_bundle(ckpt_path, bundle_dir, ExportOptions(precision="fp16" if fp16 else "fp32",
-                                                               images_per_batch=1, min_agreement=0.0))
-    elif ckpt_path is None and bundle_dir is None:
-        ckpt_path, bundle_dir = CKPT_PATH, BUNDLE_DIR
-    elif ckpt_path is None and bundle_dir is not None:
-        source = Path(Bundle.open(bundle_dir).manifest["source_ckpt"]["path"])
-        ckpt_path = source if source.is_file() else None
-    classifiers = {}
-    for name in wanted:
-        if name == "torch":
-            if ckpt_path is None:
-                print("skipped torch: its checkpoint is not here (pass --ckpt)", file=sys.stderr)
-                continue
-            req = Request(ckpt=ckpt_path, backend="torch", device=device, fp16=fp16)
-        else:
-            if bundle_dir is None:
-                print(f"skipped {name}: no bundle (pass --bundle)", file=sys.stderr)
-                continue
-            req = Request(bundle=bundle_dir, backend=name, device=device, engines=engines)
-        try:
-            classifiers[name] = open_classifier(req)
-        except NoopError as exc:
-            if name != "tensorrt":
-                raise
-            print(f"skipped tensorrt: {exc}", file=sys.stderr)
-    if not classifiers:
-        raise BadInputError("no backend could be benchmarked")
-    r = next(iter(classifiers.values())).backend.resolution
-    if images is not None:
-        arrays = [torch.from_numpy(load_image(p, r)) for p in collect_images(images)]
-    elif backbone == "ckpt" and ckpt_path is not None and Path(ckpt_path).resolve() == CKPT_PATH.resolve():
+        ckpt_path = sd15_shape_checkpoint(folder, num_classes, log)
+        bundle_dir = None
+        if bundle_backends:
+            precision = "fp16" if fp16 else "fp32"
+            bundle_dir = folder / f"bundle-{num_classes}-{precision}"
+            export_bundle(ckpt_path, bundle_dir, ExportOptions(precision=precision, images_per_batch=1,
+                                                               min_agreement=0.0), log=log)
+        return Sources(ckpt_path, bundle_dir)
+    if bundle is None and ckpt is None:
+        return Sources(CKPT_PATH, BUNDLE_DIR)
+    sources = Sources(ckpt, bundle)
+    if "torch" in backends and ckpt is None and bundle is not None:
+        sources.ckpt, why = _bundle_checkpoint(bundle)
+        if why is not None:
+            sources.skipped["torch"] = why
+    if bundle is None:
+        for name in bundle_backends:
+            sources.skipped[name] = "no bundle (pass --bundle)"
+    return sources
 
-        arrays = [torch.from_numpy(load_image(p, r)) for p in sorted(EXAMPLES_DIR.glob("*.png"))]
-    else:
-        arrays = list(torch.rand((4, 3, r, r), generator=torch.Generator().manual_seed(0)) * 2 - 1)
-    return classifiers, arrays
+
+def open_backends(backends: list[str], sources: Sources, device: str, fp16: bool, engines: Path | None,
+                  log: IO[str] = sys.stderr) -> dict[str, Classifier]:
+    """One classifier per backend that can run here; the others go to `sources.skipped` with the reason."""
+    from noop_rt.api import load
+
+    classifiers: dict[str, Classifier] = {}
+    for name in backends:
+        if name in sources.skipped:
+            print(f"skipped {name}: {sources.skipped[name]}", file=log)
+            continue
+        try:
+            if name == "torch":
+                classifiers[name] = load(sources.ckpt, backend="torch", device=device, fp16=fp16)
+            else:
+                classifiers[name] = load(sources.bundle, backend=name, device=device, engines=engines)
+        except MissingDependencyError as exc:  # not installed / no GPU / no engines here: not an error
+            sources.skipped[name] = str(exc)
+            print(f"skipped {name}: {exc}", file=log)
+    if classifiers:
+        first = next(iter(classifiers.values()))
+        for name, classifier in classifiers.items():
+            if classifier.classes != first.classes:
+                for c in classifiers.values():
+                    c.close()
+                raise BadInputError(f"{name} runs another class set than {first.backend} ({len(classifier.classes)} "
+                                    f"vs {len(first.classes)} classes): pass a bundle and the checkpoint it was "
+                                    "exported from")
+    return classifiers
+
+
+def _image_paths(folder: Path) -> list[Path]:
+    from noop_rt.data import IMAGE_SUFFIXES
+
+    folder = folder.expanduser()
+    if not folder.is_dir():
+        raise BadInputError(f"image folder not found: {folder}")
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise BadInputError(f"no images under {folder}")
+    return paths
+
+
+def bench_images(images: Path | None, resolution: int, demo: bool) -> tuple[np.ndarray, str]:
+    """Preprocessed images (N, 3, R, R) to time on, and where they came from."""
+    from noop_rt.data import load_image
+    from noop_rt.demo import EXAMPLES_DIR
+
+    if images is not None:
+        paths = _image_paths(images)[:MAX_IMAGES]
+        return np.stack([load_image(p, resolution) for p in paths]), str(images)
+    if demo:
+        paths = sorted(EXAMPLES_DIR.glob("*.png"))
+        return np.stack([load_image(p, resolution) for p in paths]), "demo examples"
+    rng = np.random.default_rng(0)
+    return rng.uniform(-1.0, 1.0, (4, 3, resolution, resolution)).astype(np.float32), "random (seed 0)"
+
+
+def startup_target(sources: Sources, images: Path | None) -> tuple[Path, Path | None]:
+    """The image and source a start-up run classifies: the benched bundle (or checkpoint) and image, or
+    `noop-rt classify seven.png` on the built-in demo."""
+    from noop_rt.demo import BUNDLE_DIR, EXAMPLES_DIR
+
+    image = _image_paths(images)[0] if images is not None else EXAMPLES_DIR / "seven.png"
+    source = sources.bundle if sources.bundle is not None else sources.ckpt
+    if source is not None and sources.bundle is not None and source.resolve() == BUNDLE_DIR.resolve():
+        source = None  # the demo: exactly the command a new user types
+    return image, source
+
+
+def bench_command(options: BenchOptions, *, backbone: str = "ckpt", bundle: Path | None = None,
+                  ckpt: Path | None = None, images: Path | None = None, num_classes: int = 37,
+                  cache_dir: Path = Path("~/.cache/noop-rt"), engines: Path | None = None,
+                  log: IO[str] = sys.stderr) -> tuple[dict[str, Any], str]:
+    """`noop-rt bench`: the report (JSON-able) and its table."""
+    from noop_rt.demo import CKPT_PATH
+
+    backends = check_names(options.backends, backbone)
+    if options.runs < 1 or options.baseline_noises < 1 or options.baseline_measured_pairs < 1:
+        raise BadInputError("--runs, --baseline-noises and --measured-pairs must be >= 1")
+    sources = resolve_sources(backends, backbone, bundle, ckpt, num_classes, cache_dir, options.fp16, log)
+    startup = None
+    if options.startup:  # first, while this process holds no model and runs nothing
+        image, source = startup_target(sources, images)
+        print(f"start-up: {options.startup_runs} fresh `noop-rt classify {image.name}` processes …", file=log)
+        startup = measure_startup(image, source, runs=options.startup_runs, device=options.device, engines=engines,
+                                  log=log)
+    classifiers = open_backends(backends, sources, options.device, options.fp16, engines, log)
+    try:
+        if not classifiers:
+            detail = "; ".join(f"{k}: {v}" for k, v in sources.skipped.items())
+            raise BadInputError(f"no backend could be benchmarked ({detail})")
+        first = next(iter(classifiers.values()))
+        demo = backbone == "ckpt" and (first.info.name == "digits" or (
+            sources.ckpt is not None and sources.ckpt.resolve() == CKPT_PATH.resolve()))
+        arrays, image_source = bench_images(images, first.resolution, demo)
+        gflop = count_gflop(classifiers)
+        report = run_bench(classifiers, arrays, options, gflop, backbone, log)
+    finally:
+        for classifier in classifiers.values():
+            classifier.close()
+    report["image_source"] = image_source
+    if backbone == "sd15-shape":
+        report["reference_unet_gflop"] = SD15_UNET_GFLOP
+    if sources.skipped:
+        report["skipped"] = dict(sources.skipped)
+    if startup is not None:
+        report["startup"] = startup
+    return report, format_table(report)
