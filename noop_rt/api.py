@@ -23,13 +23,14 @@ __all__ = ["ClassScore", "Classifier", "LoadOptions", "Result", "Timings", "load
 def load(source: str | Path | None = None, *, classes: list[str] | str | None = None, template: str | None = None,
          prompts: dict[str, str] | str | Path | None = None, backend: str = "auto", device: str = "auto",
          method: str | None = None, fp16: bool = False, max_batch: int = 256, threads: int | None = None,
-         engines: str | Path | None = None, **strategy: Any) -> Classifier:
+         engines: str | Path | None = None, kind: str | None = None, **strategy: Any) -> Classifier:
     """Open a classifier.
 
     classes: class names (a list or "a,b,c"); template: the prompt template for them ("a photo of a {}");
     prompts: {class: prompt} or a CSV file of class, prompt (Li et al.'s prompt files work);
     backend: auto | tensorrt | onnxruntime | openvino | torch; device: auto | cpu | cuda[:N];
     method: noop | baseline | adaptive | pruned (default: noop when the model has a learned noise);
+    kind: "bundle" | "checkpoint" | "diffusers" to insist on what `source` is (default: detected);
     strategy options: loss, pairs, stages, seed, alpha, round_size, robust (a RobustConfig; torch backend).
     """
     from noop_rt.data import parse_class_list, read_prompts_file
@@ -38,7 +39,7 @@ def load(source: str | Path | None = None, *, classes: list[str] | str | None = 
         classes = parse_class_list(classes)
     if isinstance(prompts, (str, Path)):
         prompts = read_prompts_file(prompts)
-    options = LoadOptions(backend=backend, device=device, fp16=fp16, max_batch=max_batch, threads=threads,
+    options = LoadOptions(kind=kind, backend=backend, device=device, fp16=fp16, max_batch=max_batch, threads=threads,
                           engines=Path(engines) if engines is not None else None,
                           classes=list(classes) if classes is not None else None, template=template, prompts=prompts,
                           method=method, strategy=strategy)

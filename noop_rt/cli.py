@@ -15,6 +15,7 @@ import typer
 from noop_rt.defaults import SHOTS, VAL_SHOTS
 from noop_rt.errors import BadInputError, NoopError
 
+
 def _plain_help_labels() -> None:
     """Help shows plain value labels (`IMAGE...`, `--shots N`, `--lr-noise X`) instead of typer's type labels
     (`<list[Path]>`, `<int range>`, `<float>`) and brace decoration (`{IMAGE...}...`)."""
@@ -118,11 +119,13 @@ RobustOpt = Annotated[bool, typer.Option("--robust", help="RDC likelihood maximi
 Fp16Opt = Annotated[bool, typer.Option("--fp16", help="torch backend in half precision.")]
 
 
-def _source(bundle: Path | None, ckpt: Path | None, model: str | None) -> str | Path | None:
-    given = [x for x in (bundle, ckpt, model) if x is not None]
+def _source(bundle: Path | None, ckpt: Path | None, model: str | None) -> tuple[str | Path | None, str | None]:
+    """(the source, its kind as the user named it)."""
+    given = [(x, kind) for x, kind in ((bundle, "bundle"), (ckpt, "checkpoint"), (model, "diffusers"))
+             if x is not None]
     if len(given) > 1:
         raise BadInputError("pass one of --bundle, --ckpt and --model")
-    return given[0] if given else None
+    return given[0] if given else (None, None)
 
 
 def _check_choices(backend: str, method: str | None, loss: str | None) -> None:
@@ -156,7 +159,7 @@ def _strategy(noises: int | None, stages: str | None, loss: str | None, seed: in
     return options
 
 
-def _load(source: Any, *, backend: str, device: str, method: str | None, classes: str | None,
+def _load(source: tuple[Any, str | None], *, backend: str, device: str, method: str | None, classes: str | None,
           prompts: Path | None, template: str | None, strategy: dict[str, Any], max_batch: int = 256,
           fp16: bool = False, engines: Path | None = None, classes_from: str | None = None,
           class_list: list[str] | None = None) -> Any:
@@ -165,9 +168,10 @@ def _load(source: Any, *, backend: str, device: str, method: str | None, classes
 
     names = class_list if class_list is not None else (parse_class_list(classes) if classes is not None else None)
     table = read_prompts_file(prompts) if prompts is not None else None
+    source, kind = source
     if strategy.get("robust") is not None and source is None and backend == "auto":
         backend = "torch"  # robust mode takes gradients: the built-in demo runs from its checkpoint
-    options = LoadOptions(backend=backend, device=device, fp16=fp16, max_batch=max_batch, engines=engines,
+    options = LoadOptions(kind=kind, backend=backend, device=device, fp16=fp16, max_batch=max_batch, engines=engines,
                           classes=names, template=template, prompts=table, classes_from=classes_from, method=method,
                           strategy=strategy)
     classifier = open_classifier(source, options)
@@ -489,7 +493,8 @@ def batch(
         from noop_rt.data import parse_class_list, read_prompts_file
 
         _check_choices(backend, method, loss)
-        load = {"source": _source(bundle, ckpt, model), "backend": backend, "device": device, "method": method,
+        source, kind = _source(bundle, ckpt, model)
+        load = {"source": source, "kind": kind, "backend": backend, "device": device, "method": method,
                 "classes": parse_class_list(classes) if classes is not None else None,
                 "prompts": read_prompts_file(prompts) if prompts is not None else None, "template": template,
                 "max_batch": max_batch, "engines": engines, **_strategy(noises, stages, loss, seed, False)}
@@ -550,8 +555,10 @@ def bench(
                                       num_classes=num_classes, cache_dir=cache_dir, engines=engines)
         print(table)
         if json_file is not None:
+            from noop_rt.runtime.bundle import write_json_atomic
+
             json_file.parent.mkdir(parents=True, exist_ok=True)
-            json_file.write_text(json.dumps(report, indent=2) + "\n")
+            write_json_atomic(json_file, report)
         if plot_file is not None:
             from noop_rt.bench import plot
 
@@ -591,7 +598,7 @@ def demo(backend: BackendOpt = "auto", method: MethodOpt = None, noises: NoisesO
         images = sorted(EXAMPLES_DIR.glob("*.png"))
         if not images:
             raise BadInputError(f"no example images in {EXAMPLES_DIR}")
-        classifier = _load(None, backend=backend, device="auto", method=method, classes=None, prompts=None,
+        classifier = _load((None, None), backend=backend, device="auto", method=method, classes=None, prompts=None,
                            template=None, strategy=_strategy(noises, None, None, 0, False))
         _classify(images, classifier, 3, as_json, truth_table=not as_json)
 
@@ -628,6 +635,7 @@ def run() -> None:
             print(f"error: {exc.format_message()} (see {where})", file=sys.stderr)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
+        code = 130
+    if code == 130:  # typer turns Ctrl-C into Exit(130) without a word
         print("error: aborted", file=sys.stderr)
-        sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

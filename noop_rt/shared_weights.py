@@ -9,7 +9,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-ALIGN = 4096  # offsets aligned to a page, so runtimes may memory-map the file
+ALIGN = 64  # offsets aligned for SIMD loads (as safetensors aligns); runtimes map unaligned offsets themselves
 MIN_BYTES = 1024  # smaller tensors stay inside their graph
 
 

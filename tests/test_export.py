@@ -1,4 +1,5 @@
-"""ONNX export: graphs, parity, dynamic batch, the bundle contract and its errors, atomicity."""
+"""ONNX export: the graphs, parity with torch, dynamic axes, weights stored once, the bundle contract and its
+errors, atomicity."""
 
 from __future__ import annotations
 
@@ -16,46 +17,118 @@ import torch
 from typer.testing import CliRunner
 
 from noop_rt.backbone import load_backbone
-from noop_rt.bundle import Bundle
 from noop_rt.checkpoint import load_checkpoint
 from noop_rt.cli import app
-from noop_rt.errors import BadInputError, BundleError
+from noop_rt.errors import BadInputError
 from noop_rt.export import ExportOptions, collect_images, export_bundle
-from noop_rt.runtime.onnx_backend import OnnxBackend
+from noop_rt.runtime.bundle import Bundle
+from noop_rt.runtime.onnxruntime_backend import OnnxRuntimeRunner
 
 runner = CliRunner()
+GRAPHS = ("classifier", "scorer", "vae_encoder", "noise", "text_encoder")
 
 
 def test_bundle_layout_manifest_and_validation(tiny_bundle) -> None:
     names = {p.name for p in tiny_bundle.iterdir()}
-    assert {"manifest.json", "validation.json", "unet.onnx", "text_encoder.onnx", "vae_encoder.onnx", "noise.onnx",
-            "class_embeddings.npy", "tokenizer"} <= names
-    for graph in ("unet", "text_encoder", "vae_encoder", "noise"):
+    assert {"manifest.json", "validation.json", "weights.bin", "class_embeddings.npy", "tokenizer",
+            *(f"{g}.onnx" for g in GRAPHS)} <= names
+    for graph in GRAPHS:
         onnx.checker.check_model(str(tiny_bundle / f"{graph}.onnx"))
-        assert onnx.load(str(tiny_bundle / f"{graph}.onnx")).opset_import[0].version >= 17
+        assert onnx.load(str(tiny_bundle / f"{graph}.onnx"), load_external_data=False).opset_import[0].version >= 17
     m = json.loads((tiny_bundle / "manifest.json").read_text())
+    assert m["version"] == 2 and m["name"] == "tiny"
     assert m["classes"] == ["blue circle", "red square"] and m["t_star"] == 500 and m["precision"] == "fp32"
-    assert 0 < m["abar_t_star"] < 1 and m["max_batch"] == 3 * 2 and len(m["alphas_cumprod"]) == 1000
-    assert set(m["files"]) >= {"unet.onnx", "class_embeddings.npy", "validation.json"}
+    assert m["max_batch"] == 3 * 2 and m["resolution"] == 32 and m["latent_shape"] == [4, 16, 16]
+    assert m["classifier_graph"] == {"file": "classifier.onnx", "input": "image", "errors": "errors",
+                                     "probs": "probs", "class_embeddings": "class_embeddings",
+                                     "note": m["classifier_graph"]["note"]}
+    assert m["preprocessing"]["resolution"] == 32 and m["preprocessing"]["range"] == [-1.0, 1.0]
+    assert set(m["files"]) >= {"classifier.onnx", "weights.bin", "class_embeddings.npy", "validation.json",
+                               "tokenizer/tokenizer.json"}
     v = json.loads((tiny_bundle / "validation.json").read_text())
     assert v["passed"] and v["classifier"]["top1_agreement"] == 1.0
+    assert v["classifier"]["classifier_vs_scorer_path_max_gap"] < 1e-5
     for g in v["graphs"].values():
         assert g["max_rel"] < 1e-4  # fp32 TorchScript export on onnxruntime CPU
 
 
-def test_unet_graph_has_a_dynamic_batch(tiny_bundle, tiny_ckpt) -> None:
+def test_unet_weights_are_stored_once(tiny_bundle, tiny_ckpt) -> None:
+    """The classifier and scorer graphs both hold the UNet; its tensors live once in weights.bin, at the same
+    offsets for both graphs."""
+    def external(graph: str) -> dict[tuple[str, str], int]:
+        model = onnx.load(str(tiny_bundle / f"{graph}.onnx"), load_external_data=False)
+        out = {}
+        for t in model.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                info = {e.key: e.value for e in t.external_data}
+                assert info["location"] == "weights.bin"
+                out[(info["offset"], info["length"])] = int(info["length"])
+        return out
+
+    classifier, scorer = external("classifier"), external("scorer")
+    shared = set(classifier) & set(scorer)
+    unet = load_backbone(load_checkpoint(tiny_ckpt).backbone_source).unet
+    unet_bytes = sum(p.numel() * 4 for p in unet.parameters())
+    assert sum(classifier[k] for k in shared) >= 0.9 * unet_bytes  # (constant folding may fuse a few tensors)
+    referenced = sum(sum(external(g).values()) for g in GRAPHS)
+    size = (tiny_bundle / "weights.bin").stat().st_size
+    assert size < referenced - 0.9 * unet_bytes  # the second copy of the UNet is not on disk
+
+
+def test_graphs_have_dynamic_axes(tiny_bundle, tiny_ckpt) -> None:
+    """The scorer runs any number of rows, classes and mixed timesteps (traced at 2 rows x 3 classes)."""
     bundle = Bundle.open(tiny_bundle)
-    ort = OnnxBackend(bundle, device="cpu")
+    ort = OnnxRuntimeRunner(bundle, "cpu")
     ckpt = load_checkpoint(tiny_ckpt)
     bb = load_backbone(ckpt.backbone_source)
-    c = len(bundle.classes)
-    for batch in (1, c, 3 * c):
-        z = torch.randn(batch, 4, 16, 16)
-        t = torch.randint(0, 1000, (batch,)).float()  # one call may mix timesteps
-        emb = ckpt.class_embeddings[torch.arange(batch) % c]
+    module = bb.class_errors(("l2", "l1", "huber"))
+    gen = torch.Generator().manual_seed(0)
+    for rows, k in ((1, 1), (5, 2), (7, 4)):
+        z0, eps = torch.randn(rows, 4, 16, 16, generator=gen), torch.randn(rows, 4, 16, 16, generator=gen)
+        t = torch.randint(0, 1000, (rows,), generator=gen).float()
+        emb = ckpt.class_embeddings[torch.arange(k) % 2] + 0.01 * torch.arange(k).view(-1, 1, 1)
         with torch.no_grad():
-            ref = bb.predict_eps(z, t, emb)
-        assert torch.allclose(ort.predict_eps(z, t, emb), ref, atol=1e-4)
+            want = module(z0, eps, t, emb)
+        got = ort.run("scorer", {"z0": z0.numpy(), "eps": eps.numpy(), "timestep": t.numpy(),
+                                 "class_embeddings": emb.numpy()}, ["errors_l2", "errors_l1", "errors_huber"])
+        for g, w in zip(got, want, strict=True):
+            assert g.shape == (rows, k)
+            np.testing.assert_allclose(g, w.numpy(), rtol=1e-4, atol=1e-6)
+    images = np.random.default_rng(0).uniform(-1, 1, (3, 3, 32, 32)).astype(np.float32)
+    errors, probs = ort.run("classifier", {"image": images}, ["errors", "probs"])
+    assert errors.shape == probs.shape == (3, 2)
+
+
+def test_classifier_graph_runs_in_a_bare_onnxruntime_session(tiny_bundle, shape_images) -> None:
+    """Any ONNX runtime serves the classifier from its file alone: a bare InferenceSession, no noop_rt import,
+    feeding `image` only, agrees with `noop-rt classify` on the bundle."""
+    imgs = sorted(shape_images.rglob("*.png"))
+    code = (
+        "import sys, json, numpy as np, onnxruntime as ort\n"
+        "from PIL import Image\n"
+        "m = json.load(open(sys.argv[1] + '/manifest.json'))\n"
+        "r = m['preprocessing']['resolution']\n"
+        "def load(p):\n"
+        "    img = Image.open(p).convert('RGB')\n"
+        "    w, h = img.size\n"
+        "    s = r / min(w, h)\n"
+        "    img = img.resize((max(r, int(w * s)), max(r, int(h * s))), Image.BICUBIC)\n"
+        "    left, top = round((img.width - r) / 2), round((img.height - r) / 2)\n"
+        "    img = img.crop((left, top, left + r, top + r))\n"
+        "    return (np.asarray(img, np.float32) / 127.5 - 1).transpose(2, 0, 1)\n"
+        "sess = ort.InferenceSession(sys.argv[1] + '/' + m['classifier_graph']['file'])\n"
+        "x = np.stack([load(p) for p in sys.argv[2:]])\n"
+        "errors, probs = sess.run([m['classifier_graph']['errors'], m['classifier_graph']['probs']],\n"
+        "                         {m['classifier_graph']['input']: x})\n"
+        "print(json.dumps([m['classes'][i] for i in errors.argmin(1)]))\n"
+        "assert 'noop_rt' not in sys.modules and 'torch' not in sys.modules\n"
+    )
+    bare = subprocess.run([sys.executable, "-c", code, str(tiny_bundle), *map(str, imgs)], capture_output=True,
+                          text=True, timeout=120)
+    assert bare.returncode == 0, bare.stderr
+    res = runner.invoke(app, ["classify", *map(str, imgs), "--bundle", str(tiny_bundle), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(bare.stdout) == [r["top"][0]["class"] for r in json.loads(res.stdout)]
 
 
 def test_bundle_classifies_like_the_checkpoint(tiny_bundle, tiny_ckpt, shape_images) -> None:
@@ -65,6 +138,7 @@ def test_bundle_classifies_like_the_checkpoint(tiny_bundle, tiny_ckpt, shape_ima
     assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output
     ra, rb = json.loads(a.stdout), json.loads(b.stdout)
     assert [r["backend"] for r in ra] == ["onnxruntime"] * len(imgs)
+    assert [r["backend"] for r in rb] == ["torch"] * len(imgs)
     for x, y in zip(ra, rb, strict=True):
         assert x["top"][0]["class"] == y["top"][0]["class"]
         ex = {t["class"]: t["error"] for t in x["top"]}
@@ -72,12 +146,40 @@ def test_bundle_classifies_like_the_checkpoint(tiny_bundle, tiny_ckpt, shape_ima
         assert all(abs(ex[k] - ey[k]) < 1e-4 for k in ex)
 
 
-def test_new_classes_embed_through_the_text_encoder_graph(tiny_bundle, shape_images) -> None:
-    img = str(next((shape_images / "red_square").iterdir()))
-    res = runner.invoke(app, ["classify", img, "--bundle", str(tiny_bundle), "--classes", "red,green,blue",
-                              "--json"])
-    assert res.exit_code == 0, res.output
-    assert {t["class"] for t in json.loads(res.stdout)[0]["top"]} == {"red", "green", "blue"}
+def test_v_prediction_through_the_onnxruntime_graphs(tiny_sd_v, shape_images, tmp_path) -> None:
+    """A v-prediction backbone: the exported scorer converts v to eps as the torch module does, and differs from
+    treating v as eps (the raw output)."""
+    from noop_rt.checkpoint import save_checkpoint
+    from noop_rt.noop import TrainConfig
+    from noop_rt.training import fewshot_split, train_checkpoint
+
+    bb = load_backbone(tiny_sd_v)
+    split = fewshot_split(shape_images, shots=1, val_shots=1, seed=0)
+    ckpt, _ = train_checkpoint(bb, split, "a {}", TrainConfig(epochs=1, batch_size=2, meta_channels=(8,)),
+                               show_progress=False)
+    path = save_checkpoint(ckpt, tmp_path / "v.pt")
+    out = tmp_path / "vbundle"
+    export_bundle(path, out, ExportOptions(validate_images=collect_images(shape_images)), log=io.StringIO())
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["backbone"]["prediction_type"] == "v_prediction"
+    ort = OnnxRuntimeRunner(Bundle.open(out), "cpu")
+    gen = torch.Generator().manual_seed(1)
+    z0, eps = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 4, 16, 16, generator=gen)
+    t = torch.tensor([100.0, 800.0])
+    emb = ckpt.class_embeddings
+    got = ort.run("scorer", {"z0": z0.numpy(), "eps": eps.numpy(), "timestep": t.numpy(),
+                             "class_embeddings": emb.numpy()}, ["errors_l2"])[0]
+    abar = bb.alphas_cumprod[t.long()].view(-1, 1, 1, 1)
+    z_t = abar.sqrt() * z0 + (1 - abar).sqrt() * eps
+    expected, raw_as_eps = np.zeros((2, 2)), np.zeros((2, 2))
+    with torch.no_grad():
+        for c in range(2):
+            v = bb.unet(z_t, t, encoder_hidden_states=emb[c:c + 1].expand(2, -1, -1)).sample
+            eps_hat = abar.sqrt() * v + (1 - abar).sqrt() * z_t  # Salimans & Ho: eps from v, written out here
+            expected[:, c] = ((eps_hat - eps) ** 2).mean(dim=(1, 2, 3)).numpy()
+            raw_as_eps[:, c] = ((v - eps) ** 2).mean(dim=(1, 2, 3)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    assert np.abs(got - raw_as_eps).max() > 1e-3
 
 
 def copy_bundle(src, tmp_path):
@@ -93,21 +195,49 @@ def test_tampered_missing_or_foreign_bundles_exit_1(tiny_bundle, shape_images, t
         res = runner.invoke(app, ["classify", img, "--bundle", str(bundle)])
         assert res.exit_code == 1, res.output
         assert "Traceback" not in res.output
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
         return res.stderr
 
-    b = copy_bundle(tiny_bundle, tmp_path / "1")
+    b = copy_bundle(tiny_bundle, tmp_path / "1")  # same size, different bytes
     emb = np.load(b / "class_embeddings.npy")
     np.save(b / "class_embeddings.npy", emb + 1e-3)
-    assert "does not match the sha256" in classify(b)
+    assert "class_embeddings.npy does not match the sha256" in classify(b)
     b = copy_bundle(tiny_bundle, tmp_path / "2")
     (b / "noise.onnx").unlink()
     assert "noise.onnx is missing" in classify(b)
-    b = copy_bundle(tiny_bundle, tmp_path / "3")
+    b = copy_bundle(tiny_bundle, tmp_path / "3")  # truncated weights
+    with open(b / "weights.bin", "r+b") as fh:
+        fh.truncate(1000)
+    assert "weights.bin has 1000 bytes" in classify(b)
+    b = copy_bundle(tiny_bundle, tmp_path / "4")  # swapped graphs
+    (b / "noise.onnx").rename(b / "tmp.onnx")
+    (b / "vae_encoder.onnx").rename(b / "noise.onnx")
+    (b / "tmp.onnx").rename(b / "vae_encoder.onnx")
+    message = classify(b)
+    assert ("noise.onnx has" in message or "vae_encoder.onnx has" in message) and "bytes where" in message
+    b = copy_bundle(tiny_bundle, tmp_path / "5")
     m = json.loads((b / "manifest.json").read_text())
-    m["version"] = 0
+    m["version"] = 1
     (b / "manifest.json").write_text(json.dumps(m))
-    assert "format version 0" in classify(b)
+    assert "bundle format 1" in classify(b) and "re-export" in classify(b)
     assert "manifest.json is missing" in classify(tmp_path)
+
+
+def test_object_array_embeddings_are_refused_naming_the_file(tiny_bundle, shape_images, tmp_path) -> None:
+    """A class_embeddings.npy holding a pickled object array, with the manifest's sha256 updated to match."""
+    from noop_rt.runtime.bundle import sha256_file
+
+    b = copy_bundle(tiny_bundle, tmp_path)
+    np.save(b / "class_embeddings.npy", np.array([{"x": 1}, None], dtype=object), allow_pickle=True)
+    m = json.loads((b / "manifest.json").read_text())
+    m["files"]["class_embeddings.npy"] = {"sha256": sha256_file(b / "class_embeddings.npy"),
+                                          "size": (b / "class_embeddings.npy").stat().st_size}
+    (b / "manifest.json").write_text(json.dumps(m))
+    img = str(next((shape_images / "red_square").iterdir()))
+    res = runner.invoke(app, ["classify", img, "--bundle", str(b)])
+    assert res.exit_code == 1 and "internal error" not in res.stderr, res.output
+    assert "class_embeddings.npy is not a plain numpy array file" in res.stderr
 
 
 def test_interrupted_export_leaves_nothing_behind(tiny_ckpt, tmp_path, monkeypatch) -> None:
@@ -159,17 +289,6 @@ def test_re_export_is_cached_and_a_different_bundle_needs_force(tiny_ckpt, tiny_
     assert not report.cached and Bundle.open(out).manifest["max_batch"] == 10
 
 
-def test_external_data_is_consolidated_into_one_file(tiny_ckpt, tmp_path) -> None:
-    out = tmp_path / "ext"
-    export_bundle(tiny_ckpt, out, ExportOptions(external_data_threshold=1), log=io.StringIO())
-    assert (out / "unet.onnx.data").is_file()
-    assert (out / "unet.onnx").stat().st_size < (out / "unet.onnx.data").stat().st_size
-    bundle = Bundle.open(out)
-    assert "unet.onnx.data" in bundle.manifest["files"]
-    onnx.checker.check_model(str(out / "unet.onnx"))
-    assert OnnxBackend(bundle, device="cpu").encode(torch.zeros(1, 3, 32, 32)).shape == (1, 4, 16, 16)
-
-
 def test_fp16_bundle_runs_on_onnxruntime_cpu(tiny_ckpt, shape_images, tmp_path) -> None:
     out = tmp_path / "half"
     report = export_bundle(tiny_ckpt, out, ExportOptions(precision="fp16",
@@ -177,18 +296,23 @@ def test_fp16_bundle_runs_on_onnxruntime_cpu(tiny_ckpt, shape_images, tmp_path) 
                            log=io.StringIO())
     v = report.validation
     assert v["precision"] == "fp16" and v["passed"]
-    m = onnx.load(str(out / "unet.onnx"))
-    types = {i.name: i.type.tensor_type.elem_type for i in m.graph.input}
-    assert types["sample"] == onnx.TensorProto.FLOAT16 and types["timestep"] == onnx.TensorProto.FLOAT
-    assert 0 < v["graphs"]["unet"]["max_rel"] < 5e-2
+    m = onnx.load(str(out / "scorer.onnx"), load_external_data=False)
+    inputs = {i.name: i.type.tensor_type.elem_type for i in m.graph.input}
+    assert inputs["z0"] == onnx.TensorProto.FLOAT and inputs["timestep"] == onnx.TensorProto.FLOAT
+    half = [t for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+    assert len(half) > 10  # the UNet's weights are fp16 inside; the graph's interface stays float32
+    assert 0 < v["graphs"]["scorer:errors_l2"]["max_rel"] < 5e-2
 
 
-def test_bundle_open_errors(tmp_path) -> None:
-    with pytest.raises(BundleError, match="not found"):
-        Bundle.open(tmp_path / "nothing")
-    (tmp_path / "manifest.json").write_text("{not json")
-    with pytest.raises(BundleError, match="not valid JSON"):
-        Bundle.open(tmp_path)
-    (tmp_path / "manifest.json").write_text('{"format": "other"}')
-    with pytest.raises(BundleError, match="not a noop-rt bundle"):
-        Bundle.open(tmp_path)
+def test_verify_hashes_everything_and_names_a_bad_file(tiny_bundle, tmp_path) -> None:
+    res = runner.invoke(app, ["verify", str(tiny_bundle), "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["passed"] and report["files"] == len(json.loads((tiny_bundle / "manifest.json").read_text())
+                                                      ["files"])
+    b = copy_bundle(tiny_bundle, tmp_path)
+    data = bytearray((b / "scorer.onnx").read_bytes())
+    data[-5] ^= 0xFF  # same size, one byte flipped
+    (b / "scorer.onnx").write_bytes(bytes(data))
+    res = runner.invoke(app, ["verify", str(b)])
+    assert res.exit_code == 1 and "scorer.onnx does not match the sha256" in res.stderr, res.output

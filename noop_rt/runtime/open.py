@@ -32,6 +32,7 @@ class LoadOptions:
     e.g. from Li et al.'s CSV files); `classes_from` names where `classes` came from when they must be the trained
     set (`--data DIR`)."""
 
+    kind: str | None = None  # what the user said the source is (--bundle/--ckpt/--model); None: detect it
     backend: str = "auto"
     device: str = "auto"  # auto | cpu | cuda[:N]
     fp16: bool = False  # torch backend: the backbone in half precision
@@ -72,7 +73,12 @@ def open_classifier(source: str | Path | None = None, options: LoadOptions | Non
     options = options or LoadOptions()
     if options.backend not in BACKENDS:
         raise suggest(options.backend, BACKENDS, "backend")
-    kind, path = source_kind(source)
+    if options.kind is not None and source is not None and str(source) != "demo":
+        kind, path = options.kind, Path(source).expanduser()
+    elif options.kind == "diffusers" and str(source) == "demo":
+        kind, path = "diffusers", Path("demo")
+    else:
+        kind, path = source_kind(source)
     notes: list[str] = []
     if kind == "demo":
         from noop_rt.demo import BUNDLE_DIR, CKPT_PATH
@@ -187,6 +193,11 @@ def _open_torch(kind: str, path: Path | None, options: LoadOptions) -> tuple[Gra
         raise MissingDependencyError(f"a {kind} runs on the torch backend, which needs {', '.join(missing)}: "
                                      f"{TRAIN_HINT} (or export it to a bundle on a machine that has them)")
     from noop_rt.runtime import torch_backend
+
+    if options.threads:
+        import torch
+
+        torch.set_num_threads(options.threads)
 
     if kind == "checkpoint":
         runner, info, emb = torch_backend.open_checkpoint(path, None, options.device, options.fp16, options.max_batch)
