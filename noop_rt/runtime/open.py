@@ -194,10 +194,7 @@ def _open_torch(kind: str, path: Path | None, options: LoadOptions) -> tuple[Gra
                                      f"{TRAIN_HINT} (or export it to a bundle on a machine that has them)")
     from noop_rt.runtime import torch_backend
 
-    if options.threads:
-        import torch
-
-        torch.set_num_threads(options.threads)
+    torch_backend.set_threads(options.threads)
 
     if kind == "checkpoint":
         runner, info, emb = torch_backend.open_checkpoint(path, None, options.device, options.fp16, options.max_batch)

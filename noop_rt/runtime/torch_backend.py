@@ -24,6 +24,12 @@ from noop_rt.runtime.graphs import CLASSIFIER
 from noop_rt.runtime.model import ModelInfo, default_preprocessing
 
 
+def set_threads(threads: int | None) -> None:
+    """torch's intra-op threads (a Ray actor gets its share of the cores); None leaves torch's default."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,243 @@
+"""The torch-free runtime: the Python API, the opener, the layering rule, opening checks, class sets and tau."""
+
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import noop_rt
+from noop_rt.demo import BUNDLE_DIR, CKPT_PATH, EXAMPLES_DIR
+from noop_rt.errors import BadInputError, BundleError, UsageError
+
+EXAMPLES = sorted(EXAMPLES_DIR.glob("*.png"))
+SEVEN = EXAMPLES_DIR / "seven.png"
+RUNTIME = Path(noop_rt.__file__).parent / "runtime"
+TORCH_SIDE = {"noop_rt.backbone", "noop_rt.noop", "noop_rt.checkpoint", "noop_rt.configs", "noop_rt.robust",
+              "noop_rt.export", "noop_rt.graphs", "noop_rt.engines", "noop_rt.scorer", "noop_rt.training",
+              "noop_rt.calibration", "noop_rt.evaluation", "noop_rt.demo.train_backbone", "noop_rt.demo.digits",
+              "noop_rt.shared_weights", "torch", "diffusers", "transformers", "onnx"}
+BLOCK_TORCH = ("import sys\n"
+               "for m in ('torch', 'diffusers', 'transformers', 'accelerate'):\n"
+               "    sys.modules[m] = None  # any import of them now raises ImportError\n")
+
+
+def imports_of(path: Path) -> set[str]:
+    """Module-level imports of a file (imports inside functions are lazy and listed separately)."""
+    tree = ast.parse(path.read_text())
+    out = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+    return out
+
+
+def test_runtime_modules_never_import_the_torch_side() -> None:
+    """The layering rule, statically: no runtime module (except the torch backend) imports a torch-side module,
+    at module level or lazily; the torch backend reaches them only when it is chosen."""
+    offenders = {}
+    for path in sorted(RUNTIME.glob("*.py")) + [RUNTIME.parent / f for f in ("api.py", "scoring.py", "data.py",
+                                                                                "evaluate.py", "batch.py")]:
+        if path.name == "torch_backend.py":
+            continue
+        tree = ast.parse(path.read_text())
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] if a.name.split(".")[0] != "noop_rt" else a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module if node.module.startswith("noop_rt") else node.module.split(".")[0])
+        bad = names & TORCH_SIDE
+        if bad:
+            offenders[path.name] = sorted(bad)
+    assert offenders == {}
+    assert not imports_of(RUNTIME / "torch_backend.py") & {"noop_rt.runtime.open", "noop_rt.api"}  # no cycle
+
+
+def test_the_demo_classifies_with_torch_unimportable() -> None:
+    """In a process where torch, diffusers and transformers cannot be imported: the API and the CLI classify
+    the demo, and none of them (nor onnx) ends up loaded."""
+    code = BLOCK_TORCH + (
+        "import json, noop_rt\n"
+        "from noop_rt.demo import EXAMPLES_DIR\n"
+        "clf = noop_rt.load()\n"
+        "paths = sorted(EXAMPLES_DIR.glob('*.png'))\n"
+        "labels = [r.label for r in clf.classify(paths)]\n"
+        "print(json.dumps({'labels': labels, 'truth': [p.stem for p in paths], 'backend': clf.backend,\n"
+        "                  'loaded': sorted(m for m in ('torch', 'diffusers', 'transformers', 'onnx')\n"
+        "                                   if sys.modules.get(m) is not None)}))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["backend"] == "onnxruntime" and out["loaded"] == []
+    assert sum(a == b for a, b in zip(out["labels"], out["truth"], strict=True)) >= 9
+    cli = BLOCK_TORCH + ("sys.argv = ['noop-rt', 'classify', sys.argv[1], '--json']\n"
+                         "from noop_rt.cli import run\nrun()\n")
+    res = subprocess.run([sys.executable, "-c", cli, str(SEVEN)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)[0]["top"][0]["class"] == "seven"
+
+
+def test_commands_that_need_torch_say_which_extra(tmp_path) -> None:
+    """Without torch: a checkpoint, train and export each fail with one line naming noop-rt[train], exit 1."""
+    for args in (["classify", str(SEVEN), "--ckpt", str(CKPT_PATH)], ["export", "--ckpt", str(CKPT_PATH)],
+                 ["train", "--data", str(tmp_path), "--out", str(tmp_path / "x.pt")]):
+        code = BLOCK_TORCH + f"sys.argv = ['noop-rt', *{args!r}]\nfrom noop_rt.cli import run\nrun()\n"
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert res.returncode == 1 and len(lines) == 1, res.stderr
+        assert "pip install 'noop-rt[train]'" in lines[0], lines
+
+
+def test_api_takes_paths_pil_images_and_arrays() -> None:
+    clf = noop_rt.load()
+    assert (clf.backend, clf.method, len(clf.classes)) == ("onnxruntime", "noop", 10)
+    one = clf.classify(SEVEN, top_k=3)
+    assert isinstance(one, noop_rt.Result) and one.label == "seven" and len(one.top) == 3
+    assert one.top[0].prob >= one.top[1].prob >= one.top[2].prob
+    assert one.unet_evals == 10 and one.calibrated
+    assert set(one.timings) == {"preprocess", "model", "scoring"}
+    pil = Image.open(SEVEN)
+    rgb = np.asarray(pil.convert("RGB"))
+    many = clf.classify([str(SEVEN), pil, rgb])
+    assert [r.label for r in many] == ["seven"] * 3
+    np.testing.assert_allclose([t.error for t in many[0].top], [t.error for t in many[2].top], rtol=1e-6)
+    assert many[0].image == str(SEVEN) and many[1].image is None
+    with pytest.raises(BadInputError, match="array of shape"):
+        clf.classify(np.zeros((5, 5, 7), np.uint8))
+    with pytest.raises(BadInputError, match="no images"):
+        clf.classify([])
+
+
+def test_noop_probabilities_use_the_fitted_tau() -> None:
+    """softmax(-tau * err) with the manifest's tau, recomputed here from the reported errors."""
+    clf = noop_rt.load()
+    tau = json.loads((BUNDLE_DIR / "manifest.json").read_text())["tau"]
+    r = clf.classify(SEVEN, top_k=10)
+    errors = np.array([t.error for t in r.top])
+    expected = np.exp(-tau * (errors - errors.min()))
+    expected /= expected.sum()
+    np.testing.assert_allclose([t.prob for t in r.top], expected, rtol=1e-5, atol=1e-9)
+
+
+def test_stale_tau_falls_back_to_the_uncalibrated_scale() -> None:
+    """tau was fitted for the trained classes and loss: another loss or class set gets 1/std (and says so)."""
+    trained = noop_rt.load().classify(SEVEN, top_k=10)
+    other_loss = noop_rt.load(loss="l2").classify(SEVEN, top_k=10)
+    subset = noop_rt.load(classes=["seven", "one", "nine"]).classify(SEVEN, top_k=3)
+    assert trained.calibrated and not other_loss.calibrated and not subset.calibrated
+    for r in (other_loss, subset):
+        errors = np.array([t.error for t in r.top])
+        scale = 1 / errors.std(ddof=1)
+        expected = np.exp(-scale * (errors - errors.min()))
+        np.testing.assert_allclose([t.prob for t in r.top], expected / expected.sum(), rtol=1e-5, atol=1e-9)
+    # the l2 errors are another norm: not the l1 errors of the trained path
+    assert abs(other_loss.top[0].error - trained.top[0].error) > 1e-4
+    # a subset of the trained classes keeps their cached embeddings: same errors as in the full set
+    full = {t.label: t.error for t in trained.top}
+    for t in subset.top:
+        assert t.error == pytest.approx(full[t.label], rel=1e-5)
+
+
+def test_close_names_are_flagged_and_new_classes_are_zero_shot() -> None:
+    clf = noop_rt.load(classes=["seven", "nien", "one"])
+    assert any("'nien' is not a trained class (did you mean 'nine'?)" in n for n in clf.notes)
+    r = clf.classify(SEVEN)
+    assert r.zero_shot == ["nien"] and r.to_json()["zero_shot_classes"] == ["nien"] and not r.calibrated
+    assert {t.label for t in r.top} == {"seven", "nien", "one"}
+
+
+def test_openvino_agrees_with_onnxruntime() -> None:
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    ort = noop_rt.load(backend="onnxruntime")
+    ov = noop_rt.load(backend="openvino")
+    a, b = ort.classify(EXAMPLES, top_k=10), ov.classify(EXAMPLES, top_k=10)
+    assert ov.backend == "openvino" and [x.label for x in a] == [y.label for y in b]
+    for x, y in zip(a, b, strict=True):
+        ex, ey = {t.label: t.error for t in x.top}, {t.label: t.error for t in y.top}
+        assert max(abs(ex[k] - ey[k]) for k in ex) < 1e-3
+    # other class sets run through the encoder, noise and scorer graphs on OpenVINO: same errors as onnxruntime
+    sub_ort = noop_rt.load(backend="onnxruntime", classes=["seven", "one"]).classify(SEVEN)
+    sub_ov = noop_rt.load(backend="openvino", classes=["seven", "one"]).classify(SEVEN)
+    assert [t.error for t in sub_ov.top] == pytest.approx([t.error for t in sub_ort.top], abs=1e-3)
+
+
+def test_scorer_path_equals_the_classifier_graph() -> None:
+    """NoOp through encoder + noise + scorer graphs (used for another loss or engine) equals the one graph."""
+    clf = noop_rt.load()
+    images = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in EXAMPLES])
+    from noop_rt.data import as_model_input
+
+    x = np.stack([as_model_input(i, clf.resolution) for i in images])
+    direct = clf.model.noop_errors(x, clf.info.loss)
+    z0 = clf.model.encode(x)
+    via = clf.model.class_errors(z0, clf.model.noise(z0), np.full(len(x), clf.info.t_star), None, clf.info.loss)
+    np.testing.assert_allclose(direct, via, rtol=1e-5, atol=1e-7)
+
+
+def test_unknown_values_and_sources_are_one_clear_error(tmp_path) -> None:
+    with pytest.raises(UsageError, match="did you mean 'onnxruntime'"):
+        noop_rt.load(backend="onnxrt")
+    with pytest.raises(UsageError, match="did you mean 'pruned'"):
+        noop_rt.load(method="prune")
+    with pytest.raises(BadInputError, match="neither a noop-rt bundle"):
+        noop_rt.load(tmp_path)
+    with pytest.raises(BadInputError, match="checkpoint not found"):
+        noop_rt.load(tmp_path / "x.pt")
+    with pytest.raises(UsageError, match="runs exported bundles"):
+        noop_rt.load(CKPT_PATH, backend="onnxruntime")
+    with pytest.raises(UsageError, match="torch backend runs checkpoints"):
+        noop_rt.load(BUNDLE_DIR, backend="torch")
+
+
+def test_opening_rehashes_only_changed_files(tmp_path, monkeypatch) -> None:
+    import noop_rt.runtime.bundle as bundle_mod
+
+    b = tmp_path / "digits"
+    shutil.copytree(BUNDLE_DIR, b, ignore=shutil.ignore_patterns(".verified.json"))
+    hashed: list[str] = []
+    real = bundle_mod.sha256_file
+
+    def counting(path, *args, **kwargs):
+        hashed.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(bundle_mod, "sha256_file", counting)
+    files = json.loads((b / "manifest.json").read_text())["files"]
+    bundle_mod.Bundle.open(b)
+    assert sorted(hashed) == sorted(Path(f).name for f in files)  # first open: everything
+    hashed.clear()
+    bundle_mod.Bundle.open(b)
+    assert hashed == []  # nothing changed since it was verified
+    (b / "scorer.onnx").touch()  # a new modification time: re-hashed (same bytes, still valid)
+    bundle_mod.Bundle.open(b)
+    assert hashed == ["scorer.onnx"]
+    data = bytearray((b / "noise.onnx").read_bytes())
+    data[100] ^= 1
+    (b / "noise.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"noise\.onnx does not match the sha256"):
+        bundle_mod.Bundle.open(b)
+
+
+def test_a_read_only_bundle_remembers_its_verification_in_the_user_cache(tmp_path, monkeypatch) -> None:
+    """An installed package's bundle is not writable (simulated: tests run as root, which may write anywhere)."""
+    import noop_rt.runtime.bundle as bundle_mod
+
+    b = tmp_path / "ro"
+    shutil.copytree(BUNDLE_DIR, b, ignore=shutil.ignore_patterns(".verified.json"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    real_access = bundle_mod.os.access
+    monkeypatch.setattr(bundle_mod.os, "access", lambda p, mode: False if Path(p) == b else real_access(p, mode))
+    bundle_mod.Bundle.open(b)
+    assert not (b / ".verified.json").exists()
+    assert len(list((tmp_path / "cache" / "noop-rt" / "verified").glob("*.json"))) == 1
