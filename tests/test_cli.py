@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -24,7 +25,7 @@ def test_classify_json_contract(tiny_sd, shape_images) -> None:
     out = json.loads(res.stdout)
     assert len(out) == 1
     row = out[0]
-    assert set(row) == {"image", "top", "method", "backend", "latency_ms", "unet_evals"}
+    assert set(row) == {"image", "top", "method", "backend", "latency_ms", "unet_evals", "calibrated"}
     assert row["method"] == "baseline" and row["backend"] == "torch" and row["unet_evals"] == 3 * 2
     assert [t["class"] for t in row["top"]] and {t["class"] for t in row["top"]} == {"red square", "blue circle"}
     assert sum(t["prob"] for t in row["top"]) == pytest.approx(1.0, abs=1e-5)
@@ -51,14 +52,38 @@ def test_human_output_and_speed_line(tiny_sd, shape_images) -> None:
     assert "Speed:" in res.stderr and "noise+UNet" in res.stderr
 
 
-def test_eval_reports_accuracy_and_confusion(tiny_sd, shape_images) -> None:
+def test_eval_reports_accuracy_confusion_and_protocol(tiny_sd, shape_images) -> None:
     res = invoke("eval", "--data", shape_images, "--model", tiny_sd, "--method", "baseline", "--noises", "2",
-                 "--json")
+                 "--seed", "3", "--json")
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
-    assert rep["n"] == 6 and 0.0 <= rep["accuracy"] <= 1.0
-    assert sum(map(sum, rep["confusion"])) == 6 and len(rep["confusion"]) == 2
+    # accuracy is what the confusion matrix says: correct (diagonal) over all
+    confusion = rep["confusion"]
+    assert rep["n"] == 6 and sum(map(sum, confusion)) == 6 and len(confusion) == 2
+    assert rep["accuracy"] == pytest.approx((confusion[0][0] + confusion[1][1]) / 6)
     assert rep["method"] == "baseline" and rep["backend"] == "torch"
+    p = rep["protocol"]
+    assert p["strategy"]["method"] == "baseline" and p["strategy"]["pairs"] == 2 and p["strategy"]["seed"] == 3
+    assert p["strategy"]["timestep_grid"] == {"n": 2, "first": 250, "step": 500, "num_train_timesteps": 1000}
+    assert p["loss"] == "l2" and p["images"] == 6 and p["classes"] == ["blue circle", "red square"]
+    assert p["prompts"] == ["a photo of a blue circle", "a photo of a red square"]
+    assert p["preprocessing"]["resolution"] == 32 and len(p["model"]["fingerprint"]) == 16
+
+
+def test_adaptive_and_pruned_spend_fewer_unet_evals_than_baseline(tiny_sd, shape_images) -> None:
+    """Through the CLI on 6 classes: baseline 20 pairs = 120 evals; adaptive 2:2,20:1 = 2*6 + 18*2 = 48 (stage 1
+    scores the 2 pairs at slots 5 and 15 of the 20-grid for all 6 classes; stage 2 the other 18 for the 2 kept)."""
+    img = next((shape_images / "red_square").iterdir())
+    classes = "red square,blue circle,green square,red circle,blue square,green circle"
+
+    def evals(*extra: str) -> int:
+        res = invoke("classify", img, "--model", tiny_sd, "--classes", classes, "--json", *extra)
+        assert res.exit_code == 0, res.output
+        return json.loads(res.stdout)[0]["unet_evals"]
+
+    assert evals("--method", "baseline", "--noises", "20") == 120
+    assert evals("--method", "adaptive", "--stages", "2:2,20:1") == 48
+    assert evals("--method", "pruned", "--noises", "20") <= 120
 
 
 def one_line_error(res, code: int, needle: str) -> None:
@@ -75,10 +100,23 @@ def test_bad_inputs_exit_1_with_one_line(tiny_sd, shape_images, tmp_path) -> Non
                           "--noises", "1"), 1, "cannot read image")
     one_line_error(invoke("classify", tmp_path / "missing.png", "--model", tiny_sd, "--classes", "a,b",
                           "--method", "baseline"), 1, "image not found")
+    one_line_error(invoke("classify", shape_images, "--model", tiny_sd, "--classes", "a,b"), 1,
+                   "is a folder, not an image")
     one_line_error(invoke("classify", bad, "--model", tmp_path, "--classes", "a,b"), 1, "model_index.json")
     one_line_error(invoke("classify", bad, "--model", tiny_sd, "--classes", " , "), 1, "class list is empty")
     one_line_error(invoke("classify", bad, "--model", tiny_sd), 1, "no classes given")
     one_line_error(invoke("eval", "--data", tmp_path / "nope", "--model", tiny_sd), 1, "data folder not found")
+    one_line_error(invoke("classify", bad, "--bundle", tmp_path), 1, "manifest.json is missing")
+    one_line_error(invoke("classify", bad, "--model", tiny_sd, "--classes", "a,b", "--method", "adaptive",
+                          "--stages", "25:5,10:1"), 1, "increasing pair counts")
+
+
+def test_arguments_are_checked_before_the_model_is_opened(tmp_path) -> None:
+    """A bad option value or a missing image is reported even when the model does not exist: nothing was opened."""
+    nowhere = tmp_path / "no-such-model"
+    one_line_error(invoke("classify", tmp_path / "x.png", "--model", nowhere, "--method", "baselin"), 2,
+                   "did you mean 'baseline'")
+    one_line_error(invoke("classify", tmp_path / "x.png", "--model", nowhere), 1, "image not found")
 
 
 def test_unknown_values_suggest_the_close_match(tiny_sd, shape_images) -> None:
@@ -91,8 +129,29 @@ def test_unknown_values_suggest_the_close_match(tiny_sd, shape_images) -> None:
 
 def test_noop_without_a_learned_noise_is_refused(tiny_sd, shape_images) -> None:
     img = next((shape_images / "red_square").iterdir())
-    one_line_error(invoke("classify", img, "--model", tiny_sd, "--classes", "a,b", "--method", "noop"), 1,
+    one_line_error(invoke("classify", img, "--model", tiny_sd, "--classes", "a,b", "--method", "noop"), 2,
                    "needs a learned noise")
+
+
+def test_li_et_al_prompt_files_give_each_class_its_prompt(tiny_sd, shape_images, tmp_path) -> None:
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text('prompt,classname,classidx\n"a photo of a red square, a shape.",red square,0\n'
+                       '"a photo of a blue circle, a shape.",blue circle,1\n')
+    res = invoke("eval", "--data", shape_images, "--model", tiny_sd, "--prompts", prompts, "--method", "baseline",
+                 "--noises", "2", "--json")
+    assert res.exit_code == 0, res.output
+    p = json.loads(res.stdout)["protocol"]
+    assert dict(zip(p["classes"], p["prompts"], strict=True)) == {"red square": "a photo of a red square, a shape.",
+                                                                  "blue circle": "a photo of a blue circle, a shape."}
+
+
+def test_help_has_plain_labels() -> None:
+    for command in ("classify", "eval", "train", "batch", "export", "bench"):
+        res = invoke(command, "--help")
+        assert res.exit_code == 0
+        labels = re.findall(r"<(?:int|float|bool|text|list|path)[^>]*>", res.stdout, flags=re.IGNORECASE)
+        assert labels == [], labels  # no <int range>, <bool>, <list[Path]>
+        assert re.findall(r"\{[A-Z]+", res.stdout) == []  # no {IMAGE}... usage decoration
 
 
 def test_batch_ray_takes_an_optional_address() -> None:
