@@ -1,4 +1,5 @@
-"""The built-in demo: a real trained model that ships in the package, its NoOp checkpoint and ONNX bundle."""
+"""The built-in demo: a real trained model that ships in the package, its NoOp checkpoint and ONNX bundle.
+The truth of each example is its file name (`seven.png` is a seven), never the code under test."""
 
 from __future__ import annotations
 
@@ -11,37 +12,36 @@ import sys
 from typer.testing import CliRunner
 
 from noop_rt.cli import app
-from noop_rt.configs import DIGIT_NAMES
-from noop_rt.demo import BUNDLE_DIR, CKPT_PATH, EXAMPLES_DIR, MODEL_DIR
+from noop_rt.demo import BUNDLE_DIR, CKPT_PATH, DIGIT_NAMES, EXAMPLES_DIR, MODEL_DIR
 
 runner = CliRunner()
 EXAMPLES = sorted(EXAMPLES_DIR.glob("*.png"))
 
 
 def truth(path) -> str:
-    return path.stem  # examples are named after their class: seven.png
+    return path.stem
 
 
-def test_shipped_model_loads_offline_and_fast() -> None:
-    """In a fresh interpreter whose sockets refuse to connect: the demo loads from the package, in < 5 s."""
+def correct(out: list[dict]) -> int:
+    return sum(r["top"][0]["class"] == truth(EXAMPLES[i]) for i, r in enumerate(out))
+
+
+def test_shipped_model_loads_offline() -> None:
+    """In a fresh interpreter whose sockets refuse to connect, the demo backbone loads from the package."""
     code = (
-        "import socket, time\n"
+        "import socket\n"
         "def refuse(*a, **k):\n    raise OSError('network use during demo load')\n"
         "socket.socket.connect = refuse\nsocket.create_connection = refuse\n"
-        "import diffusers, transformers\n"
         "from noop_rt.backbone import load_backbone\n"
-        "start = time.perf_counter()  # the load itself, after the libraries are imported\n"
         "bb = load_backbone('demo')\n"
-        "print(time.perf_counter() - start, bb.kind, bb.resolution, bb.source)\n"
+        "print(bb.kind, bb.resolution, bb.source)\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr
-    seconds, kind, resolution, source = res.stdout.split()
-    assert float(seconds) < 5.0 and (kind, resolution, source) == ("pixel", "16", "demo")
-    size = sum(p.stat().st_size for p in MODEL_DIR.rglob("*") if p.is_file())
-    assert size <= 20 * 1024**2
+    assert res.stdout.split() == ["pixel", "16", "demo"]
     assert len(EXAMPLES) == 10 and {truth(p) for p in EXAMPLES} == set(DIGIT_NAMES)
+    assert sum(p.stat().st_size for p in MODEL_DIR.rglob("*") if p.is_file()) <= 20 * 1024**2
 
 
 def test_100_noise_baseline_classifies_the_examples() -> None:
@@ -49,8 +49,7 @@ def test_100_noise_baseline_classifies_the_examples() -> None:
                               "--noises", "100", "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
-    correct = sum(r["top"][0]["class"] == truth(EXAMPLES[i]) for i, r in enumerate(out))
-    assert correct >= 9, [r["top"][0]["class"] for r in out]
+    assert correct(out) >= 9, [r["top"][0]["class"] for r in out]
     assert all(r["unet_evals"] == 1000 for r in out)
 
 
@@ -60,8 +59,17 @@ def test_no_flags_runs_noop_on_onnxruntime_and_is_right() -> None:
     out = json.loads(res.stdout)
     assert {r["method"] for r in out} == {"noop"} and {r["backend"] for r in out} == {"onnxruntime"}
     assert all(r["unet_evals"] == 10 for r in out)
-    assert sum(r["top"][0]["class"] == truth(EXAMPLES[i]) for i, r in enumerate(out)) >= 9
-    assert all(0.0 <= t["prob"] <= 1.0 for r in out for t in r["top"])
+    assert correct(out) == 10
+
+
+def test_the_bundle_and_the_checkpoint_give_the_same_answers() -> None:
+    a = runner.invoke(app, ["classify", *map(str, EXAMPLES), "--json", "--top-k", "10"])
+    b = runner.invoke(app, ["classify", *map(str, EXAMPLES), "--ckpt", str(CKPT_PATH), "--json", "--top-k", "10"])
+    assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output
+    for x, y in zip(json.loads(a.stdout), json.loads(b.stdout), strict=True):
+        assert y["backend"] == "torch" and x["top"][0]["class"] == y["top"][0]["class"]
+        ex, ey = {t["class"]: t["error"] for t in x["top"]}, {t["class"]: t["error"] for t in y["top"]}
+        assert max(abs(ex[k] - ey[k]) for k in ex) < 1e-5
 
 
 def test_demo_command_prints_a_table() -> None:
@@ -69,31 +77,40 @@ def test_demo_command_prints_a_table() -> None:
     assert res.exit_code == 0, res.output
     rows = [line for line in res.stdout.splitlines() if ".png" in line]
     assert len(rows) == 10 and "Speed:" in res.stderr
-    correct = int(res.stdout.split("/10 correct")[0].split()[-1])
-    assert correct >= 9 and sum("✓" in r for r in rows) == correct
+    cells = [[c.strip() for c in row.split("│")] for row in rows]  # "", image, true, predicted, prob, ✓, ...
+    assert all(c[3] == c[1].removesuffix(".png") for c in cells), cells
+    assert res.stdout.count("✓") == 10 and "10/10 correct" in res.stdout
 
 
-def test_shipped_bundle_matches_the_shipped_checkpoint() -> None:
-    from noop_rt.bundle import Bundle, sha256_file
+def test_shipped_bundle_comes_from_the_shipped_checkpoint() -> None:
+    """The manifest's source checkpoint hash is the shipped file's (computed here with hashlib)."""
+    import hashlib
 
-    bundle = Bundle.open(BUNDLE_DIR)
-    assert bundle.manifest["source_ckpt"]["sha256"] == sha256_file(CKPT_PATH)
-    assert sorted(bundle.manifest["classes"]) == sorted(DIGIT_NAMES)
-    assert json.loads((BUNDLE_DIR / "validation.json").read_text())["passed"]
+    manifest = json.loads((BUNDLE_DIR / "manifest.json").read_text())
+    assert manifest["version"] == 2 and manifest["name"] == "digits"
+    assert manifest["source_ckpt"]["sha256"] == hashlib.sha256(CKPT_PATH.read_bytes()).hexdigest()
+    assert sorted(manifest["classes"]) == sorted(DIGIT_NAMES)
 
 
 def test_fp16_bundle_agrees_with_fp32_torch_on_the_held_out_split(tmp_path) -> None:
-    """Export validation of an fp16 demo bundle scores all 360 held-out digits with fp16 onnxruntime and fp32 torch
-    and records their top-1 agreement (issue target: >= 99.5 %)."""
+    """An fp16 demo bundle, run on onnxruntime CPU, against fp32 torch on all 360 held-out digits, measured here
+    (not read from the export's own report): top-1 agreement >= 99.5 %."""
+    import numpy as np
+
+    import noop_rt
+    from noop_rt.demo.digits import split_tensors
     from noop_rt.export import ExportOptions, export_bundle
 
-    report = export_bundle(CKPT_PATH, tmp_path / "half", ExportOptions(precision="fp16"), log=io.StringIO())
-    recorded = json.loads((tmp_path / "half" / "validation.json").read_text())
-    assert recorded == report.validation
-    assert recorded["images"] == "360 held-out demo digits"
-    assert recorded["classifier"]["top1_agreement"] >= 0.995, recorded["classifier"]
-    assert recorded["passed"]
-    assert all(g["max_rel"] < 5e-2 for g in recorded["graphs"].values())
+    export_bundle(CKPT_PATH, tmp_path / "half", ExportOptions(precision="fp16"), log=io.StringIO())
+    images, labels = split_tensors("test")
+    x = images.numpy()
+    half = noop_rt.load(tmp_path / "half").predict(x, top_k=1)[0]
+    full = noop_rt.load(CKPT_PATH, backend="torch").predict(x, top_k=1)[0]
+    agree = np.mean([a.label == b.label for a, b in zip(half, full, strict=True)])
+    assert len(half) == 360 and agree >= 0.995, agree
+    names = list(DIGIT_NAMES)
+    accuracy = np.mean([names.index(r.label) == int(y) for r, y in zip(half, labels, strict=True)])
+    assert accuracy >= 0.97, accuracy
 
 
 def test_robust_mode_keeps_clean_examples_correct() -> None:
@@ -101,4 +118,4 @@ def test_robust_mode_keeps_clean_examples_correct() -> None:
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert {r["backend"] for r in out} == {"torch"}
-    assert sum(r["top"][0]["class"] == truth(EXAMPLES[i]) for i, r in enumerate(out)) >= 9
+    assert correct(out) >= 9
