@@ -567,6 +567,42 @@ def bench(
     _run(go)
 
 
+@app.command()
+def serve(
+    bundle: BundleOpt = None, ckpt: CkptOpt = None, model: ModelOpt = None, classes: ClassesOpt = None,
+    prompts: PromptsOpt = None, template: TemplateOpt = None, backend: BackendOpt = "auto", method: MethodOpt = None,
+    noises: NoisesOpt = None, stages: StagesOpt = None, loss: LossOpt = None, seed: SeedOpt = 0, top_k: TopKOpt = 5,
+    host: Annotated[str, typer.Option("--host", metavar="HOST", help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, metavar="PORT", help="HTTP port.")] = 8000,
+    replicas: Annotated[int, typer.Option("--replicas", min=1, help="Model replicas (one classifier each).")] = 1,
+    gpus_per_replica: Annotated[float, typer.Option("--gpus-per-replica", min=0.0, help="GPUs per replica.")] = 0.0,
+    max_batch_size: Annotated[int, typer.Option("--max-batch-size", min=1, help="Images gathered into one "
+                                                "B*C UNet batch.")] = 8,
+    batch_wait_ms: Annotated[float, typer.Option("--batch-wait-ms", min=0.0, help="Longest wait for a batch to "
+                                                 "fill.")] = 10.0,
+    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.0, help="Largest request body.")] = 10.0,
+    ray_address: Annotated[str | None, typer.Option("--ray", metavar="ADDRESS", help="An existing Ray cluster "
+                                                    "(default: RAY_ADDRESS, else a local one).")] = None,
+    device: DeviceOpt = "auto", max_batch: MaxBatchOpt = 256, engines: EnginesOpt = None,
+) -> None:
+    """Serve the classifier over HTTP on Ray Serve: /v1/classify, the KServe v2 protocol, a web page at /."""
+    def go() -> None:
+        from noop_rt.data import parse_class_list, read_prompts_file
+        from noop_rt.serve import ServeOptions, run_server
+
+        _check_choices(backend, method, loss)
+        source, kind = _source(bundle, ckpt, model)
+        load = {"source": source, "kind": kind, "backend": backend, "device": device, "method": method,
+                "classes": parse_class_list(classes) if classes is not None else None,
+                "prompts": read_prompts_file(prompts) if prompts is not None else None, "template": template,
+                "max_batch": max_batch, "engines": engines, **_strategy(noises, stages, loss, seed, False)}
+        run_server(load, ServeOptions(host=host, port=port, replicas=replicas, gpus_per_replica=gpus_per_replica,
+                                      max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
+                                      max_upload_mb=max_upload_mb, ray_address=ray_address, top_k=top_k))
+
+    _run(go)
+
+
 # ---------------------------------------------------------------------------------------------- demo
 @app.command("demo-data")
 def demo_data(
