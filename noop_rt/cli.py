@@ -185,6 +185,19 @@ def _load(source: tuple[Any, str | None], *, backend: str, device: str, method: 
     return classifier
 
 
+def _load_kwargs(bundle: Path | None, ckpt: Path | None, model: str | None, backend: str, device: str,
+                 method: str | None, classes: str | None, prompts: Path | None, template: str | None, max_batch: int,
+                 engines: Path | None, strategy: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of `noop_rt.load` for jobs that open the classifier themselves (batch workers, replicas)."""
+    from noop_rt.data import parse_class_list, read_prompts_file
+
+    source, kind = _source(bundle, ckpt, model)
+    return {"source": source, "kind": kind, "backend": backend, "device": device, "method": method,
+            "classes": parse_class_list(classes) if classes is not None else None,
+            "prompts": read_prompts_file(prompts) if prompts is not None else None, "template": template,
+            "max_batch": max_batch, "engines": engines, **strategy}
+
+
 def _check_images(images: list[Path]) -> None:
     from noop_rt.data import is_uri
 
@@ -490,14 +503,10 @@ def batch(
     """Classify many images into a parquet/jsonl file, in process or on a Ray cluster; resumable."""
     def go() -> None:
         from noop_rt.batch import BatchOptions, run_batch
-        from noop_rt.data import parse_class_list, read_prompts_file
 
         _check_choices(backend, method, loss)
-        source, kind = _source(bundle, ckpt, model)
-        load = {"source": source, "kind": kind, "backend": backend, "device": device, "method": method,
-                "classes": parse_class_list(classes) if classes is not None else None,
-                "prompts": read_prompts_file(prompts) if prompts is not None else None, "template": template,
-                "max_batch": max_batch, "engines": engines, **_strategy(noises, stages, loss, seed, False)}
+        load = _load_kwargs(bundle, ckpt, model, backend, device, method, classes, prompts, template, max_batch,
+                            engines, _strategy(noises, stages, loss, seed, False))
         options = BatchOptions(top_k=top_k, batch_size=batch_size, ray=ray or ray_address is not None,
                                ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker)
         report = run_batch(inputs, out, load, options)
@@ -587,15 +596,11 @@ def serve(
 ) -> None:
     """Serve the classifier over HTTP on Ray Serve: /v1/classify, the KServe v2 protocol, a web page at /."""
     def go() -> None:
-        from noop_rt.data import parse_class_list, read_prompts_file
         from noop_rt.serve import ServeOptions, run_server
 
         _check_choices(backend, method, loss)
-        source, kind = _source(bundle, ckpt, model)
-        load = {"source": source, "kind": kind, "backend": backend, "device": device, "method": method,
-                "classes": parse_class_list(classes) if classes is not None else None,
-                "prompts": read_prompts_file(prompts) if prompts is not None else None, "template": template,
-                "max_batch": max_batch, "engines": engines, **_strategy(noises, stages, loss, seed, False)}
+        load = _load_kwargs(bundle, ckpt, model, backend, device, method, classes, prompts, template, max_batch,
+                            engines, _strategy(noises, stages, loss, seed, False))
         run_server(load, ServeOptions(host=host, port=port, replicas=replicas, gpus_per_replica=gpus_per_replica,
                                       max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
                                       max_upload_mb=max_upload_mb, ray_address=ray_address, top_k=top_k))
