@@ -86,6 +86,7 @@ def train_checkpoint(backbone: Backbone, split: FewShotSplit, template: str, con
 
     result = train_noop(backbone, prompts, template, z_train, y_train, z_val, y_val, config, on_step, set_total)
     bar.close()
+    drift = validation_profile(backbone, result.noise, result.class_embeddings, z_val, config, result.tau)
     meta = result.noise.meta_net
     ckpt = NoopCheckpoint(
         backbone_source=backbone.source, backbone_fingerprint=backbone_fingerprint(backbone),
@@ -99,9 +100,24 @@ def train_checkpoint(backbone: Backbone, split: FewShotSplit, template: str, con
         train={"config": config.to_dict(), "split": split.source, "shots_per_class": _shots(split),
                "train_images": len(split.train), "val_images": len(split.val),
                "val_accuracy": result.val_accuracy, "best_epoch": result.best_epoch,
-               "minutes": round(result.minutes, 2), "history": result.history},
+               "minutes": round(result.minutes, 2), "history": result.history, "drift": drift},
     )
     return ckpt, result
+
+
+def validation_profile(backbone: Backbone, noise: torch.nn.Module, class_embeddings: torch.Tensor,
+                       z_val: torch.Tensor, config: TrainConfig, tau: float) -> dict:
+    """The validation split's confidence profile for drift warnings (runtime/drift.py): top-1 probabilities with the
+    fitted tau and best-class errors of the trained NoOp classifier."""
+    from noop_rt.noop import evaluate_noise
+    from noop_rt.runtime.drift import profile
+    from noop_rt.scoring import softmax
+
+    noise.eval()
+    _, errors = evaluate_noise(backbone, noise, class_embeddings, z_val, torch.zeros(len(z_val), dtype=torch.long),
+                               config.t_star, config.loss, config.max_batch)
+    err = errors.double().numpy()
+    return profile(softmax(-tau * err).max(axis=1), err.min(axis=1))
 
 
 def _shots(split: FewShotSplit) -> int:

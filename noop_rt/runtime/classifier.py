@@ -16,8 +16,15 @@ import numpy as np
 
 from noop_rt import scoring
 from noop_rt.errors import BadInputError, UsageError
+from noop_rt.runtime.drift import DriftMonitor
 from noop_rt.runtime.model import GraphModel
 from noop_rt.runtime.suggest import suggest
+
+def _log_warning(message: str) -> None:
+    import logging
+
+    logging.getLogger("noop_rt").warning(message)
+
 
 ImageLike = Any  # a path (str/Path), a PIL image, or a numpy array (H, W, 3) uint8 / (3, R, R) float in [-1, 1]
 
@@ -110,6 +117,8 @@ class Classifier:
         self.method = method or self.default_method()
         self.check_method(self.method)
         model.prepare(self.method)
+        self.drift = DriftMonitor.from_profile(model.info.drift)  # None: no validation profile to compare with
+        self.on_drift: Callable[[str], None] = _log_warning  # where a drift warning goes (the CLI prints it)
 
     # ------------------------------------------------------------------------------------------ what it is
     @property
@@ -203,6 +212,10 @@ class Classifier:
             t0 = time.perf_counter()
             tau = self.model.info.tau if calibrated else scoring.uncalibrated_tau(scores.errors)
             probs = scores.probabilities(tau)
+            if calibrated and self.drift is not None:  # the profile holds for the calibrated NoOp path only
+                warning = self.drift.update(probs.max(axis=1), scores.errors.min(axis=1))
+                if warning is not None:
+                    self.on_drift(warning)
             ranking = scores.ranking()[:, :k]
             scoring_s = time.perf_counter() - t0
             per = {"preprocess": 0.0, "model": 1e3 * model_s / len(chunk), "scoring": 1e3 * scoring_s / len(chunk)}
