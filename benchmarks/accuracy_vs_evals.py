@@ -1,12 +1,15 @@
 """Accuracy vs UNet evaluations per image on the demo's held-out digits: baseline N = 1…100, adaptive, pruned, NoOp.
 
-    python benchmarks/accuracy_vs_evals.py [--noop-only]   # writes benchmarks/results/accuracy_vs_evals.{md,json,png}
+    python benchmarks/accuracy_vs_evals.py [--noop-only] [--images N] [--quick] [--out DIR]
+    # writes DIR/accuracy_vs_evals.{md,json,png} (DIR defaults to benchmarks/results)
 
 `--noop-only` re-scores only the NoOp point (after a new `digits.pt`) and keeps the backbone-only points (baseline,
-adaptive, pruned: they do not depend on the checkpoint) from the previous json.
+adaptive, pruned: they do not depend on the checkpoint) from the previous json, provided it was run with the same
+protocol (data, backbone, strategies).
 
-Baseline points already measured by `demo_accuracy.py` (N = 1, 10, 100; same noise seed and split) are read from its
-JSON rather than recomputed.
+Baseline points already measured by `demo_accuracy.py` (N = 1, 10, 100) are read from its JSON rather than
+recomputed when its recorded protocol (data, backbone fingerprint, strategy settings, noise) is the one this run
+would use. `--quick` (20 images, baseline N = 1, 2, adaptive/pruned N = 10) only proves the script runs end to end.
 """
 
 from __future__ import annotations
@@ -15,51 +18,83 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
-from noop_rt import scoring
-from noop_rt.checkpoint import load_checkpoint
-from noop_rt.configs import DIGIT_NAMES
-from noop_rt.demo import CKPT_PATH
-from noop_rt.evaluation import accuracy, baseline, demo_test_set, score_in_batches
+from noop_rt.evaluation import (
+    accuracy,
+    command_line,
+    demo_backbone,
+    demo_test_set,
+    model_protocol,
+    noop_classifier,
+    protocol_lines,
+    same_record,
+    score_set,
+    strategy_protocol,
+    targets,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEMO = RESULTS / "demo_accuracy.json"  # baseline N = 1, 10, 100 measured by demo_accuracy.py
+BASELINE_N = (1, 2, 5, 10, 20, 100)
+BUDGETS = (20, 50)  # adaptive (last stage) / pruned (max pairs)
+LOSS = "l2"  # the diffusion-classifier default for the backbone-only points
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--noop-only", action="store_true", help="keep the other points from the previous json")
+    parser.add_argument("--images", type=int, default=None, help="first N held-out digits (default: all 360)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 20 images, baseline N = 1, 2, budget 10")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = parser.parse_args()
+    baseline_n, budgets = (BASELINE_N, BUDGETS) if not args.quick else ((1, 2), (10,))
+    if args.quick:
+        args.images = args.images or 20
     start = time.time()
-    backbone, z0, y, emb = demo_test_set()
-    ab, eps_fn = backbone.alphas_cumprod, backbone.predict_eps
-    previous = RESULTS / "accuracy_vs_evals.json"
-    if args.noop_only and previous.is_file():
-        old = json.loads(previous.read_text())
+    data = demo_test_set(args.images)
+    backbone = demo_backbone()
+    protocol: dict[str, Any] = {"data": data.record(),
+                                "models": {"backbone": model_protocol(backbone, len(data))}, "runs": {}}
+    previous = args.out / "accuracy_vs_evals.json"
+    if args.noop_only:
+        old = json.loads(previous.read_text()) if previous.is_file() else {}
+        old_protocol = old.get("protocol", {})
+        if not (same_record(old_protocol.get("data"), protocol["data"])
+                and same_record(old_protocol.get("models", {}).get("backbone"), protocol["models"]["backbone"])):
+            raise SystemExit(f"error: --noop-only needs {previous} from a run with the same data and backbone "
+                             "protocol; run without --noop-only")
         points = [p for p in old["points"] if p["method"] != "noop"]
+        protocol["runs"] = {k: v for k, v in old_protocol["runs"].items() if v.get("model") != "noop"}
         start -= 60 * old["minutes"]  # the wall time stays that of producing every point
     else:
-        points = backbone_points(backbone, z0, y, emb)
-    ckpt = load_checkpoint(CKPT_PATH)
-    noise = ckpt.noise_model()
-    ckpt_emb = ckpt.class_embeddings[[ckpt.classes.index(n) for n in DIGIT_NAMES]]  # label k = digit k
-    s = score_in_batches(lambda z: scoring.noop_scores(eps_fn, z, noise(z), ckpt.t_star, ckpt_emb, ab, ckpt.loss),
-                         z0, batch=64)
-    points.append({"method": "noop", "n": 1, "evals": float(s.unet_evals.float().mean()), "accuracy": accuracy(s, y)})
+        points = backbone_points(backbone, data, baseline_n, budgets, protocol, args.out / "demo_accuracy.json")
+    noop = noop_classifier()
+    protocol["models"]["noop"] = model_protocol(noop, len(data))
+    s = score_set(noop, data.images, "noop", chunk=64, desc="noop")
+    points.append({"method": "noop", "n": 1, "evals": float(s.unet_evals.mean()),
+                   "accuracy": accuracy(s, targets(noop, data.names))})
+    protocol["runs"]["noop"] = {"model": "noop", **strategy_protocol(noop, "noop")}
     print(points[-1], flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    out = {"test_images": len(y), "points": points, "minutes": round((time.time() - start) / 60, 1)}
-    (RESULTS / "accuracy_vs_evals.json").write_text(json.dumps(out, indent=2) + "\n")
-    lines = ["# Accuracy vs UNet evaluations per image (demo, 360 held-out digits, 10 classes)", "",
-             "Produced by `python benchmarks/accuracy_vs_evals.py`. N = (t, eps) pairs (baseline), pairs of the last "
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = {"test_images": len(data), "points": points, "minutes": round((time.time() - start) / 60, 1),
+           "protocol": protocol}
+    (args.out / "accuracy_vs_evals.json").write_text(json.dumps(out, indent=2) + "\n")
+    lines = [f"# Accuracy vs UNet evaluations per image (demo, {len(data)} held-out digits, "
+             f"{len(backbone.classes)} classes)", "",
+             f"Produced by `{command_line('accuracy_vs_evals.py')}`. N = (t, eps) pairs (baseline), pairs of the last "
              "stage (adaptive: N/10 pairs keep 5, then N), or the pair budget (pruned: rounds of 5, p < 0.01).", "",
              "| method | N | UNet evals / image | accuracy |", "|---|---|---|---|"]
     lines += [f"| {p['method']} | {p['n']} | {p['evals']:.0f} | {100 * p['accuracy']:.1f} % |" for p in points]
     lines += ["", f"Wall time {out['minutes']} min. Plot: `accuracy_vs_evals.png`."]
+    reused = [str(p["n"]) for p in points if p.get("measured_by") == "demo_accuracy.py"]
+    if reused:
+        lines += ["", f"Baseline N = {', '.join(reused)}: read from `demo_accuracy.json` (measured by "
+                  "`demo_accuracy.py` with the same protocol)."]
     if args.noop_only:
         lines += ["", "The NoOp point was re-scored for the current `digits.pt` (`--noop-only`); the baseline, "
                   "adaptive and pruned points (backbone only) are from the earlier full run."]
-    (RESULTS / "accuracy_vs_evals.md").write_text("\n".join(lines) + "\n")
+    lines += protocol_lines(protocol)
+    (args.out / "accuracy_vs_evals.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
     import matplotlib
@@ -79,31 +114,42 @@ def main() -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "accuracy_vs_evals.png", dpi=120)
+    fig.savefig(args.out / "accuracy_vs_evals.png", dpi=120)
 
 
-def backbone_points(backbone, z0, y, emb) -> list[dict]:
-    """Baseline, adaptive and pruned points: they depend on the backbone only."""
-    ab, eps_fn = backbone.alphas_cumprod, backbone.predict_eps
+def backbone_points(backbone: Any, data: Any, baseline_n: tuple[int, ...], budgets: tuple[int, ...],
+                    protocol: dict[str, Any], demo_json: Path) -> list[dict]:
+    """Baseline, adaptive and pruned points (they depend on the backbone only); their runs go into `protocol`."""
+    y = targets(backbone, data.names)
+    c = len(backbone.classes)
+    demo = json.loads(demo_json.read_text()) if demo_json.is_file() else {}
+    demo_protocol = demo.get("protocol", {})
+    same_setup = (same_record(demo_protocol.get("data"), protocol["data"])
+                  and same_record(demo_protocol.get("models", {}).get("backbone"), protocol["models"]["backbone"]))
     points: list[dict] = []
-    known = json.loads(DEMO.read_text())["baseline"] if DEMO.is_file() else {}  # same seed, same split
-    for n in (1, 2, 5, 10, 20, 100):
-        if str(n) in known:
-            acc = known[str(n)]["accuracy"]
+    for n in baseline_n:
+        run = {"model": "backbone", **strategy_protocol(backbone, "baseline", pairs=n, seed=0, loss=LOSS)}
+        known = demo.get("baseline", {}).get(str(n))
+        if same_setup and known and same_record(demo_protocol.get("runs", {}).get(f"baseline N={n}"), run):
+            point = {"method": "baseline", "n": n, "evals": float(n * c), "accuracy": known["accuracy"],
+                     "measured_by": "demo_accuracy.py"}
         else:
-            acc = accuracy(baseline(backbone, z0, emb, n, desc=f"baseline {n}"), y)
-        points.append({"method": "baseline", "n": n, "evals": float(n * emb.shape[0]), "accuracy": acc})
+            s = score_set(backbone, data.images, "baseline", desc=f"baseline {n}", pairs=n, seed=0, loss=LOSS)
+            point = {"method": "baseline", "n": n, "evals": float(s.unet_evals.mean()), "accuracy": accuracy(s, y)}
+        points.append(point)
+        protocol["runs"][f"baseline N={n}"] = run
         print(points[-1], flush=True)
-    for n in (20, 50):
-        s = score_in_batches(lambda z, n=n: scoring.adaptive_scores(
-            eps_fn, z, emb, ab, scoring.default_adaptive_stages(n, 10)), z0, batch=8, desc=f"adaptive {n}")
-        points.append({"method": "adaptive", "n": n, "evals": float(s.unet_evals.float().mean()),
-                       "accuracy": accuracy(s, y)})
+    for n in budgets:
+        options = {"stages": ((max(1, n // 10), min(5, c)), (n, 1)), "seed": 0, "loss": LOSS}
+        s = score_set(backbone, data.images, "adaptive", chunk=8, desc=f"adaptive {n}", **options)
+        points.append({"method": "adaptive", "n": n, "evals": float(s.unet_evals.mean()), "accuracy": accuracy(s, y)})
+        protocol["runs"][f"adaptive N={n}"] = {"model": "backbone", **strategy_protocol(backbone, "adaptive",
+                                                                                         **options)}
         print(points[-1], flush=True)
-        s = score_in_batches(lambda z, n=n: scoring.pruned_scores(eps_fn, z, emb, ab, n), z0, batch=8,
-                             desc=f"pruned {n}")
-        points.append({"method": "pruned", "n": n, "evals": float(s.unet_evals.float().mean()),
-                       "accuracy": accuracy(s, y)})
+        options = {"max_pairs": n, "round_size": 5, "alpha": 0.01, "seed": 0, "loss": LOSS}
+        s = score_set(backbone, data.images, "pruned", chunk=8, desc=f"pruned {n}", **options)
+        points.append({"method": "pruned", "n": n, "evals": float(s.unet_evals.mean()), "accuracy": accuracy(s, y)})
+        protocol["runs"][f"pruned N={n}"] = {"model": "backbone", **strategy_protocol(backbone, "pruned", **options)}
         print(points[-1], flush=True)
     return points
 

@@ -1,64 +1,90 @@
-"""Per-image latency of the NoOp path vs the number of classes (1 -> 100), torch and onnxruntime, on the demo bundle.
+"""Per-image latency of the NoOp path vs the number of classes (1 -> 100), torch and onnxruntime, on the demo.
 
-    python benchmarks/latency_vs_classes.py    # writes benchmarks/results/latency_vs_classes.{md,json,png}
+    python benchmarks/latency_vs_classes.py [--counts 1,2,...] [--runs 20] [--quick] [--out DIR]
+    # writes DIR/latency_vs_classes.{md,json,png} (DIR defaults to benchmarks/results)
 
-Class lists beyond the demo's ten digits are embedded through the bundle's text encoder graph ("class 17", ...): the
-latency of one batched UNet call over C classes does not depend on what the prompts say.
+torch runs the demo checkpoint, onnxruntime (CPU) the demo bundle. Class lists beyond the demo's ten digits are
+embedded through the text encoder ("class 17", ...): the latency of one batched UNet call over C classes does not
+depend on what the prompts say. The max UNet batch is raised to C so that each image is one call. `--quick`
+(1 and 2 classes, 3 timed calls) only proves the script runs end to end.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
-import torch
+import numpy as np
 
-from noop_rt.bench import _percentile, machine_info
+import noop_rt
+from noop_rt.bench import _percentile, machine_info, time_single
 from noop_rt.data import load_image
 from noop_rt.demo import BUNDLE_DIR, CKPT_PATH, EXAMPLES_DIR
-from noop_rt.runtime.classifier import StrategyOptions
-from noop_rt.runtime.loader import Request, open_classifier
+from noop_rt.evaluation import command_line, model_protocol, protocol_lines, strategy_protocol
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COUNTS = (1, 2, 5, 10, 20, 50, 100)
+WARMUP = 2
+BACKENDS = {"torch": CKPT_PATH, "onnxruntime": BUNDLE_DIR}
+
+
+def ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--counts", type=ints, default=list(COUNTS), help="class counts, e.g. 1,2,5")
+    parser.add_argument("--runs", type=int, default=20, help="timed one-image calls per point")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 and 2 classes, 3 timed calls")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    args = parser.parse_args()
+    if args.quick:
+        args.counts, args.runs = [1, 2], 3
     start = time.time()
-    images = [torch.from_numpy(load_image(p, 16)) for p in sorted(EXAMPLES_DIR.glob("*.png"))]
+    paths = sorted(EXAMPLES_DIR.glob("*.png"))
+    images = np.stack([load_image(p, 16) for p in paths])
     rows = []
-    for backend in ("torch", "onnxruntime"):
-        for c in COUNTS:
+    protocol: dict[str, Any] = {
+        "data": {"set": f"the demo's {len(paths)} example PNGs (noop_rt/demo/examples), cycled", "images": len(paths)},
+        "classes": "'class 0' ... 'class C-1' through the model's template (zero-shot prompts, embedded by the text "
+                   "encoder; models below are recorded at the largest C)",
+        "timing": f"noop_rt.bench.time_single: {WARMUP} untimed one-image Classifier.predict calls (top_k 1), then "
+                  f"{args.runs} timed ones; p50/p95 of their wall time; max UNet batch raised to C (one call per "
+                  "image)",
+        "models": {}, "runs": {}}
+    for backend, source in BACKENDS.items():
+        for c in args.counts:
             classes = [f"class {i}" for i in range(c)]
-            req = (Request(ckpt=CKPT_PATH, backend="torch", classes=classes) if backend == "torch"
-                   else Request(bundle=BUNDLE_DIR, backend="onnxruntime", classes=classes))
-            clf = open_classifier(req)
-            clf.max_batch = max(clf.max_batch, c)  # one UNet call per image
-            opts = StrategyOptions(method="noop")
-            for img in images[:2]:
-                clf.predict(img[None], opts)
-            times = []
-            for i in range(20):
-                t0 = time.perf_counter()
-                clf.predict(images[i % len(images)][None], opts)
-                times.append(time.perf_counter() - t0)
+            clf = noop_rt.load(source, backend=backend, device="cpu", classes=classes, method="noop",
+                               max_batch=max(256, c))
+            clf.model.info.max_batch = max(clf.model.info.max_batch, c)  # one UNet call per image
+            times, evals = time_single(clf, images, args.runs, WARMUP, "noop")
             rows.append({"backend": backend, "classes": c, "p50_ms": 1e3 * _percentile(times, 0.5),
-                         "p95_ms": 1e3 * _percentile(times, 0.95)})
+                         "p95_ms": 1e3 * _percentile(times, 0.95), "unet_evals_per_image": evals})
+            protocol["models"][backend] = model_protocol(clf, args.runs)
+            protocol["runs"][backend] = {"model": backend, **strategy_protocol(clf, "noop"),
+                                         "max_batch": clf.model.info.max_batch}
+            clf.close()
             print(rows[-1], flush=True)
-    out = {"machine": machine_info(), "rows": rows, "minutes": round((time.time() - start) / 60, 1)}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "latency_vs_classes.json").write_text(json.dumps(out, indent=2) + "\n")
+    out = {"machine": machine_info(), "rows": rows, "minutes": round((time.time() - start) / 60, 1),
+           "protocol": protocol}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "latency_vs_classes.json").write_text(json.dumps(out, indent=2) + "\n")
     lines = ["# NoOp latency vs number of classes (demo, one image per call)", "",
-             f"Produced by `python benchmarks/latency_vs_classes.py` on {out['machine']['cpu']} "
+             f"Produced by `{command_line('latency_vs_classes.py')}` on {out['machine']['cpu']} "
              f"({out['machine']['cpu_count']} cores), torch {out['machine']['torch']}, onnxruntime "
              f"{out['machine']['onnxruntime']}.", "",
              "| classes | torch p50 ms | onnxruntime p50 ms |", "|---|---|---|"]
-    for c in COUNTS:
+    for c in args.counts:
         t = next(r for r in rows if r["backend"] == "torch" and r["classes"] == c)
         o = next(r for r in rows if r["backend"] == "onnxruntime" and r["classes"] == c)
         lines.append(f"| {c} | {t['p50_ms']:.1f} | {o['p50_ms']:.1f} |")
-    (RESULTS / "latency_vs_classes.md").write_text("\n".join(lines) + "\n")
+    lines += protocol_lines(protocol)
+    (args.out / "latency_vs_classes.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
     import matplotlib
@@ -67,7 +93,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for backend in ("torch", "onnxruntime"):
+    for backend in BACKENDS:
         pts = [r for r in rows if r["backend"] == backend]
         ax.plot([r["classes"] for r in pts], [r["p50_ms"] for r in pts], "o-", label=backend)
     ax.set_xscale("log")
@@ -77,7 +103,7 @@ def main() -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "latency_vs_classes.png", dpi=120)
+    fig.savefig(args.out / "latency_vs_classes.png", dpi=120)
 
 
 if __name__ == "__main__":

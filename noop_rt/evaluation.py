@@ -1,108 +1,158 @@
-"""Accuracy helpers for benchmarks: score a labelled tensor set with any strategy, in batches, with progress."""
+"""Accuracy helpers for the benchmarks: the demo's held-out digits, any strategy scored over a set in chunks with
+progress, ONE random noise at t (the unstable classifier NoOp fixes), and the protocol record each result carries.
+
+Models are `noop_rt.load(...)` classifiers on the torch backend: `classifier.model` is the numpy `ScoringModel` the
+strategies of `scoring.py` run on, over the very torch modules (`scorer.py`) that training runs and `export` traces.
+"""
 
 from __future__ import annotations
 
+import json
+import shlex
 import sys
-import time
-from collections.abc import Callable
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 from tqdm import tqdm
 
-from noop_rt import scoring
-from noop_rt.backbone import Backbone
+from noop_rt import evaluate, scoring
+from noop_rt.errors import BadInputError
+from noop_rt.runtime.classifier import Classifier
+
+DEMO_TEST = ("noop_rt.demo.digits.split_tensors('test'): the held-out sklearn digits (stratified 20 %, seed 0), "
+             "8x8 scans bilinear-resized to 16x16 grey, replicated to RGB, scaled to [-1, 1] (exactly what loading "
+             "the PNGs of `noop-rt demo-data` gives); the first `images` of them in index order")
 
 
-def score_in_batches(fn: Callable[[torch.Tensor], scoring.Scores], z0: torch.Tensor, batch: int = 32,
-                     desc: str | None = None) -> scoring.Scores:
-    """Concatenate `fn(z0[i:i+batch])` over the set. (fn maps latents (B, c, h, w) -> Scores)"""
+@dataclass
+class LabelledSet:
+    """Preprocessed images and their class names."""
+
+    images: np.ndarray  # (N, 3, R, R) float32 in [-1, 1]
+    names: list[str]  # (N,) class name of each image
+    description: str  # where the images come from and how they were preprocessed
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def record(self) -> dict[str, Any]:
+        return {"set": self.description, "images": len(self)}
+
+
+def demo_test_set(images: int | None = None) -> LabelledSet:
+    """The demo's 360 held-out digits (or the first `images` of them), labelled with the digit names."""
+    from noop_rt.demo import DIGIT_NAMES
+    from noop_rt.demo.digits import split_tensors
+
+    x, y = split_tensors("test")
+    n = len(y) if images is None else max(1, min(images, len(y)))
+    return LabelledSet(np.ascontiguousarray(x[:n].numpy(), dtype=np.float32),
+                       [DIGIT_NAMES[int(k)] for k in y[:n]], DEMO_TEST)
+
+
+def demo_backbone(max_batch: int = 512) -> Classifier:
+    """The demo backbone alone (zero-shot strategies), classes in digit order with the plain demo prompts."""
+    import noop_rt
+    from noop_rt.demo import DEMO_TEMPLATE, DIGIT_NAMES, MODEL_DIR
+
+    return noop_rt.load(MODEL_DIR, backend="torch", device="cpu", classes=list(DIGIT_NAMES), template=DEMO_TEMPLATE,
+                        method="baseline", max_batch=max_batch)
+
+
+def noop_classifier(ckpt: str | Path | None = None, max_batch: int = 512) -> Classifier:
+    """A NoOp checkpoint (default: the shipped demo `digits.pt`) on the torch backend, with its trained classes."""
+    import noop_rt
+    from noop_rt.demo import CKPT_PATH
+
+    return noop_rt.load(ckpt or CKPT_PATH, backend="torch", device="cpu", method="noop", max_batch=max_batch)
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+def targets(classifier: Classifier, names: Sequence[str]) -> np.ndarray:
+    """Column index in `classifier.classes` of each class name. (N,) int64"""
+    index = {name: i for i, name in enumerate(classifier.classes)}
+    missing = sorted({n for n in names if n not in index})
+    if missing:
+        raise BadInputError(f"classes not known to the classifier: {', '.join(missing[:5])}")
+    return np.array([index[n] for n in names], dtype=np.int64)
+
+
+def accuracy(scores: scoring.Scores, target: np.ndarray) -> float:
+    """Top-1 accuracy; `target` are column indices (see `targets`)."""
+    return float((scores.predictions() == target).mean())
+
+
+def score_set(classifier: Classifier, images: np.ndarray, method: str | None = None, chunk: int = 16,
+              desc: str | None = None, **options: Any) -> scoring.Scores:
+    """`classifier.score` over `images` in chunks of `chunk` images (a progress bar on stderr when `desc` is given);
+    options (pairs, stages, seed, loss, ...) override the classifier's own."""
     parts = []
-    with torch.no_grad():
-        for i in tqdm(range(0, len(z0), batch), desc=desc, file=sys.stderr, disable=desc is None, leave=False):
-            parts.append(fn(z0[i:i + batch]))
-    return scoring.Scores(torch.cat([p.errors for p in parts]), torch.cat([p.pairs_scored for p in parts]),
-                          torch.cat([p.unet_evals for p in parts]),
-                          None if parts[0].alive is None else torch.cat([p.alive for p in parts]))
+    for i in tqdm(range(0, len(images), chunk), desc=desc, file=sys.stderr, disable=desc is None, leave=False):
+        scores, _ = classifier.score(images[i:i + chunk], method, **options)
+        parts.append(scores)
+    return scoring.Scores.concat(parts)
 
 
-def accuracy(scores: scoring.Scores, labels: torch.Tensor) -> float:
-    return float((scores.predictions() == labels).float().mean())
-
-
-def single_noise(backbone: Backbone, z0: torch.Tensor, emb: torch.Tensor, t: int, seed: int, loss: str = "l2",
-                 max_batch: int = 512) -> scoring.Scores:
-    """ONE random (t, eps) pair shared by every image and class — the unstable classifier NoOp fixes."""
-    eps = scoring.noise_bank(1, z0.shape[1:], seed)[0]
-
-    def fn(z: torch.Tensor) -> scoring.Scores:
-        return scoring.noop_scores(backbone.predict_eps, z, eps.expand_as(z), t, emb, backbone.alphas_cumprod, loss,
-                                   max_batch)
-
-    return score_in_batches(fn, z0)
-
-
-def baseline(backbone: Backbone, z0: torch.Tensor, emb: torch.Tensor, n: int, seed: int = 0, loss: str = "l2",
-             max_batch: int = 512, desc: str | None = None) -> scoring.Scores:
-    def fn(z: torch.Tensor) -> scoring.Scores:
-        return scoring.baseline_scores(backbone.predict_eps, z, emb, backbone.alphas_cumprod, n, seed, loss,
-                                       max_batch)
-
-    return score_in_batches(fn, z0, batch=max(1, 2048 // max(1, n * emb.shape[0])) or 1, desc=desc)
+def single_noise(classifier: Classifier, z0: np.ndarray, t: int, seed: int, loss: str = "l2") -> scoring.Scores:
+    """ONE random (t, eps) pair shared by every image and class, eps = scoring.noise_bank(1, ..., seed); z0 from
+    `classifier.model.encode`."""
+    model = classifier.model
+    eps = scoring.noise_bank(1, tuple(model.latent_shape), seed)  # (1, c, h, w)
+    errors = model.class_errors(z0, np.broadcast_to(eps, z0.shape), np.full(len(z0), t, np.int64), None, loss)
+    b, c = errors.shape
+    return scoring.Scores(errors.astype(np.float64), np.ones((b, c), np.int64), np.full(b, c, np.int64))
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
+    """Mean and sample standard deviation (0 for one value)."""
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
 
 
-def demo_test_set() -> tuple[Backbone, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The demo backbone, the latents z0 of the 360 held-out digits, their labels (digit values) and the plain
-    class-prompt embeddings in digit order (row k = digit k)."""
-    from noop_rt.backbone import load_backbone
-    from noop_rt.configs import DEMO_TEMPLATE, DIGIT_NAMES
-    from noop_rt.demo.digits import split_tensors
-
-    backbone = load_backbone("demo")
-    x, y = split_tensors("test")
-    with torch.no_grad():
-        z0 = backbone.encode(x)
-    return backbone, z0, y, backbone.embed([DEMO_TEMPLATE.format(c) for c in DIGIT_NAMES])
+# ---------------------------------------------------------------------------------------------- protocol
+def model_protocol(classifier: Classifier, images: int) -> dict[str, Any]:
+    """`evaluate.protocol` of the classifier without its strategy (recorded per run): classes, prompts, zero-shot
+    classes, preprocessing, image count, model (name, source, fingerprint, precision), backend, noop-rt version."""
+    out = evaluate.protocol(classifier, images)
+    for key in ("strategy", "loss", "tau"):  # per run (accuracy is argmin: tau does not enter it)
+        out.pop(key, None)
+    return _plain(out)
 
 
-def evaluate_folder(classifier: Any, dataset: Any, options: Any, show_progress: bool = True) -> dict[str, Any]:
-    """Accuracy, per-class accuracy and confusion matrix of `classifier` on an ImageFolder (classes by name)."""
-    from noop_rt.data import describe_unknown, load_image
-    from noop_rt.errors import BadInputError
-    from noop_rt.runtime.classifier import images_per_call
+def strategy_protocol(classifier: Classifier, method: str | None = None, **options: Any) -> dict[str, Any]:
+    """`scoring.protocol` of `method` with `options` over the classifier's own settings (loss defaults to the
+    model's): method, its settings, loss, seed, timestep grid, noise source."""
+    method = method or classifier.method
+    info = classifier.model.info
+    return _plain(scoring.protocol(method, classifier.config(method, **options), info.num_train_timesteps,
+                                   info.t_star))
 
-    index = {name: i for i, name in enumerate(classifier.classes)}
-    missing = [name for name in dataset.classes if name not in index]
-    if missing:
-        raise BadInputError(f"data classes not known to the classifier: {describe_unknown(missing, classifier.classes)}"
-                            " (classifier classes: "
-                            f"{', '.join(classifier.classes[:10])}{' ...' if len(classifier.classes) > 10 else ''})")
-    c = len(classifier.classes)
-    confusion = torch.zeros(c, c, dtype=torch.long)
-    step = images_per_call(classifier, options.method)
-    evals = 0
-    start = time.perf_counter()
-    bar = tqdm(total=len(dataset), desc=f"eval {options.method}", unit="img", disable=not show_progress,
-               file=sys.stderr)
-    for s in range(0, len(dataset), step):
-        chunk = dataset.samples[s:s + step]
-        batch = torch.stack([torch.from_numpy(load_image(p, classifier.backend.resolution)) for p, _ in chunk])
-        scores, _ = classifier.score(batch, options)
-        for (_, label), pred in zip(chunk, scores.predictions().tolist(), strict=True):
-            confusion[index[dataset.classes[label]], pred] += 1
-        evals += int(scores.unet_evals.sum())
-        bar.update(len(chunk))
-        bar.set_postfix(acc=f"{confusion.diag().sum().item() / confusion.sum().item():.3f}")
-    bar.close()
-    seen = confusion.sum(dim=1)
-    per_class = {name: (confusion[i, i].item() / seen[i].item()) for i, name in enumerate(classifier.classes)
-                 if seen[i] > 0}
-    return {"accuracy": confusion.diag().sum().item() / max(confusion.sum().item(), 1), "n": len(dataset),
-            "per_class": per_class, "confusion": confusion.tolist(), "classes": classifier.classes,
-            "method": options.method, "backend": classifier.backend.name,
-            "unet_evals_per_image": evals / max(len(dataset), 1), "seconds": time.perf_counter() - start}
+
+def single_noise_protocol(classifier: Classifier, t: int, seeds: Sequence[int], loss: str) -> dict[str, Any]:
+    shape = ", ".join(map(str, classifier.model.latent_shape))
+    return {"method": "one random noise", "t": t, "loss": loss, "seeds": list(seeds), "timesteps": [t],
+            "noise": f"scoring.noise_bank(1, ({shape}), seed): numpy default_rng(seed).standard_normal float32, the "
+                     "same eps for every image and class"}
+
+
+def protocol_lines(protocol: dict[str, Any]) -> list[str]:
+    """The markdown "Protocol" section: the whole record as a JSON block."""
+    return ["", "## Protocol", "", "Everything that fixes the figures above (also in the JSON file under "
+            "`protocol`).", "", "```json", json.dumps(protocol, indent=2), "```"]
+
+
+def same_record(a: Any, b: Any) -> bool:
+    """Two protocol records (or parts) are equal once both went through JSON."""
+    return _plain(a) == _plain(b)
+
+
+def command_line(script: str) -> str:
+    """`python benchmarks/SCRIPT` with the arguments this run was given."""
+    return " ".join(["python", f"benchmarks/{script}", *map(shlex.quote, sys.argv[1:])])
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
