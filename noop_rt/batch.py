@@ -221,6 +221,7 @@ class BatchReport:
     backend: str
     mode: str
     first_error: str | None = None  # the error of the first new row that failed
+    drift: dict[str, Any] | None = None  # the drift monitor's report (in-process runs of a calibrated NoOp model)
 
 
 def run_batch(inputs: list[str], out: Path, load: dict[str, Any], options: BatchOptions, log: Any = None,
@@ -239,6 +240,7 @@ def run_batch(inputs: list[str], out: Path, load: dict[str, Any], options: Batch
     if not paths:
         raise BadInputError("no input images")
     classifier = open_model(**load)
+    classifier.on_drift = lambda message: print(f"warning: {message}", file=log)
     ident = model_id(classifier)
     backend, resolution = classifier.backend, classifier.resolution
     existing = read_rows(out)
@@ -291,9 +293,10 @@ def run_batch(inputs: list[str], out: Path, load: dict[str, Any], options: Batch
     failed = sum(1 for r in fresh if r.get("error"))
     first_error = next((f"{r['path']}: {r['error']}" for r in fresh if r.get("error")), None)
     backend = next((str(r["backend"]) for r in fresh if r.get("backend")), backend)  # Ray: what the actors ran
+    drift = classifier.drift.report() if classifier.drift is not None and not options.ray and fresh else None
     return BatchReport(out, len(paths), skipped, len(fresh) - failed, failed, seconds,
                        len(fresh) / seconds if seconds > 0 and fresh else 0.0, backend,
-                       "ray" if options.ray else "in-process", first_error)
+                       "ray" if options.ray else "in-process", first_error, drift)
 
 
 def _next_part(parts: Path) -> int:

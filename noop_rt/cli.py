@@ -175,6 +175,7 @@ def _load(source: tuple[Any, str | None], *, backend: str, device: str, method: 
                           classes=names, template=template, prompts=table, classes_from=classes_from, method=method,
                           strategy=strategy)
     classifier = open_classifier(source, options)
+    classifier.on_drift = lambda message: print(f"warning: {message}", file=sys.stderr)
     for note in classifier.notes:
         print(f"note: {note}", file=sys.stderr)
     if classifier.model.info.tau is not None and (not classifier.class_set.trained
@@ -512,7 +513,8 @@ def batch(
         report = run_batch(inputs, out, load, options)
         summary = {"out": str(report.out), "total": report.total, "skipped": report.skipped,
                    "classified": report.classified, "failed": report.failed, "seconds": round(report.seconds, 2),
-                   "images_per_s": round(report.images_per_s, 2), "backend": report.backend, "mode": report.mode}
+                   "images_per_s": round(report.images_per_s, 2), "backend": report.backend, "mode": report.mode,
+                   "drift": report.drift}
         if as_json:
             print(json.dumps(summary, indent=2))
         else:

@@ -220,13 +220,14 @@ def read_prompts_file(path: str | Path) -> dict[str, str]:
     if not p.is_file():
         raise BadInputError(f"prompts file not found: {p}")
     try:
-        rows = list(csv.reader(io.StringIO(p.read_text(encoding="utf-8-sig"))))
+        reader = csv.reader(io.StringIO(p.read_text(encoding="utf-8-sig")))
+        numbered = [(reader.line_num, r) for r in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise BadInputError(f"cannot read prompts file {p}: {exc}") from None
-    rows = [r for r in rows if any(cell.strip() for cell in r)]
+    rows = [(n, r) for n, r in numbered if any(cell.strip() for cell in r)]
     if not rows:
         raise BadInputError(f"prompts file {p} is empty")
-    header = [c.strip().lower() for c in rows[0]]
+    header = [c.strip().lower() for c in rows[0][1]]
     class_col = next((header.index(n) for n in ("classname", "class", "class_name", "label") if n in header), None)
     if "prompt" in header and class_col is not None:
         prompt_col, body = header.index("prompt"), rows[1:]
@@ -235,7 +236,7 @@ def read_prompts_file(path: str | Path) -> dict[str, str]:
     else:
         class_col, prompt_col, body = 0, 1, rows
     out: dict[str, str] = {}
-    for n, row in enumerate(body, 2 if body is not rows else 1):
+    for n, row in body:
         if len(row) <= max(class_col, prompt_col) or not row[class_col].strip() or not row[prompt_col].strip():
             raise BadInputError(f"prompts file {p}, line {n}: expected a class and a prompt")
         name, prompt = row[class_col].strip(), row[prompt_col].strip()

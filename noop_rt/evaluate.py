@@ -60,4 +60,5 @@ def evaluate_folder(classifier: Any, dataset: ImageFolder, show_progress: bool =
             "per_class": per_class, "confusion": confusion.tolist(), "classes": classifier.classes,
             "method": classifier.method, "backend": classifier.backend,
             "unet_evals_per_image": evals / max(len(dataset), 1), "seconds": time.perf_counter() - start,
+            "drift": classifier.drift.report() if classifier.drift is not None and classifier.drift.seen else None,
             "protocol": protocol(classifier, len(dataset))}

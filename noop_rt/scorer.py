@@ -87,9 +87,9 @@ def class_errors(module: ClassErrors, z0: torch.Tensor, eps: torch.Tensor, t: to
     call). Same arguments as ClassErrors.forward. (R, K)"""
     k = emb.shape[1] if emb.dim() == 4 else emb.shape[0]
     rows = max(1, max_batch // max(k, 1))
-    if k > max_batch and emb.dim() == 3:  # one row's classes do not fit: split the classes too
-        return torch.cat([class_errors(module, z0, eps, t, emb[j:j + max_batch], max_batch)
-                          for j in range(0, k, max_batch)], dim=1)
+    if k > max_batch:  # one row's classes do not fit: split the classes too
+        return torch.cat([class_errors(module, z0, eps, t, emb[:, j:j + max_batch] if emb.dim() == 4
+                                       else emb[j:j + max_batch], max_batch) for j in range(0, k, max_batch)], dim=1)
     parts = []
     for i in range(0, z0.shape[0], rows):
         e = emb[i:i + rows] if emb.dim() == 4 else emb

@@ -134,6 +134,8 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def uncalibrated_tau(errors: np.ndarray) -> np.ndarray:
     """Per-image fallback when no fitted tau applies: 1 / std of the errors across classes. (B, 1)"""
+    if errors.shape[1] < 2:  # one class: its probability is 1 whatever the scale
+        return np.ones((errors.shape[0], 1))
     return 1.0 / np.maximum(errors.std(axis=1, ddof=1, keepdims=True), 1e-12)
 
 
@@ -149,7 +151,7 @@ def paired_t_pvalues(per_pair: np.ndarray, best: int) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         t_stat = mean / (std / np.sqrt(n))
     p = student_t.sf(t_stat, df=n - 1)
-    return np.where(std > 0, p, 1.0)
+    return np.where(std > 0, p, np.where(mean > 0, 0.0, 1.0))
 
 
 # ---------------------------------------------------------------------------------------------- strategy configs

@@ -254,8 +254,6 @@ def test_bad_prompts_files_are_clear_errors(tmp_path, content: bytes, message: s
         read_prompts_file(tmp_path / "p.csv")
 
 
-@pytest.mark.xfail(strict=True, reason="read_prompts_file drops blank rows before numbering, so the line it names "
-                                       "is off by the blank lines above the bad row")
 def test_bad_prompts_row_names_its_line_in_the_file(tmp_path) -> None:
     (tmp_path / "p.csv").write_text("prompt,classname,classidx\n\na cat,,0\n")
     with pytest.raises(BadInputError, match="line 3: expected a class and a prompt"):

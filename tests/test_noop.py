@@ -194,9 +194,6 @@ def test_chunked_two_pass_gradient_equals_the_one_pass_gradient(tiny_setup, one_
         assert (a - b).norm() <= 1e-3 * a.norm(), float((a - b).norm() / a.norm())
 
 
-@pytest.mark.xfail(strict=True, reason="the two-pass step's first (no-grad) pass scores per-row embeddings through "
-                                       "scorer.class_errors, which runs a row's K classes in one UNet batch even "
-                                       "when K > max_batch")
 def test_two_pass_step_keeps_every_unet_batch_within_max_batch(tiny_setup) -> None:
     backbone = backbone_of(tiny_setup, "stand-in")
     noise, prompt, z, cls = batch_case(backbone, *tiny_setup[1:4])

@@ -167,8 +167,6 @@ def test_chunked_per_row_class_errors_equal_one_call(max_batch: int) -> None:
     assert max(len(c[0]) for c in unet.calls) <= max_batch
 
 
-@pytest.mark.xfail(strict=True, reason="scorer.class_errors does not split the classes of per-row (R, K, L, D) "
-                                       "embeddings when K > max_batch: it runs UNet batches of K")
 def test_per_row_class_errors_keep_the_batch_limit_when_a_row_does_not_fit() -> None:
     unet = RecordingUNet()
     module = ClassErrors(unet, ABAR, "epsilon", ("l2",))
@@ -523,8 +521,6 @@ def test_paired_t_pvalues_match_scipy() -> None:
         assert p[best] == 1.0
 
 
-@pytest.mark.xfail(strict=True, reason="paired_t_pvalues answers 1.0 for any zero-variance difference; scipy gives "
-                                       "p = 0 for a constant positive one (the docstring says 1.0 only for all-zero)")
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_paired_t_pvalue_of_a_constant_worse_class_matches_scipy() -> None:
     best = np.array([1.0, 2.0, 3.0, 4.0])

@@ -20,6 +20,7 @@ from noop_rt.runtime.drift import DriftMonitor
 from noop_rt.runtime.model import GraphModel
 from noop_rt.runtime.suggest import suggest
 
+
 def _log_warning(message: str) -> None:
     import logging
 

@@ -3,9 +3,12 @@
 NoOp's learned noise belongs to one dataset: on another domain its one-pass accuracy falls to that of a random noise,
 silently. Training records what the classifier looked like on its validation split (`profile`): the 5th percentile
 of the top-1 probability (low: unsure between classes) and the 95th percentile of the best class's error (high: the
-model denoises the image badly whatever the prompt, i.e. it is unfamiliar). At run time, `DriftMonitor` counts the
-inputs beyond either bound over a sliding window; on the validation distribution about 5 % fall below each bound, so a
-window where far more do (a one-sided binomial test) triggers one warning with the retrain hint.
+model denoises the image badly whatever the prompt). At run time, `DriftMonitor` reports the share of inputs beyond
+each bound, and warns once, with the retrain hint, when a sliding window holds far more inputs below the probability
+bound than the 5 % validation had: a one-sided binomial test at 1e-5 per window (many windows are tested, and a
+held-out split differs from a small validation split by chance: on the demo's held-out digits 6 % fall below it).
+The best-error share is reported, not alarmed on: it moves with harmless changes too (11 % on the demo's held-out
+digits against 5 % on validation).
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-WINDOW = 50  # inputs per decision
-ALARM_P = 1e-3  # binomial tail probability of the window's count if the inputs were like validation
+WINDOW = 100  # inputs per decision
+ALARM_P = 1e-5  # binomial tail probability of the window's count if the inputs were like validation
 EXPECTED = 0.05  # share of validation inputs beyond each bound
 
 
@@ -60,10 +63,9 @@ class DriftMonitor:
         return cls(float(prof["top1_prob_p05"]), float(prof["best_error_p95"]))
 
     def threshold(self) -> int:
-        """The smallest count of flagged inputs in a full window that a validation-like stream reaches with
-        probability below `alarm_p`. An input is flagged by either bound: at most 2 x 5 % of validation inputs."""
-        p = min(1.0, 2 * EXPECTED)
-        return next(k for k in range(self.window + 1) if binomial_tail(k, self.window, p) < self.alarm_p)
+        """The smallest count of inputs below the probability bound in a full window that a validation-like
+        stream (5 % below) reaches with probability below `alarm_p` (17 of 100)."""
+        return next(k for k in range(self.window + 1) if binomial_tail(k, self.window, EXPECTED) < self.alarm_p)
 
     def update(self, top1_probs: np.ndarray, best_errors: np.ndarray) -> str | None:
         """Add a batch's top-1 probabilities and best errors; a warning line the first time a window alarms."""
@@ -75,13 +77,14 @@ class DriftMonitor:
             self.seen += 1
             self.below_prob += int(lo)
             self.above_error += int(hi)
-            self.recent.append(lo or hi)
+            self.recent.append(lo)
             if len(self.recent) > self.window:
                 self.recent.popleft()
             if not self.warned and len(self.recent) == self.window and sum(self.recent) >= limit:
                 self.warned = True
-                warning = (f"drift: {sum(self.recent)} of the last {self.window} images look unlike the few-shot set "
-                           f"(validation: about {round(2 * EXPECTED * self.window)}); NoOp's learned noise is per "
+                warning = (f"drift: {sum(self.recent)} of the last {self.window} images are classified with less "
+                           f"confidence than 95 % of the validation images (expected about "
+                           f"{round(EXPECTED * self.window)}); NoOp's learned noise is per "
                            "dataset, so accuracy may be far lower here: retrain on a few labelled images of this "
                            "domain (noop-rt train --data DIR --shots 8 ...) or use --method pruned")
         return warning
@@ -90,6 +93,6 @@ class DriftMonitor:
         n = max(self.seen, 1)
         return {"seen": self.seen, "share_below_val_p05_top1_prob": self.below_prob / n,
                 "share_above_val_p95_best_error": self.above_error / n,
-                "recent_flagged_share": sum(self.recent) / len(self.recent) if self.recent else None,
+                "recent_share_below_val_p05_top1_prob": sum(self.recent) / len(self.recent) if self.recent else None,
                 "expected_share_each": EXPECTED, "window": self.window, "warned": self.warned,
                 "bounds": {"top1_prob_p05": self.low_prob, "best_error_p95": self.high_error}}
