@@ -241,3 +241,46 @@ def test_a_read_only_bundle_remembers_its_verification_in_the_user_cache(tmp_pat
     bundle_mod.Bundle.open(b)
     assert not (b / ".verified.json").exists()
     assert len(list((tmp_path / "cache" / "noop-rt" / "verified").glob("*.json"))) == 1
+
+
+def test_drift_warning_is_silent_on_held_out_digits_and_loud_on_a_shifted_domain() -> None:
+    """The demo's 360 held-out digits (in several orders) never warn; the same digits inverted (white background,
+    a domain the few-shot set never showed) warn once, with the retrain hint."""
+    from noop_rt.demo.digits import split_tensors
+
+    x = split_tensors("test")[0].numpy()
+    for seed in range(3):
+        clf = noop_rt.load()
+        warnings: list[str] = []
+        clf.on_drift = warnings.append
+        clf.predict(x[np.random.default_rng(seed).permutation(len(x))], top_k=1)
+        assert warnings == [] and clf.drift.report()["seen"] == 360
+    clf = noop_rt.load()
+    warnings = []
+    clf.on_drift = warnings.append
+    clf.predict(-x, top_k=1)
+    report = clf.drift.report()
+    assert len(warnings) == 1 and "noop-rt train" in warnings[0] and report["warned"]
+    assert report["share_below_val_p05_top1_prob"] > 0.2  # against 5 % on validation
+
+
+def test_batch_and_eval_report_drift(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from noop_rt.cli import app
+    from noop_rt.demo import DIGIT_NAMES
+    from noop_rt.demo.digits import split_tensors
+
+    x, y = split_tensors("test")
+    for i in range(150):  # inverted digits as an image-folder tree
+        img = ((-x[i, 0].numpy() + 1) * 127.5).round().astype(np.uint8)
+        folder = tmp_path / "inverted" / DIGIT_NAMES[int(y[i])]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img, mode="L").save(folder / f"{i}.png")
+    res = CliRunner().invoke(app, ["batch", str(tmp_path / "inverted"), "--out", str(tmp_path / "o.jsonl"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert "warning: drift:" in res.stderr
+    assert json.loads(res.stdout)["drift"]["warned"] is True
+    res = CliRunner().invoke(app, ["eval", "--data", str(tmp_path / "inverted"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert "warning: drift:" in res.stderr and json.loads(res.stdout)["drift"]["warned"] is True
