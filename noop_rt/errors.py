@@ -29,6 +29,10 @@ class EngineError(BadInputError):
     """A TensorRT engine that cannot be built or loaded here (missing TensorRT/GPU, stale plan)."""
 
 
+class NonFiniteError(BadInputError):
+    """A graph produced NaN or infinite values (typically fp16 overflow)."""
+
+
 class MissingDependencyError(BadInputError):
     """An optional package (tensorrt, ray, onnxruntime-gpu...) is needed but not installed."""
 

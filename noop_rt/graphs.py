@@ -33,16 +33,13 @@ def backbone_specs(backbone: Backbone) -> dict[str, GraphSpec]:
 
 def graph_modules(backbone: Backbone, ckpt: NoopCheckpoint | None, half: bool = False) -> dict[str, nn.Module]:
     """{graph name: module} for a backbone (zero-shot graphs) plus, with a checkpoint, the NoOp graphs.
-    `half`: fp16 copies of the networks (the graphs still take and return float32)."""
+    `half`: fp16 copies of the UNet and the noise model (the graphs still take and return float32). The VAE encoder
+    and the text encoder stay fp32: fp16 Stable Diffusion VAEs are known to overflow (NaN or black outputs), and both
+    run once per image or prompt, not once per class."""
     unet, text, encoder = backbone.unet, backbone.text_encoder, backbone.encoder
     noise = ckpt.noise_model().to(backbone.device) if ckpt is not None else None
     if half:
-        unet, encoder = copy.deepcopy(unet).half(), copy.deepcopy(encoder).half()
-        text = copy.deepcopy(text).half()
-        if hasattr(text, "set_attn_implementation"):
-            # transformers' SDPA path builds its causal mask in fp32, which the TorchScript exporter turns into
-            # LayerNormalization nodes of mixed fp16/fp32 type (an invalid graph); eager attention stays fp16.
-            text.set_attn_implementation("eager")
+        unet = copy.deepcopy(unet).half()
         noise = None if noise is None else copy.deepcopy(noise).half()
     errors = ClassErrors(unet, backbone.alphas_cumprod, backbone.prediction_type, LOSSES).to(backbone.device)
     modules: dict[str, nn.Module] = {SCORER: errors, ENCODER: EncoderGraph(encoder),

@@ -284,3 +284,37 @@ def test_batch_and_eval_report_drift(tmp_path) -> None:
     res = CliRunner().invoke(app, ["eval", "--data", str(tmp_path / "inverted"), "--json"])
     assert res.exit_code == 0, res.output
     assert "warning: drift:" in res.stderr and json.loads(res.stdout)["drift"]["warned"] is True
+
+
+def test_an_overflowing_fp16_graph_is_refused_naming_it(tmp_path) -> None:
+    """A real ONNX graph that overflows (x * 1e30 * 1e30 = inf in float32; onnxruntime's CPU provider computes fp16
+    arithmetic in fp32, so an fp16 overflow is not reproducible on it), labelled as an fp16 bundle: the errors are
+    refused with a line naming the graph and suggesting the fp32 bundle, never ranked."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from noop_rt.errors import NonFiniteError
+    from noop_rt.runtime.bundle import Bundle
+    from noop_rt.runtime.model import GraphModel, ModelInfo
+    from noop_rt.runtime.onnxruntime_backend import OnnxRuntimeRunner
+
+    big = helper.make_tensor("big", TensorProto.FLOAT, [], [1e30])
+    nodes = [helper.make_node("ReduceMean", ["image"], ["m"], axes=[2, 3], keepdims=0),
+             helper.make_node("Mul", ["m", "big"], ["h1"]), helper.make_node("Mul", ["h1", "big"], ["errors"]),
+             helper.make_node("Softmax", ["errors"], ["probs"], axis=1)]
+    graph = helper.make_graph(nodes, "overflow", [helper.make_tensor_value_info("image", TensorProto.FLOAT,
+                                                                                 ["B", 3, 4, 4])],
+                              [helper.make_tensor_value_info("errors", TensorProto.FLOAT, ["B", 3]),
+                               helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["B", 3])],
+                              initializer=[big])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "c.onnx"))
+    bundle = Bundle(tmp_path, {"graphs": {"classifier": {"file": "c.onnx"}}})
+    info = ModelInfo(name="x", source="bundle", location=str(tmp_path), resolution=4, latent_shape=(3, 4, 4),
+                     num_train_timesteps=1000, prediction_type="epsilon", max_batch=6, fingerprint="", t_star=1,
+                     tau=1.0, loss="l2", precision="fp16")
+    model = GraphModel(OnnxRuntimeRunner(bundle, "cpu"), info, None, np.zeros((3, 1, 1), np.float32))
+    image = np.full((2, 3, 4, 4), 0.5, np.float32)
+    with pytest.raises(NonFiniteError, match=r"classifier graph produced NaN or infinite values.*--fp32"):
+        model.noop_errors(image, "l2")
+    small = np.full((2, 3, 4, 4), 1e-25, np.float32)  # stays finite: scored as usual
+    assert np.isfinite(model.noop_errors(small, "l2")).all()

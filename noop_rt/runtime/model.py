@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from noop_rt.errors import BadInputError
+from noop_rt.errors import BadInputError, NonFiniteError
 from noop_rt.runtime.backend import GraphRunner
 from noop_rt.runtime.graphs import CLASSIFIER, ENCODER, NOISE, SCORER, TEXT_ENCODER, error_output
 from noop_rt.scoring import Progress
@@ -114,7 +114,8 @@ class GraphModel:
         takes_emb = getattr(self.runner, "classifier_takes_embeddings", True)
         if loss == self.info.loss and self.runner.has(CLASSIFIER) and (takes_emb or not self.custom_classes):
             feeds_emb = {"class_embeddings": self.emb} if self.custom_classes else {}
-            return np.concatenate([self.runner.run(CLASSIFIER, {"image": chunk, **feeds_emb}, ["errors"])[0]
+            return np.concatenate([self._finite(CLASSIFIER, self.runner.run(CLASSIFIER, {"image": chunk, **feeds_emb},
+                                                                            ["errors"])[0])
                                    for chunk in self._chunks(images, self.images_per_call())])
         z0 = self.encode(images)
         eps = self.noise(z0)
@@ -122,7 +123,7 @@ class GraphModel:
         return self.class_errors(z0, eps, t, None, loss)
 
     def encode(self, images: np.ndarray) -> np.ndarray:
-        return np.concatenate([self.runner.run(ENCODER, {"image": chunk}, ["z0"])[0]
+        return np.concatenate([self._finite(ENCODER, self.runner.run(ENCODER, {"image": chunk}, ["z0"])[0])
                                for chunk in self._chunks(images, self.images_per_call())])
 
     def noise(self, z0: np.ndarray) -> np.ndarray:
@@ -147,7 +148,7 @@ class GraphModel:
             feeds = {"z0": np.ascontiguousarray(z0[i:i + rows], dtype=np.float32),
                      "eps": np.ascontiguousarray(eps[i:i + rows], dtype=np.float32),
                      "timestep": np.asarray(t[i:i + rows], dtype=np.float32), "class_embeddings": emb}
-            out.append(self.runner.run(SCORER, feeds, [error_output(loss)])[0])
+            out.append(self._finite(SCORER, self.runner.run(SCORER, feeds, [error_output(loss)])[0]))
             if progress is not None:
                 progress(len(feeds["z0"]) * k)
         return np.concatenate(out)
@@ -160,6 +161,15 @@ class GraphModel:
         ids = self.tokenize(prompts)
         return np.concatenate([self.runner.run(TEXT_ENCODER, {"input_ids": ids[i:i + 64]}, ["last_hidden_state"])[0]
                                for i in range(0, len(ids), 64)])
+
+    def _finite(self, graph: str, values: np.ndarray) -> np.ndarray:
+        """Refuse NaN/Inf from a graph: scores computed from them would be silently wrong."""
+        if not np.isfinite(values).all():
+            hint = (" (fp16 overflow? re-export with --fp32: noop-rt export --ckpt NAME.pt --fp32)"
+                    if self.info.precision == "fp16" else "")
+            raise NonFiniteError(f"the {graph} graph produced NaN or infinite values on the {self.runner.name} "
+                                 f"backend{hint}")
+        return values
 
     @staticmethod
     def _chunks(x: np.ndarray, size: int) -> list[np.ndarray]:
