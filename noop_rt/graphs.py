@@ -23,7 +23,7 @@ from noop_rt.runtime.graphs import (
     GraphSpec,
     graph_specs,
 )
-from noop_rt.scorer import ClassErrors, EncoderGraph, NoiseGraph, NoopClassifier, TextEncoderGraph
+from noop_rt.scorer import ClassErrors, Float32Graph, NoopClassifier, TextEncoderGraph
 from noop_rt.scoring import LOSSES
 
 
@@ -42,12 +42,12 @@ def graph_modules(backbone: Backbone, ckpt: NoopCheckpoint | None, half: bool = 
         unet = copy.deepcopy(unet).half()
         noise = None if noise is None else copy.deepcopy(noise).half()
     errors = ClassErrors(unet, backbone.alphas_cumprod, backbone.prediction_type, LOSSES).to(backbone.device)
-    modules: dict[str, nn.Module] = {SCORER: errors, ENCODER: EncoderGraph(encoder),
+    modules: dict[str, nn.Module] = {SCORER: errors, ENCODER: Float32Graph(encoder),
                                      TEXT_ENCODER: TextEncoderGraph(text)}
     if ckpt is not None and noise is not None:
         one_loss = ClassErrors(unet, backbone.alphas_cumprod, backbone.prediction_type, (ckpt.loss,))
         modules[CLASSIFIER] = NoopClassifier(encoder, noise, one_loss.to(backbone.device), ckpt.t_star, ckpt.tau)
-        modules[NOISE] = NoiseGraph(noise)
+        modules[NOISE] = Float32Graph(noise)
     return {name: m.eval() for name, m in modules.items()}
 
 

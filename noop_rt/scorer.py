@@ -111,46 +111,29 @@ class NoopClassifier(nn.Module):
         self.tau = float(tau)
 
     def forward(self, image: torch.Tensor, class_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z0 = encode(self.encoder, image)
-        eps = run_noise(self.noise, z0)
+        z0 = in_own_dtype(self.encoder, image)
+        eps = in_own_dtype(self.noise, z0)
         t = torch.full((z0.shape[0],), float(self.t_star), device=z0.device)
         errors = self.errors(z0, eps, t, class_embeddings)[0]
         return errors, torch.softmax(-self.tau * errors, dim=1)
 
 
-def encode(encoder: nn.Module, image: torch.Tensor) -> torch.Tensor:
-    """z0 (B, c, h, w) float32 from an RGB image batch in [-1, 1], in the encoder's own dtype."""
-    params = list(encoder.parameters())
-    dtype = params[0].dtype if params else image.dtype
-    return encoder(image.to(dtype)).float()
+def in_own_dtype(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)` run in the module's own dtype (fp16 in an fp16 bundle), float32 in and out."""
+    param = next(module.parameters(), None)
+    return module(x.to(param.dtype if param is not None else x.dtype)).float()
 
 
-def run_noise(noise: nn.Module, z0: torch.Tensor) -> torch.Tensor:
-    """eps_D + g_phi(z0) (B, c, h, w) float32, in the noise model's own dtype."""
-    dtype = next(noise.parameters()).dtype
-    return noise(z0.to(dtype)).float()
+class Float32Graph(nn.Module):
+    """A module with float32 input and output whatever its own dtype: the bundle's `vae_encoder` (image -> z0) and
+    `noise` (z0 -> eps_D + g_phi(z0)) graphs."""
 
-
-class EncoderGraph(nn.Module):
-    """image -> z0 float32 (the bundle's `vae_encoder` graph)."""
-
-    def __init__(self, encoder: nn.Module) -> None:
+    def __init__(self, inner: nn.Module) -> None:
         super().__init__()
-        self.encoder = encoder
+        self.inner = inner
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return encode(self.encoder, image)
-
-
-class NoiseGraph(nn.Module):
-    """z0 -> eps_D + g_phi(z0) float32 (the bundle's `noise` graph)."""
-
-    def __init__(self, noise: nn.Module) -> None:
-        super().__init__()
-        self.noise = noise
-
-    def forward(self, z0: torch.Tensor) -> torch.Tensor:
-        return run_noise(self.noise, z0)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return in_own_dtype(self.inner, x)
 
 
 class TextEncoderGraph(nn.Module):
