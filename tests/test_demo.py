@@ -45,8 +45,8 @@ def test_shipped_model_loads_offline() -> None:
 
 
 def test_100_noise_baseline_classifies_the_examples() -> None:
-    res = runner.invoke(app, ["classify", *map(str, EXAMPLES), "--model", "demo", "--method", "baseline",
-                              "--noises", "100", "--json"])
+    """On the shipped bundle: the scorer graph, 100 (t, eps) pairs x 10 classes per image."""
+    res = runner.invoke(app, ["classify", *map(str, EXAMPLES), "--method", "baseline", "--noises", "100", "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert correct(out) >= 9, [r["top"][0]["class"] for r in out]
@@ -92,22 +92,23 @@ def test_shipped_bundle_comes_from_the_shipped_checkpoint() -> None:
     assert sorted(manifest["classes"]) == sorted(DIGIT_NAMES)
 
 
-def test_fp16_bundle_agrees_with_fp32_torch_on_the_held_out_split(tmp_path) -> None:
-    """An fp16 demo bundle, run on onnxruntime CPU, against fp32 torch on all 360 held-out digits, measured here
-    (not read from the export's own report): top-1 agreement >= 99.5 %."""
+def test_fp16_bundle_agrees_with_fp32_torch_on_held_out_digits(tmp_path) -> None:
+    """An fp16 demo bundle, run on onnxruntime CPU, against fp32 torch on 100 held-out digits, measured here (not
+    read from the export's own report): at most one disagreement. (All 360: benchmarks/export_parity.py.)"""
     import numpy as np
 
     import noop_rt
     from noop_rt.demo.digits import split_tensors
     from noop_rt.export import ExportOptions, export_bundle
 
-    export_bundle(CKPT_PATH, tmp_path / "half", ExportOptions(precision="fp16"), log=io.StringIO())
+    export_bundle(CKPT_PATH, tmp_path / "half", ExportOptions(precision="fp16", validate_images=EXAMPLES),
+                  log=io.StringIO())
     images, labels = split_tensors("test")
-    x = images.numpy()
+    x, labels = images.numpy()[:100], labels[:100]
     half = noop_rt.load(tmp_path / "half").predict(x, top_k=1)[0]
     full = noop_rt.load(CKPT_PATH, backend="torch").predict(x, top_k=1)[0]
     agree = np.mean([a.label == b.label for a, b in zip(half, full, strict=True)])
-    assert len(half) == 360 and agree >= 0.995, agree
+    assert len(half) == 100 and agree >= 0.99, agree
     names = list(DIGIT_NAMES)
     accuracy = np.mean([names.index(r.label) == int(y) for r, y in zip(half, labels, strict=True)])
     assert accuracy >= 0.97, accuracy
