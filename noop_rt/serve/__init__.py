@@ -1,0 +1,66 @@
+"""`noop-rt serve`: the classifier behind HTTP on Ray Serve.
+
+One Ray Serve application: a FastAPI ingress (`/v1/classify`, the KServe v2 protocol, health, metrics, the web page
+at `/`) in front of model replicas, each holding one classifier opened with `noop_rt.load`, gathering concurrent
+requests into one B*C UNet batch with `@serve.batch`. Importing this package does not import ray: `run_server`
+does, and says how to install it when it is missing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from noop_rt.errors import BadInputError
+
+__all__ = ["APP_NAME", "ServeOptions", "run_server"]
+
+APP_NAME = "noop-rt"  # the Ray Serve application's name
+INSTALL_HINT = "pip install 'noop-rt[serve]'"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How to serve. `max_upload_mb` 0 means no limit on the request body (images are still refused over
+    `max_pixels` before they are decoded)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0: any free port (the printed URL says which)
+    replicas: int = 1  # model replicas, one classifier each
+    gpus_per_replica: float = 0.0
+    max_batch_size: int = 8  # images gathered into one B*C UNet batch
+    batch_wait_ms: float = 10.0  # longest wait for a batch to fill
+    max_upload_mb: float = 10.0  # largest request body
+    ray_address: str | None = None  # an existing cluster (else RAY_ADDRESS, else a local one)
+    top_k: int = 5  # classes per answer unless the request asks (?top_k=)
+    max_pixels: int = 50_000_000  # larger images are refused from their header, never decoded
+    max_files: int = 256  # images per request
+    drain_timeout_s: float = 30.0  # longest wait for in-flight requests after SIGTERM/SIGINT
+    drain_quiet_s: float = 1.0  # drained once no request has been in flight for this long
+
+    def __post_init__(self) -> None:
+        checks = [(self.replicas >= 1, "--replicas must be at least 1"),
+                  (self.max_batch_size >= 1, "--max-batch-size must be at least 1"),
+                  (self.batch_wait_ms >= 0, "--batch-wait-ms must not be negative"),
+                  (self.max_upload_mb >= 0, "--max-upload-mb must not be negative"),
+                  (self.gpus_per_replica >= 0, "--gpus-per-replica must not be negative"),
+                  (0 <= self.port <= 65535, "--port must be 0..65535"),
+                  (self.top_k >= 1, "--top-k must be at least 1"),
+                  (self.max_pixels >= 1 and self.max_files >= 1, "max_pixels and max_files must be positive")]
+        for ok, message in checks:
+            if not ok:
+                raise BadInputError(message)
+
+    @property
+    def max_upload_bytes(self) -> int | None:
+        return int(self.max_upload_mb * 1024 * 1024) if self.max_upload_mb > 0 else None
+
+
+def run_server(load: dict[str, Any], options: ServeOptions) -> None:
+    """Serve until SIGINT/SIGTERM: print the URL on stdout once ready, then drain in-flight requests and return.
+
+    `load`: keyword arguments of `noop_rt.load` (source, kind, backend, device, method, classes, prompts, template,
+    max_batch, engines, strategy options); each replica opens its own classifier from them."""
+    from noop_rt.serve.server import serve_forever
+
+    serve_forever(load, options)

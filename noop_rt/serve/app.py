@@ -1,0 +1,506 @@
+"""The Ray Serve application: a FastAPI ingress in front of the model replicas.
+
+- `Model` replicas: each opens one classifier with `noop_rt.load`, runs one warm-up pass, then answers `classify`
+  calls of ONE preprocessed image each; `@serve.batch` gathers the calls that arrive together into one
+  `Classifier.predict` over (B, 3, R, R): one B*C UNet batch (chunked to the model's max batch).
+- `Ingress` (one replica): HTTP. Reads bodies under the upload limit, refuses non-images (415), bombs (400, from the
+  header) and empty bodies (400) before the model sees them, decodes and preprocesses in threads, sends each image to
+  the model deployment and assembles the answers: `/v1/classify`, `/v1/model`, the KServe v2 protocol, `/healthz`,
+  `/readyz`, `/metrics`, the page at `/`. It tracks requests in flight so the server can drain them on SIGTERM.
+
+Metrics: Ray Serve's own (requests by route and status, the HTTP latency histogram, errors, `@serve.batch` sizes and
+waits) plus a few of noop-rt's (`noop_rt_*`), all through Ray's Prometheus exporter; `GET /metrics` relays this
+node's exporter, filtered to those families (`?all=true` for every Ray metric).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import urllib.request
+from collections.abc import Iterator
+from importlib.resources import files
+from typing import Any, cast
+
+import numpy as np
+import ray
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from ray import serve
+from ray.serve.exceptions import RayServeException
+from ray.serve.handle import DeploymentHandle
+from ray.util import metrics
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from noop_rt import __version__
+from noop_rt.errors import BadInputError
+from noop_rt.serve import ServeOptions, kserve
+from noop_rt.serve.uploads import (
+    RequestError,
+    check_declared_length,
+    check_float_images,
+    decode_image,
+    inflate,
+    read_body,
+)
+
+MODEL_TIMEOUT_S = 5.0  # longest wait for a model replica to answer a readiness/metadata question
+READY_FRESH_S = 10.0  # a model answer this recent makes /readyz true without asking again
+METRIC_PREFIXES = ("ray_serve_", "ray_noop_rt_", "noop_rt_")
+MANIFEST_SUMMARY = ("format", "version", "name", "noop_rt_version", "created", "source_ckpt", "backbone", "template",
+                    "t_star", "loss", "tau", "resolution", "precision", "opset", "max_batch", "scorer_losses")
+
+api = FastAPI(
+    title="noop-rt",
+    version=__version__,
+    description="Diffusion classifier (NoOp) on Ray Serve. `POST /v1/classify` with image files (multipart) or a raw "
+                "image body answers the `noop-rt classify --json` objects plus server timings; the KServe v2 "
+                "protocol (`/v2/...`) answers standard clients such as tritonclient.",
+)
+
+
+@api.exception_handler(RequestError)
+async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
+    return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    return JSONResponse({"error": message}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    parts = [f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()]
+    return JSONResponse({"error": "; ".join(parts) or "invalid request"}, status_code=400)
+
+
+@api.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    line = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    return JSONResponse({"error": f"internal error: {line}"}, status_code=500)
+
+
+CLASSIFY_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": {"type": "object", "properties": {
+                "files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                          "description": "One or more image files (any field name)."}}}},
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+}
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+# Defined before the deployments: Ray Serve pickles the deployment classes when they are decorated.
+def _one_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {lines[-1]}" if lines else type(exc).__name__
+
+
+def _awaitable(response: Any) -> Any:
+    async def wait() -> Any:
+        return await response
+
+    return wait()
+
+
+def _replay(body: bytes) -> Any:
+    """An ASGI `receive` that hands over an already-read body once."""
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+def _node_metrics_url() -> str | None:
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node.get("NodeID") == node_id and node.get("MetricsExportPort"):
+            return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    return None
+
+
+def _fetch(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode("utf-8", errors="replace")
+
+
+def _families(text: str, prefixes: tuple[str, ...]) -> str:
+    """The Prometheus text of the metric families whose names start with `prefixes` (HELP/TYPE lines included)."""
+    keep = []
+    for line in text.splitlines():
+        if line.startswith("#"):
+            parts = line.split()
+            name = parts[2] if len(parts) > 2 else ""
+        else:
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name.startswith(prefixes):
+            keep.append(line)
+    return "\n".join(keep) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- model replicas
+@serve.deployment(name="Model")
+class ModelReplica:
+    """One classifier. `classify(image, top_k)` is called once per image; the calls that arrive together become one
+    batch."""
+
+    def __init__(self, load: dict[str, Any], options: ServeOptions, threads: int | None) -> None:
+        from noop_rt.api import load as open_model
+
+        kwargs = dict(load)
+        if kwargs.get("threads") is None and threads is not None:
+            kwargs["threads"] = threads
+        self.classifier = open_model(**kwargs)
+        self.threads = kwargs.get("threads")
+        self.classify_batch.set_max_batch_size(options.max_batch_size)
+        self.classify_batch.set_batch_wait_timeout_s(options.batch_wait_ms / 1000.0)
+        r = self.classifier.resolution
+        self.classifier.predict(np.zeros((1, 3, r, r), dtype=np.float32), top_k=1)  # the warm-up pass
+        self.busy = False  # a batch is in the model
+        self.free = asyncio.Event()
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.batch_ms = metrics.Histogram(
+            "noop_rt_batch_inference_ms", description="Model time of one batch (all its images), milliseconds.",
+            boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000])
+        self.images = metrics.Counter("noop_rt_images_classified", description="Images classified by the model.")
+
+    def describe(self) -> dict[str, Any]:
+        clf = self.classifier
+        info = clf.info
+        manifest = info.manifest
+        summary = None
+        if manifest is not None:
+            summary = {k: manifest[k] for k in MANIFEST_SUMMARY if k in manifest}
+            summary["classifier_graph"] = manifest.get("classifier_graph", {}).get("file")
+            summary["files"] = len(manifest.get("files", {}))
+            summary["bytes"] = sum(int(f.get("size", 0)) for f in manifest.get("files", {}).values())
+            summary["export_command"] = (manifest.get("build_config") or {}).get("command")
+        return {"name": info.name, "classes": list(clf.classes), "method": clf.method, "backend": clf.backend,
+                "device": clf.device, "resolution": clf.resolution, "source": info.source,
+                "location": info.location, "calibrated": info.tau is not None, "threads": self.threads,
+                "manifest": summary}
+
+    def ready(self) -> bool:
+        return True  # answering at all means the constructor (open + warm-up) finished
+
+    async def classify(self, image: np.ndarray, top_k: int) -> dict[str, Any]:
+        arrived = time.perf_counter()
+        # Serve forms the next batch as soon as its wait ends, even while the model is still busy with the last one;
+        # held here until the model is free, the requests that arrive meanwhile form the next batch together.
+        while self.busy:
+            await self.free.wait()
+        return await self.classify_batch(image, top_k, arrived)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def classify_batch(self, images: list[np.ndarray], top_ks: list[int], arrived: list[float]) \
+            -> list[dict[str, Any]]:
+        start = time.perf_counter()
+        batch = np.stack(images)
+        n_classes = len(self.classifier.classes)
+        self.busy = True
+        self.free.clear()
+        try:  # in a thread: the replica still answers ready/describe (and health checks) meanwhile
+            results, _ = await asyncio.to_thread(self.classifier.predict, batch, top_k=n_classes)
+        finally:
+            self.busy = False
+            self.free.set()
+        model_ms = 1e3 * (time.perf_counter() - start)
+        self.batch_ms.observe(model_ms)
+        self.images.inc(len(images))
+        index = {c: i for i, c in enumerate(self.classifier.classes)}
+        out = []
+        for result, k, t in zip(results, top_ks, arrived, strict=True):
+            probs = np.zeros(n_classes, dtype=np.float32)
+            for s in result.top:
+                probs[index[s.label]] = s.prob
+            result.top = result.top[:max(1, k)]
+            out.append({"result": result.to_json(), "label": result.label, "probs": probs,
+                        "queue_ms": round(1e3 * (start - t), 3), "batch_size": len(images),
+                        "inference_ms": round(model_ms, 3), "replica": self.replica})
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- ingress
+@serve.deployment(name="Ingress")
+@serve.ingress(api)
+class Ingress:
+    """HTTP in front of the model deployment."""
+
+    def __init__(self, model: DeploymentHandle, options: ServeOptions) -> None:
+        self.model = model
+        self.options = options
+        self.draining = False
+        self.inflight = 0
+        self.idle_since = time.monotonic()
+        self.model_ok_at = 0.0  # monotonic time of the last good answer from a model replica
+        self.info: dict[str, Any] | None = None
+        self.page_html = (files("noop_rt.serve") / "page.html").read_text(encoding="utf-8")
+        self.metrics_url: str | None = None
+        self.rejected = metrics.Counter("noop_rt_rejected_requests", description="Requests refused before the model "
+                                        "(bad input, over the limits), by status code.", tag_keys=("code",))
+        self.failed = metrics.Counter("noop_rt_model_failures", description="Requests answered 5xx because no model "
+                                      "replica could answer (e.g. one died mid-request).", tag_keys=("code",))
+
+    # ------------------------------------------------------------------------------------------ bookkeeping
+    @contextlib.contextmanager
+    def _work(self) -> Iterator[None]:
+        """One request doing work: counted in flight (for the drain) and in the metrics when refused."""
+        self.inflight += 1
+        try:
+            yield
+        except RequestError as exc:
+            (self.failed if exc.status >= 500 else self.rejected).inc(tags={"code": str(exc.status)})
+            raise
+        finally:
+            self.inflight -= 1
+            if self.inflight == 0:
+                self.idle_since = time.monotonic()
+
+    async def drain(self) -> None:
+        """Called by the server on SIGTERM/SIGINT: readiness turns false; requests still arriving are answered."""
+        self.draining = True
+
+    async def state(self) -> dict[str, Any]:
+        idle = time.monotonic() - self.idle_since if self.inflight == 0 else 0.0
+        return {"inflight": self.inflight, "idle_s": idle, "draining": self.draining}
+
+    async def _model_info(self) -> dict[str, Any]:
+        if self.info is None:
+            try:
+                self.info = await asyncio.wait_for(_awaitable(self.model.describe.remote()), MODEL_TIMEOUT_S)
+            except TimeoutError:
+                raise RequestError(503, f"no model replica answered within {MODEL_TIMEOUT_S:g} s (still loading?)") \
+                    from None
+            except (ray.exceptions.RayActorError, RayServeException) as exc:
+                raise RequestError(503, f"model replica unavailable: {_one_line(exc)}") from None
+            self.model_ok_at = time.monotonic()
+        return self.info
+
+    async def _not_ready(self) -> str | None:
+        """Why the server is not ready, or None."""
+        if self.draining:
+            return "draining"
+        if time.monotonic() - self.model_ok_at < READY_FRESH_S:
+            return None
+        try:
+            await asyncio.wait_for(_awaitable(self.model.ready.remote()), MODEL_TIMEOUT_S)
+        except TimeoutError:
+            return f"no model replica answered within {MODEL_TIMEOUT_S:g} s"
+        except Exception as exc:
+            return f"model replica unavailable: {_one_line(exc)}"
+        self.model_ok_at = time.monotonic()
+        return None
+
+    async def _body(self, request: Request) -> bytes:
+        limit = self.options.max_upload_bytes
+        check_declared_length(request.headers.get("content-length"), limit)
+        body = await read_body(request.stream(), limit)
+        return inflate(body, request.headers.get("content-encoding"), limit)
+
+    async def _uploads(self, request: Request) -> list[tuple[str | None, bytes]]:
+        """(file name, bytes) of each image: the files of a multipart form, or the raw body."""
+        body = await self._body(request)
+        if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            if not body:
+                raise RequestError(400, "empty request body: send an image file (raw body, e.g. curl --data-binary "
+                                        "@img.png) or multipart files (curl -F file=@img.png)")
+            return [(None, body)]
+        replay = Request(request.scope, _replay(body))
+        try:
+            form = await replay.form(max_files=self.options.max_files, max_fields=self.options.max_files)
+        except StarletteHTTPException as exc:
+            raise RequestError(400, f"bad multipart form: {exc.detail}") from None
+        except Exception as exc:  # python-multipart's own parse errors
+            raise RequestError(400, f"bad multipart form: {exc}") from None
+        try:
+            uploads = [(item.filename or key, await item.read()) for key, item in form.multi_items()
+                       if isinstance(item, UploadFile)]
+        finally:
+            await form.close()
+        if not uploads:
+            raise RequestError(400, "the form holds no file: send image files as form fields (curl -F file=@img.png)")
+        return uploads
+
+    async def _decode(self, uploads: list[tuple[str | None, bytes]], resolution: int) \
+            -> list[tuple[np.ndarray, float]]:
+        """Each upload as the model's input, with the ms it took; the first bad one fails the request."""
+        def one(name: str | None, data: bytes) -> tuple[np.ndarray, float]:
+            t0 = time.perf_counter()
+            array = decode_image(data, name or "the request body", resolution, self.options.max_pixels)
+            return array, 1e3 * (time.perf_counter() - t0)
+
+        return list(await asyncio.gather(*(asyncio.to_thread(one, name, data) for name, data in uploads)))
+
+    async def _classify(self, image: np.ndarray, top_k: int) -> dict[str, Any]:
+        """One image through the model deployment. A replica that dies mid-request is retried once on another;
+        then the request gets a 503, never silence."""
+        for attempt in (1, 2):
+            try:
+                out = await self.model.classify.remote(image, top_k)
+            except BadInputError as exc:  # raised inside the replica (its RayTaskError is also a BadInputError)
+                raise RequestError(400, str(getattr(exc, "cause", None) or exc)) from None
+            except (ray.exceptions.RayActorError, RayServeException) as exc:
+                if attempt == 2:
+                    raise RequestError(503, f"model replica unavailable: {type(exc).__name__}; retry") from None
+                continue
+            self.model_ok_at = time.monotonic()
+            return out
+        raise AssertionError("unreachable")
+
+    # ------------------------------------------------------------------------------------------ routes
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(self.page_html)
+
+    @api.get("/healthz", summary="Liveness: the server process is up.")
+    async def healthz(self) -> dict[str, Any]:
+        return {"status": "ok", "draining": self.draining, "inflight": self.inflight}
+
+    @api.get("/readyz", summary="Readiness: the model is loaded and warmed up, and the server is not draining.")
+    async def readyz(self) -> JSONResponse:
+        reason = await self._not_ready()
+        if reason is None:
+            return JSONResponse({"ready": True})
+        return JSONResponse({"ready": False, "reason": reason}, status_code=503)
+
+    @api.get("/v1/model", summary="The model: classes, method, backend, a summary of the bundle manifest.")
+    async def model_info(self) -> dict[str, Any]:
+        info = await self._model_info()
+        o = self.options
+        return {**info, "version": __version__,
+                "server": {"replicas": o.replicas, "max_batch_size": o.max_batch_size, "batch_wait_ms": o.batch_wait_ms,
+                           "max_upload_mb": o.max_upload_mb, "max_pixels": o.max_pixels, "max_files": o.max_files,
+                           "top_k": o.top_k},
+                "kserve": {"model": info["name"], "infer": f"/v2/models/{info['name']}/infer"}}
+
+    @api.post("/v1/classify", openapi_extra=CLASSIFY_BODY,
+              summary="Classify image files (multipart, one or more) or a raw image body.",
+              description="Answers a list with one `noop-rt classify --json` object per image, plus `server`: "
+                          "queue_ms (wait for the batch), batch_size (images in the batch it rode in), decode_ms, "
+                          "inference_ms (the whole batch), total_ms (this request in the server).")
+    async def classify(self, request: Request,
+                       top_k: int | None = Query(None, ge=1, description="Classes per answer (default: the "
+                                                                         "server's --top-k).")) -> JSONResponse:
+        with self._work():
+            t0 = time.perf_counter()
+            info = await self._model_info()
+            uploads = await self._uploads(request)
+            if len(uploads) > self.options.max_files:
+                raise RequestError(400, f"{len(uploads)} files in one request; the limit is {self.options.max_files}")
+            decoded = await self._decode(uploads, info["resolution"])
+            k = top_k or self.options.top_k
+            outs = await asyncio.gather(*(self._classify(array, k) for array, _ in decoded))
+            total_ms = 1e3 * (time.perf_counter() - t0)
+            answers = []
+            for (name, _), (_, decode_ms), out in zip(uploads, decoded, outs, strict=True):
+                obj = dict(out["result"])
+                obj["image"] = name
+                obj["latency_ms"] = round(obj["latency_ms"] + decode_ms, 3)
+                obj["server"] = {"queue_ms": out["queue_ms"], "batch_size": out["batch_size"],
+                                 "decode_ms": round(decode_ms, 3), "inference_ms": out["inference_ms"],
+                                 "total_ms": round(total_ms, 3), "replica": out["replica"]}
+                answers.append(obj)
+            return JSONResponse(answers)
+
+    @api.get("/metrics", response_class=PlainTextResponse,
+             summary="Prometheus metrics of this node: Ray Serve's and noop-rt's (all=true: every Ray metric).")
+    async def prometheus(self, everything: bool = Query(False, alias="all")) -> PlainTextResponse:
+        if self.metrics_url is None:
+            self.metrics_url = await asyncio.to_thread(_node_metrics_url)
+        if self.metrics_url is None:
+            raise RequestError(503, "this Ray node exports no metrics (no metrics export port)")
+        try:
+            text = await asyncio.to_thread(_fetch, self.metrics_url)
+        except OSError as exc:
+            raise RequestError(503, f"cannot read Ray's metrics exporter at {self.metrics_url}: {exc}") from None
+        return PlainTextResponse(text if everything else _families(text, METRIC_PREFIXES),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    # ------------------------------------------------------------------------------------------ KServe v2
+    @api.get("/v2", summary="KServe v2: server metadata.")
+    async def v2_server(self) -> dict[str, Any]:
+        return kserve.server_metadata(__version__)
+
+    @api.get("/v2/health/live", summary="KServe v2: liveness.")
+    async def v2_live(self) -> dict[str, Any]:
+        return {"live": True}
+
+    @api.get("/v2/health/ready", summary="KServe v2: readiness (as /readyz).")
+    async def v2_ready(self) -> JSONResponse:
+        reason = await self._not_ready()
+        return JSONResponse({"ready": reason is None}, status_code=200 if reason is None else 503)
+
+    async def _kserve_model(self, name: str, version: str | None) -> dict[str, Any]:
+        info = await self._model_info()
+        if name != info["name"] or version not in (None, kserve.VERSION):
+            wanted = name if version is None else f"{name} version {version}"
+            raise RequestError(404, f"unknown model {wanted!r}: this server has {info['name']!r} version "
+                                    f"{kserve.VERSION}")
+        return info
+
+    @api.get("/v2/models/{name}", summary="KServe v2: model metadata.")
+    @api.get("/v2/models/{name}/versions/{version}", include_in_schema=False)
+    async def v2_model(self, name: str, version: str | None = None) -> dict[str, Any]:
+        info = await self._kserve_model(name, version)
+        return kserve.model_metadata(info["name"], info["resolution"], info["classes"])
+
+    @api.get("/v2/models/{name}/ready", summary="KServe v2: model readiness.")
+    @api.get("/v2/models/{name}/versions/{version}/ready", include_in_schema=False)
+    async def v2_model_ready(self, name: str, version: str | None = None) -> JSONResponse:
+        await self._kserve_model(name, version)
+        reason = await self._not_ready()
+        return JSONResponse({"name": name, "ready": reason is None}, status_code=200 if reason is None else 503)
+
+    @api.post("/v2/models/{name}/infer", summary="KServe v2 inference (binary tensor data extension accepted).")
+    @api.post("/v2/models/{name}/versions/{version}/infer", include_in_schema=False)
+    async def v2_infer(self, name: str, request: Request, version: str | None = None) -> Response:
+        with self._work():
+            info = await self._kserve_model(name, version)
+            body = await self._body(request)
+            req = kserve.parse_infer_request(body, request.headers.get(kserve.HEADER))
+            resolution = info["resolution"]
+            if req.input.name == kserve.INPUT_BYTES:
+                elements = cast(list[bytes], req.input.data)
+                if len(elements) > self.options.max_files:
+                    raise RequestError(400, f"{len(elements)} images in one request; the limit is "
+                                            f"{self.options.max_files}")
+                arrays = [a for a, _ in await self._decode([(f"images[{i}]", e) for i, e in enumerate(elements)],
+                                                           resolution)]
+            else:
+                arrays = list(check_float_images(cast(np.ndarray, req.input.data), resolution))
+            outs = await asyncio.gather(*(self._classify(a, len(info["classes"])) for a in arrays))
+            probs = np.stack([o["probs"] for o in outs]).astype(np.float32)
+            content, headers = kserve.infer_response(info["name"], req, probs, [o["label"] for o in outs],
+                                                     info["classes"])
+            return Response(content, headers=headers)
+
+
+def build_app(load: dict[str, Any], options: ServeOptions, *, model_cpus: float, ingress_cpus: float,
+              threads: int | None) -> Any:
+    """The application: the ingress bound to `options.replicas` model replicas."""
+    model = ModelReplica.options(
+        num_replicas=options.replicas,
+        max_ongoing_requests=max(2 * options.max_batch_size, 8),
+        ray_actor_options={"num_cpus": model_cpus, "num_gpus": options.gpus_per_replica},
+    ).bind(load, options, threads)
+    return Ingress.options(
+        num_replicas=1,
+        max_ongoing_requests=max(1024, 8 * options.max_batch_size * options.replicas),
+        ray_actor_options={"num_cpus": ingress_cpus},
+    ).bind(model, options)

@@ -1,0 +1,286 @@
+"""The server's life: Ray (a local cluster unless given an address), the application deployed, the URL printed once
+`/readyz` answers, then a wait for SIGINT/SIGTERM, a drain of the requests in flight, and a clean stop.
+
+Draining: readiness turns false at once (a load balancer stops sending), requests still arriving are answered, and
+the server stops once none has been in flight for `drain_quiet_s` (or after `drain_timeout_s`). A second signal
+stops without waiting."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import math
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from noop_rt import errors
+from noop_rt.errors import BadInputError, MissingDependencyError, NoopError
+from noop_rt.serve import APP_NAME, INSTALL_HINT, ServeOptions
+
+READY_TIMEOUT_S = 120.0  # after the deployment is up, the longest wait for the URL to answer /readyz
+INGRESS_CPUS = 0.25
+
+
+class _Signals:
+    """SIGINT/SIGTERM: before the server is ready they abort the start (KeyboardInterrupt); after, they ask for a
+    drain (and a second one for a stop without waiting)."""
+
+    def __init__(self) -> None:
+        self.ready = False
+        self.stop = threading.Event()
+        self.count = 0
+        self.previous: dict[int, Any] = {}
+
+    def handler(self, signum: int, frame: Any) -> None:
+        if not self.ready:
+            raise KeyboardInterrupt
+        self.count += 1
+        self.stop.set()
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread hears signals (run_server in another thread runs until its process ends)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old = signal.signal(sig, self.handler)
+            self.previous.setdefault(sig, old)
+
+    def restore(self) -> None:
+        for sig, old in self.previous.items():
+            signal.signal(sig, old)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def _imports() -> tuple[Any, Any]:
+    try:
+        import fastapi  # noqa: F401
+        import ray
+        from ray import serve
+    except ImportError as exc:
+        raise MissingDependencyError(f"noop-rt serve needs Ray Serve ({exc.name or exc} is not installed): "
+                                     f"{INSTALL_HINT}") from None
+    if not any(importlib.util.find_spec(m) for m in ("python_multipart", "multipart")):
+        raise MissingDependencyError(f"noop-rt serve needs python-multipart (FastAPI's form parser): {INSTALL_HINT}")
+    return ray, serve
+
+
+def free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def check_port(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT does not count
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise BadInputError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (choose another --port, or "
+                                "--port 0 for any free one)") from None
+
+
+def url_for(host: str, port: int) -> str:
+    shown = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
+
+
+def serve_forever(load: dict[str, Any], options: ServeOptions) -> None:
+    ray, serve = _imports()
+    _check_source(load)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = options.ray_address or os.environ.get("RAY_ADDRESS") or None
+    port = options.port
+    if port == 0:
+        port = free_port(options.host)
+    elif address is None:
+        check_port(options.host, port)
+    signals = _Signals()
+    signals.install()
+    own_ray = not ray.is_initialized()
+    own_serve = started_serve = False
+    try:
+        if own_ray:
+            if address:
+                _connect(ray, address)
+            else:
+                ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
+                         logging_level="WARNING")
+        signals.install()  # ray.init sets its own SIGTERM handler
+        local = own_ray and not address
+        where = f"local cluster at {ray.get_runtime_context().gcs_address}" if local else f"cluster {address}"
+        _log(f"Ray: {where}")
+        resources = ray.cluster_resources()
+        cpus = float(resources.get("CPU", 1.0))
+        model_cpus, threads = replica_resources(options, cpus, local)
+        gpus_needed = options.gpus_per_replica * options.replicas
+        if local and gpus_needed > float(resources.get("GPU", 0.0)):
+            raise BadInputError(f"--gpus-per-replica {options.gpus_per_replica:g} x {options.replicas} replica(s) "
+                                f"needs {gpus_needed:g} GPU(s); this machine has {resources.get('GPU', 0):g}")
+        own_serve = not _serve_running(serve)
+        serve.start(http_options={"host": options.host, "port": port})
+        started_serve = True
+        from noop_rt.serve.app import build_app
+
+        app = build_app(load, options, model_cpus=model_cpus, ingress_cpus=INGRESS_CPUS, threads=threads)
+        _log(f"starting {options.replicas} model replica(s) ({model_cpus:g} CPU"
+             f"{f', {options.gpus_per_replica:g} GPU' if options.gpus_per_replica else ''}"
+             f"{f', {threads} engine thread(s)' if threads else ''} each)...")
+        try:
+            handle = serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        except RuntimeError as exc:
+            raise _deploy_error(serve, exc) from None
+        url = url_for(options.host, port)
+        _wait_ready(url)
+        info = _get_json(f"{url}/v1/model")
+        signals.ready = True
+        print(url, flush=True)
+        _log(f"serving {info.get('name')} ({len(info.get('classes', []))} classes, method {info.get('method')}, "
+             f"backend {info.get('backend')}) on {options.replicas} replica(s): {url}/docs (API), {url}/metrics, "
+             f"{url}/v2/models/{info.get('name')}/infer (KServe v2); Ctrl-C or SIGTERM drains and stops")
+        signals.stop.wait()
+        _drain(handle, options, signals)
+    finally:
+        signals.restore()
+        _stop(ray, serve if started_serve else None, own_ray=own_ray, own_serve=own_serve,
+              local=own_ray and not address)
+
+
+def _connect(ray: Any, address: str) -> None:
+    m = re.fullmatch(r"\[?([\w.:-]+?)\]?:(\d+)", address)
+    if m:  # a GCS address: refuse fast when nothing listens there (ray.init would retry for minutes)
+        try:
+            socket.create_connection((m.group(1), int(m.group(2))), timeout=5).close()
+        except OSError as exc:
+            raise BadInputError(f"cannot connect to the Ray cluster at {address}: {exc.strerror or exc}") from None
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        hint = (" (a cluster with token authentication: set RAY_AUTH_MODE=token, with its token in ~/.ray/auth_token"
+                " or RAY_AUTH_TOKEN)" if "auth" in str(exc).lower() else "")
+        raise BadInputError(f"cannot connect to the Ray cluster at {address}: {_first_line(exc)}{hint}") from None
+
+
+def _check_source(load: dict[str, Any]) -> None:
+    """A mistyped path is one line now, not three failed replica starts later."""
+    from noop_rt.runtime.open import source_kind
+
+    source, kind = load.get("source"), load.get("kind")
+    if kind is None:
+        source_kind(source)
+    elif source is not None and str(source) != "demo" and not Path(source).expanduser().exists():
+        raise BadInputError(f"{kind} not found: {source}")
+
+
+def _serve_running(serve: Any) -> bool:
+    try:
+        return bool(serve.status().applications)
+    except Exception:  # no Serve controller on this cluster yet
+        return False
+
+
+def replica_resources(options: ServeOptions, cpus: float, local: bool) -> tuple[float, int | None]:
+    """(CPUs reserved per model replica, engine threads per replica). On a local cluster the replicas share this
+    machine's cores, one core left to the HTTP side (proxy, ingress: decoding): an engine whose threads spin on every
+    core starves them (measured on 2 cores: 1 thread served more images/s than 2). On a cluster each replica
+    reserves one CPU and its engine keeps its default threads."""
+    if not local:
+        return 1.0, None
+    share = math.floor(100 * (cpus - INGRESS_CPUS) / options.replicas) / 100
+    if share <= 0:
+        raise BadInputError(f"{options.replicas} replicas do not fit on this machine's {cpus:g} CPUs: use fewer "
+                            "--replicas, or --ray ADDRESS for a cluster")
+    return share, max(1, int((cpus - 1) // options.replicas))
+
+
+def _deploy_error(serve: Any, exc: Exception) -> NoopError:
+    """The replicas' own error (a noop_rt error raised while opening the model) as one line, when there is one."""
+    message = ""
+    try:
+        for dep in serve.status().applications[APP_NAME].deployments.values():
+            message += "\n" + str(dep.message)
+    except Exception:
+        message = str(exc)
+    found = re.findall(r"noop_rt\.errors\.(\w+): (.+)", message)
+    if found:
+        name, text = found[-1]
+        cls = getattr(errors, name, NoopError)
+        return cls(text.strip()) if isinstance(cls, type) and issubclass(cls, NoopError) else NoopError(text)
+    lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
+    return NoopError(f"the model replicas failed to start: {lines[-1] if lines else exc}")
+
+
+def _get_json(url: str, timeout: float = 10.0) -> dict[str, Any]:
+    import json
+
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return dict(json.loads(response.read()))
+
+
+def _wait_ready(url: str) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=10) as response:
+                if response.status == 200:
+                    return
+        except urllib.error.HTTPError as exc:
+            last = f"HTTP {exc.code}"
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.2)
+    raise NoopError(f"the application is deployed but {url}/readyz did not answer 200 within "
+                    f"{READY_TIMEOUT_S:g} s ({last}); if Serve already ran on this cluster, it keeps its own "
+                    "host and port")
+
+
+def _drain(handle: Any, options: ServeOptions, signals: _Signals) -> None:
+    _log("draining: readiness is now false; waiting for the requests in flight...")
+    try:
+        handle.drain.remote().result(timeout_s=10)
+        deadline = time.monotonic() + options.drain_timeout_s
+        while time.monotonic() < deadline and signals.count < 2:
+            state = handle.state.remote().result(timeout_s=10)
+            if state["inflight"] == 0 and state["idle_s"] >= options.drain_quiet_s:
+                _log("drained")
+                return
+            time.sleep(0.05)
+        _log("stopping without waiting longer" if signals.count >= 2 else
+             f"drain timeout ({options.drain_timeout_s:g} s): stopping with requests in flight")
+    except Exception as exc:  # the ingress is gone: nothing left to drain
+        _log(f"drain: {_first_line(exc)}")
+
+
+def _stop(ray: Any, serve: Any | None, *, own_ray: bool, own_serve: bool, local: bool) -> None:
+    """Stop what this server started: Serve (or only its application, on a cluster where Serve ran already), then
+    its own local cluster. Ray's own remarks while it stops go to stderr: stdout holds the URL only."""
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            if serve is not None:
+                if own_serve or local:
+                    serve.shutdown()
+                else:
+                    serve.delete(APP_NAME)
+        except Exception as exc:
+            _log(f"stopping Serve: {_first_line(exc)}")
+        if own_ray:
+            ray.shutdown()

@@ -1,0 +1,89 @@
+"""The page at `/` in a real headless Chromium (Debian's chromium + chromium-driver, through selenium): upload a
+bundled example, read the predicted label and the probability bars from the page. The truth is the file name."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from noop_rt.demo import EXAMPLES_DIR
+
+HAVE_SERVE = all(importlib.util.find_spec(m) is not None for m in ("ray", "fastapi", "httpx", "starlette")) and \
+    importlib.util.find_spec("ray.serve") is not None
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+CHROMEDRIVER = shutil.which("chromedriver")
+HAVE_SELENIUM = importlib.util.find_spec("selenium") is not None
+
+pytestmark = [
+    pytest.mark.skipif(not HAVE_SERVE, reason="Ray Serve is not installed (pip install 'noop-rt[serve]'); CI installs "
+                                              "it"),
+    pytest.mark.skipif(not HAVE_SELENIUM, reason="selenium is not installed (pip install selenium); CI installs it"),
+    pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
+                       reason="no chromium/chromedriver on PATH (apt-get install chromium chromium-driver; .ci/run "
+                              "installs them)"),
+]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Any]:
+    from noop_rt.serve.launch import ServerProcess
+
+    proc = ServerProcess(["--replicas", "1", "--top-k", "3"])
+    proc.start()
+    yield proc
+    assert proc.stop() == 0, proc.tail()
+    proc.kill()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1000,800"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def upload_and_read(browser: Any, path: str) -> tuple[str, list[tuple[str, str]], str]:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.find_element(By.ID, "file").send_keys(path)
+
+    def answered(driver: Any) -> bool:
+        label = driver.find_element(By.ID, "label").text.strip()
+        return bool(label and label != "…") or bool(driver.find_element(By.ID, "error").text.strip())
+
+    WebDriverWait(browser, 60, poll_frequency=0.1).until(answered)
+    error = browser.find_element(By.ID, "error").text.strip()
+    assert not error, f"the page shows an error: {error}"
+    bars = [(row.find_element(By.CLASS_NAME, "name").text, row.find_element(By.CLASS_NAME, "prob").text)
+            for row in browser.find_elements(By.CSS_SELECTOR, "#bars .bar")]
+    return browser.find_element(By.ID, "label").text.strip(), bars, browser.find_element(By.ID, "latency").text
+
+
+def test_page_classifies_an_uploaded_example(server: Any, browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server.url + "/")
+    WebDriverWait(browser, 60).until(lambda d: "classes" in d.find_element(By.ID, "model").text)
+    assert "digits" in browser.find_element(By.ID, "model").text
+    for name in ("seven.png", "two.png"):  # two in a row: the page replaces its answer
+        label, bars, latency = upload_and_read(browser, str(EXAMPLES_DIR / name))
+        assert label == name.removesuffix(".png")
+        assert len(bars) == 3 and bars[0][0] == label  # --top-k 3: three bars, the first is the label
+        probs = [float(p) for _, p in bars]
+        assert probs == sorted(probs, reverse=True) and 0 < probs[0] <= 1
+        assert "ms" in latency
