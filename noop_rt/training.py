@@ -100,7 +100,9 @@ def train_checkpoint(backbone: Backbone, split: FewShotSplit, template: str, con
         train={"config": config.to_dict(), "split": split.source, "shots_per_class": _shots(split),
                "train_images": len(split.train), "val_images": len(split.val),
                "val_accuracy": result.val_accuracy, "best_epoch": result.best_epoch,
-               "minutes": round(result.minutes, 2), "history": result.history, "drift": drift},
+               "minutes": round(result.minutes, 2), "history": result.history, "drift": drift,
+               "images": {"train": [str(Path(p).resolve()) for p, _ in split.train],
+                          "val": [str(Path(p).resolve()) for p, _ in split.val]}},
     )
     return ckpt, result
 

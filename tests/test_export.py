@@ -316,3 +316,30 @@ def test_verify_hashes_everything_and_names_a_bad_file(tiny_bundle, tmp_path) ->
     (b / "scorer.onnx").write_bytes(bytes(data))
     res = runner.invoke(app, ["verify", str(b)])
     assert res.exit_code == 1 and "scorer.onnx does not match the sha256" in res.stderr, res.output
+
+
+def test_int8_classifier_is_quantized_and_gated_on_agreement(tiny_ckpt, tmp_path) -> None:
+    """`--int8` quantizes the classifier graph (QDQ), calibrated on the checkpoint's recorded images; its top-1
+    agreement with fp32 torch, recomputed here, is what the manifest's gate saw; an unreachable gate exits 3."""
+    out = tmp_path / "q"
+    res = runner.invoke(app, ["export", "--ckpt", str(tiny_ckpt), "--int8", "--out", str(out), "--min-agreement",
+                              "0", "--json"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["precision"] == "int8" and "recorded fewshot+val images" in m["int8"]["calibration"]
+    ops = {n.op_type for n in onnx.load(str(out / "classifier.onnx"), load_external_data=False).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    ckpt = load_checkpoint(tiny_ckpt)
+    from noop_rt.data import load_image
+
+    val = np.stack([load_image(p, 32) for p in ckpt.train["images"]["val"]])
+    import noop_rt
+
+    q = noop_rt.load(out).predict(val, top_k=1)[0]
+    f = noop_rt.load(tiny_ckpt, backend="torch").predict(val, top_k=1)[0]
+    agree = np.mean([a.label == b.label for a, b in zip(q, f, strict=True)])
+    v = json.loads((out / "validation.json").read_text())
+    assert v["classifier"]["top1_agreement"] == pytest.approx(agree)
+    res = runner.invoke(app, ["export", "--ckpt", str(tiny_ckpt), "--int8", "--out", str(tmp_path / "no"),
+                              "--min-agreement", "1.01"])
+    assert res.exit_code == 3 and not (tmp_path / "no").exists(), res.output

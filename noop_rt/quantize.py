@@ -1,0 +1,76 @@
+"""`noop-rt export --int8`: post-training static INT8 quantization of the classifier graph with onnxruntime's
+quantizer (QDQ format, per-channel int8 weights, uint8 activations, MinMax calibration), calibrated on the
+checkpoint's own few-shot and validation images. Export then refuses the result (exit 3) unless its top-1 agrees
+with the fp32 classifier on the validation split (>= 99 %).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from noop_rt.checkpoint import NoopCheckpoint
+from noop_rt.data import load_image
+from noop_rt.errors import BadInputError
+
+CALIBRATION_BATCH = 4
+
+
+def checkpoint_images(ckpt: NoopCheckpoint, resolution: int, which: tuple[str, ...],
+                      given: list[Path] | None = None) -> tuple[np.ndarray, str]:
+    """The checkpoint's own training (`fewshot`) and/or validation (`val`) images: for the demo its split, else the
+    paths training recorded (`train.images`); `given` replaces them."""
+    if given:
+        return np.stack([load_image(p, resolution) for p in given]), f"{len(given)} given images"
+    if ckpt.backbone_source == "demo":
+        from noop_rt.demo.digits import split_tensors
+
+        parts = [split_tensors(name)[0].numpy() for name in which]
+        return np.concatenate(parts), f"{sum(map(len, parts))} demo {'+'.join(which)} digits"
+    recorded = ckpt.train.get("images") or {}
+    keys = {"fewshot": "train", "val": "val"}
+    paths = [p for name in which for p in recorded.get(keys[name], [])]
+    if not paths:
+        raise BadInputError("this checkpoint does not record its training images (trained by an older noop-rt): pass "
+                            "--calibrate-data DIR with its few-shot and validation images")
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise BadInputError(f"{len(missing)} of the checkpoint's recorded images are gone (first: {missing[0]}): pass "
+                            "--calibrate-data DIR")
+    return np.stack([load_image(p, resolution) for p in paths]), f"{len(paths)} recorded {'+'.join(which)} images"
+
+
+def quantize_classifier(model: Any, images: np.ndarray, class_embeddings: np.ndarray, work: Path) -> Any:
+    """An INT8 (QDQ) copy of the classifier graph `model` (a ModelProto whose `class_embeddings` is still a plain
+    input), calibrated by running `images` through it."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    large = model.ByteSize() > 1_800_000_000
+    src, pre, out = work / "classifier_fp32.onnx", work / "classifier_pre.onnx", work / "classifier_int8.onnx"
+    onnx.save_model(model, str(src), save_as_external_data=large, all_tensors_to_one_file=True,
+                    location="classifier_fp32.data")
+    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, save_as_external_data=large)
+
+    class Batches(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"image": images[i:i + CALIBRATION_BATCH], "class_embeddings": class_embeddings}
+                                 for i in range(0, len(images), CALIBRATION_BATCH)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    quantize_static(str(pre), str(out), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax, use_external_data_format=large,
+                    nodes_to_exclude=[], extra_options={"ActivationSymmetric": False})
+    return onnx.load(str(out), load_external_data=True)
