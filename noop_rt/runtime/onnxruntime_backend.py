@@ -74,8 +74,9 @@ class OnnxRuntimeRunner:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
-        if threads:
+        if threads:  # a share of the cores (batch workers, server replicas): do not spin on the others' cores
             opts.intra_op_num_threads = threads
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.options = opts
         self.sessions: dict[str, Any] = {}
         self.device = f"cuda:{cuda_index(device)}" if self.want_cuda else "CPUExecutionProvider"
