@@ -60,8 +60,7 @@ def main() -> None:
         for c in args.counts:
             classes = [f"class {i}" for i in range(c)]
             clf = noop_rt.load(source, backend=backend, device="cpu", classes=classes, method="noop",
-                               max_batch=max(256, c))
-            clf.model.info.max_batch = max(clf.model.info.max_batch, c)  # one UNet call per image
+                               max_batch=max(256, c))  # one UNet call per image
             times, evals = time_single(clf, images, args.runs, WARMUP, "noop")
             rows.append({"backend": backend, "classes": c, "p50_ms": 1e3 * _percentile(times, 0.5),
                          "p95_ms": 1e3 * _percentile(times, 0.95), "unet_evals_per_image": evals})

@@ -22,7 +22,7 @@ __all__ = ["ClassScore", "Classifier", "LoadOptions", "Result", "Timings", "load
 
 def load(source: str | Path | None = None, *, classes: list[str] | str | None = None, template: str | None = None,
          prompts: dict[str, str] | str | Path | None = None, backend: str = "auto", device: str = "auto",
-         method: str | None = None, fp16: bool = False, max_batch: int = 256, threads: int | None = None,
+         method: str | None = None, fp16: bool = False, max_batch: int | None = None, threads: int | None = None,
          engines: str | Path | None = None, kind: str | None = None, **strategy: Any) -> Classifier:
     """Open a classifier.
 

@@ -114,7 +114,9 @@ SeedOpt = Annotated[int, typer.Option("--seed", metavar="N", help="Noise seed of
 TopKOpt = Annotated[int, typer.Option("--top-k", min=1, metavar="K", help="How many classes to report per image.")]
 DeviceOpt = Annotated[str, typer.Option("--device", metavar="DEV", help="auto | cpu | cuda[:N].")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
-MaxBatchOpt = Annotated[int, typer.Option("--max-batch", min=1, metavar="N", help="Largest UNet batch (B*C) per call.")]
+MaxBatchOpt = Annotated[int | None, typer.Option("--max-batch", min=1, metavar="N", help="Largest UNet batch (B*C) "
+                                                 "per call (default: the bundle's own, sized at export; 256 on "
+                                                 "torch).")]
 RobustOpt = Annotated[bool, typer.Option("--robust", help="RDC likelihood maximisation first (torch backend).")]
 Fp16Opt = Annotated[bool, typer.Option("--fp16", help="torch backend in half precision.")]
 
@@ -160,7 +162,7 @@ def _strategy(noises: int | None, stages: str | None, loss: str | None, seed: in
 
 
 def _load(source: tuple[Any, str | None], *, backend: str, device: str, method: str | None, classes: str | None,
-          prompts: Path | None, template: str | None, strategy: dict[str, Any], max_batch: int = 256,
+          prompts: Path | None, template: str | None, strategy: dict[str, Any], max_batch: int | None = None,
           fp16: bool = False, engines: Path | None = None, classes_from: str | None = None,
           class_list: list[str] | None = None) -> Any:
     from noop_rt.data import parse_class_list, read_prompts_file
@@ -187,8 +189,8 @@ def _load(source: tuple[Any, str | None], *, backend: str, device: str, method: 
 
 
 def _load_kwargs(bundle: Path | None, ckpt: Path | None, model: str | None, backend: str, device: str,
-                 method: str | None, classes: str | None, prompts: Path | None, template: str | None, max_batch: int,
-                 engines: Path | None, strategy: dict[str, Any]) -> dict[str, Any]:
+                 method: str | None, classes: str | None, prompts: Path | None, template: str | None,
+                 max_batch: int | None, engines: Path | None, strategy: dict[str, Any]) -> dict[str, Any]:
     """Keyword arguments of `noop_rt.load` for jobs that open the classifier themselves (batch workers, replicas)."""
     from noop_rt.data import parse_class_list, read_prompts_file
 
@@ -261,7 +263,7 @@ def classify(
                                               help="Take the class names from an image-folder tree.")] = None,
     template: TemplateOpt = None, backend: BackendOpt = "auto", method: MethodOpt = None, noises: NoisesOpt = None,
     stages: StagesOpt = None, loss: LossOpt = None, seed: SeedOpt = 0, top_k: TopKOpt = 5, device: DeviceOpt = "auto",
-    fp16: Fp16Opt = False, max_batch: MaxBatchOpt = 256, robust: RobustOpt = False, engines: EnginesOpt = None,
+    fp16: Fp16Opt = False, max_batch: MaxBatchOpt = None, robust: RobustOpt = False, engines: EnginesOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Classify images. No --bundle/--ckpt/--model: the built-in demo (handwritten digits)."""
@@ -289,7 +291,7 @@ def eval_command(
     bundle: BundleOpt = None, ckpt: CkptOpt = None, model: ModelOpt = None, prompts: PromptsOpt = None,
     template: TemplateOpt = None, backend: BackendOpt = "auto", method: MethodOpt = None, noises: NoisesOpt = None,
     stages: StagesOpt = None, loss: LossOpt = None, seed: SeedOpt = 0, device: DeviceOpt = "auto",
-    fp16: Fp16Opt = False, max_batch: MaxBatchOpt = 256, robust: RobustOpt = False, engines: EnginesOpt = None,
+    fp16: Fp16Opt = False, max_batch: MaxBatchOpt = None, robust: RobustOpt = False, engines: EnginesOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Accuracy, per-class accuracy and confusion matrix on a labelled image folder; --json records the protocol."""
@@ -510,7 +512,7 @@ def batch(
     workers: Annotated[int, typer.Option("--workers", min=1, help="Ray actors (one model copy each).")] = 1,
     gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", min=0.0, help="GPUs per Ray actor.")] = 0.0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per classification call.")] = 16,
-    device: DeviceOpt = "auto", max_batch: MaxBatchOpt = 256, engines: EnginesOpt = None, as_json: JsonOpt = False,
+    device: DeviceOpt = "auto", max_batch: MaxBatchOpt = None, engines: EnginesOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Classify many images into a parquet/jsonl file, in process or on a Ray cluster; resumable."""
     def go() -> None:
@@ -607,7 +609,7 @@ def serve(
                                                  "limit).")] = 10.0,
     ray_address: Annotated[str | None, typer.Option("--ray", metavar="ADDRESS", help="An existing Ray cluster "
                                                     "(default: RAY_ADDRESS, else a local one).")] = None,
-    device: DeviceOpt = "auto", max_batch: MaxBatchOpt = 256, engines: EnginesOpt = None,
+    device: DeviceOpt = "auto", max_batch: MaxBatchOpt = None, engines: EnginesOpt = None,
 ) -> None:
     """Serve the classifier over HTTP on Ray Serve: /v1/classify, the KServe v2 protocol, a web page at /."""
     def go() -> None:

@@ -21,6 +21,7 @@ from noop_rt.runtime.classifier import Classifier, ClassSet
 from noop_rt.runtime.model import GraphModel, ModelInfo
 from noop_rt.runtime.suggest import close_match, suggest
 
+TORCH_MAX_BATCH = 256
 TRAIN_HINT = "pip install 'noop-rt[train]'"
 SOURCE_KINDS = "a bundle folder (manifest.json), a checkpoint NAME.pt, a diffusers Stable Diffusion folder " \
                "(model_index.json), or 'demo'"
@@ -36,7 +37,8 @@ class LoadOptions:
     backend: str = "auto"
     device: str = "auto"  # auto | cpu | cuda[:N]
     fp16: bool = False  # torch backend: the backbone in half precision
-    max_batch: int = 256  # largest UNet batch per call (capped by a bundle's own)
+    max_batch: int | None = None  # largest UNet batch per call; None: a bundle's own (sized at export to fit memory
+    # and the TensorRT profile), 256 on torch
     threads: int | None = None  # CPU engine threads (None: the engine's default)
     engines: Path | None = None  # TensorRT engine folder (default engines/<bundle name>)
     classes: list[str] | None = None
@@ -108,7 +110,8 @@ def _open_bundle(path: Path, options: LoadOptions, notes: list[str]) -> tuple[Gr
     bundle = Bundle.open(path)
     runner = _bundle_runner(bundle, options, notes)
     info = ModelInfo.from_manifest(bundle.manifest, str(path))
-    info.max_batch = min(info.max_batch, options.max_batch)
+    if options.max_batch is not None:  # TensorRT plans cannot run past their profile; the others may
+        info.max_batch = min(info.max_batch, options.max_batch) if runner.name == "tensorrt" else options.max_batch
 
     def tokenize(prompts: list[str]) -> np.ndarray:
         from noop_rt.runtime.tokenizer import PromptTokenizer
@@ -197,9 +200,11 @@ def _open_torch(kind: str, path: Path | None, options: LoadOptions) -> tuple[Gra
     torch_backend.set_threads(options.threads)
 
     if kind == "checkpoint":
-        runner, info, emb = torch_backend.open_checkpoint(path, None, options.device, options.fp16, options.max_batch)
+        runner, info, emb = torch_backend.open_checkpoint(path, None, options.device, options.fp16,
+                                                          options.max_batch or TORCH_MAX_BATCH)
         return GraphModel(runner, info, torch_backend.tokenizer_of(runner.backbone)), emb
-    runner, info = torch_backend.open_diffusers(str(path), options.device, options.fp16, options.max_batch)
+    runner, info = torch_backend.open_diffusers(str(path), options.device, options.fp16,
+                                                options.max_batch or TORCH_MAX_BATCH)
     return GraphModel(runner, info, torch_backend.tokenizer_of(runner.backbone)), None
 
 
