@@ -177,3 +177,29 @@ def test_usage_errors_from_the_console_script_are_one_line() -> None:
         assert res.returncode == 2, res.stderr
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], res.stderr
+
+
+def test_a_raw_pickle_checkpoint_is_one_line_without_torch_warnings(tmp_path) -> None:
+    import pickle
+    import subprocess
+    import sys
+
+    bad = tmp_path / "raw.pt"
+    bad.write_bytes(pickle.dumps({"weights": [1, 2, 3]}, protocol=4))
+    res = subprocess.run([sys.executable, "-m", "noop_rt", "classify", "noop_rt/demo/examples/seven.png", "--ckpt",
+                          str(bad)], capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 1 and len(lines) == 1, res.stderr
+    assert lines[0].startswith("error: ") and "not a readable noop-rt checkpoint" in lines[0]
+
+
+def test_long_classify_runs_show_a_progress_bar(tmp_path) -> None:
+    from noop_rt.demo import EXAMPLES_DIR
+
+    images = sorted(EXAMPLES_DIR.glob("*.png")) * 4  # 40 images
+    res = invoke("classify", *images, "--json")
+    assert res.exit_code == 0, res.output
+    assert len(json.loads(res.stdout)) == 40
+    assert "classify" in res.stderr and "40/40" in res.stderr  # tqdm's bar on stderr, never on stdout
+    short = invoke("classify", images[0])
+    assert "it/s" not in short.stderr and "img/s" not in short.stderr
