@@ -1,12 +1,23 @@
-"""Load a diffusion backbone: a local diffusers Stable Diffusion 1.x/2.x folder, or the built-in pixel demo.
+"""Load a diffusion backbone: a local diffusers Stable Diffusion 1.x/2.x folder, or the built-in pixel demo, with
+an optional LoRA fused into it.
 
 `Backbone` holds the frozen networks: `encode` (image -> z0), `embed` (prompts -> text embeddings), and
 `class_errors` (the scoring module of `scorer.py` over its UNet). Images are RGB in [-1, 1] at `resolution`.
+
+LoRA (`load_backbone(..., lora=FILE)`): a LoRA `.safetensors` for Stable Diffusion (diffusers format, `unet.*` /
+`text_encoder.*` keys, or kohya/A1111 `lora_unet_*` / `lora_te_*` keys with their alphas) is read with diffusers'
+own loader (`StableDiffusionLoraLoaderMixin.lora_state_dict`, `UNet2DConditionModel.load_lora_adapter`, via peft),
+MERGED into the weights (W += scale * alpha/r * B A) and the adapter layers removed: the UNet (and text encoder, if
+the file adapts it) are plain diffusers/transformers modules again, so training, the torch backend and `export`
+(which then bakes the merged weights into the graphs) all run the adapted model. `Backbone.lora` records the file,
+its sha256, the scale and the number of merged layers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +79,7 @@ class Backbone:
     max_tokens: int
     dtype: torch.dtype = torch.float32
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    lora: dict | None = None  # {"file", "sha256", "scale", "unet_layers", "text_encoder_layers"} when one is fused
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -144,8 +156,10 @@ def resolve_source(model: str | Path | None) -> Path:
 
 
 def load_backbone(model: str | Path | None = DEMO_SOURCE, dtype: torch.dtype = torch.float32,
-                  device: str | torch.device = "cpu") -> Backbone:
-    """Load a diffusers Stable Diffusion folder (or the demo) for scoring; raises BackboneError naming what is wrong."""
+                  device: str | torch.device = "cpu", lora: str | Path | None = None, lora_scale: float = 1.0
+                  ) -> Backbone:
+    """Load a diffusers Stable Diffusion folder (or the demo) for scoring, with `lora` (a LoRA .safetensors) merged
+    into it at `lora_scale`; raises BackboneError naming what is wrong."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -175,6 +189,7 @@ def load_backbone(model: str | Path | None = DEMO_SOURCE, dtype: torch.dtype = t
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BackboneError(f"cannot load the model in {root}: {first}") from None
+    lora_record = None if lora is None else fuse_lora(unet, text_encoder, Path(lora).expanduser(), lora_scale)
     if pixel:
         encoder: nn.Module = PixelEncoder(int(unet.config.in_channels))
         resolution = int(unet.config.sample_size)
@@ -191,6 +206,104 @@ def load_backbone(model: str | Path | None = DEMO_SOURCE, dtype: torch.dtype = t
         unet=unet.to(device).eval(), text_encoder=text_encoder.to(device).eval(), tokenizer=tokenizer,
         encoder=encoder.to(device).eval(), alphas_cumprod=scheduler.alphas_cumprod.float().clone(),
         prediction_type=prediction_type, resolution=resolution, source=source, kind="pixel" if pixel else "latent",
-        max_tokens=max_tokens, dtype=dtype, device=device,
+        max_tokens=max_tokens, dtype=dtype, device=device, lora=lora_record,
     )
     return backbone.requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------- LoRA
+_LORA_DOWN = re.compile(r"(lora_A|lora\.down|lora_down|_lora\.down|lora_linear_layer\.down)\.weight$")
+_ADAPTER = "noop_rt_lora"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict | None, dict | None]:
+    """(state dict with diffusers `unet.` / `text_encoder.` keys, network alphas, diffusers' adapter metadata) of a
+    LoRA file, through diffusers' own reader (kohya/A1111 keys converted); BackboneError when it is not one."""
+    if not path.is_file():
+        raise BackboneError(f"LoRA file not found: {path}")
+    if path.suffix != ".safetensors":
+        raise BackboneError(f"{path}: --lora takes a LoRA .safetensors file (diffusers or kohya format)")
+    from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
+
+    try:
+        state, alphas, metadata = StableDiffusionLoraLoaderMixin.lora_state_dict(
+            str(path.parent), weight_name=path.name, use_safetensors=True, local_files_only=True,
+            return_lora_metadata=True)
+    except Exception as exc:  # safetensors and diffusers raise many types on a corrupt or foreign file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise BackboneError(f"{path} is not a readable LoRA safetensors file ({type(exc).__name__}"
+                            f"{': ' + first[:120] if first else ''})") from None
+    if not any("lora" in k for k in state):
+        raise BackboneError(f"{path} holds no LoRA weights (no lora_A/lora_B, lora.down/lora.up or lora_unet_* "
+                            "keys)")
+    if not any(k.startswith(("unet.", "text_encoder.")) for k in state):
+        state = {f"unet.{k}": v for k, v in state.items()}  # a bare UNet adapter (peft's get_peft_model_state_dict)
+        alphas = None if alphas is None else {f"unet.{k}": v for k, v in alphas.items()}
+    return state, alphas, metadata
+
+
+def _merge_and_unload(module: nn.Module, scale: float) -> int:
+    """Merge every peft LoRA layer of `module` into its base weights (scaled), then put the base layers back."""
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        if scale != 1.0:
+            layer.scale_layer(scale)
+        layer.merge()
+    recurse_remove_peft_layers(module)
+    if hasattr(module, "peft_config"):
+        del module.peft_config
+    if hasattr(module, "_hf_peft_config_loaded"):
+        module._hf_peft_config_loaded = None
+    return len(layers)
+
+
+def fuse_lora(unet: nn.Module, text_encoder: nn.Module, path: Path, scale: float = 1.0) -> dict:
+    """Merge the LoRA at `path` into `unet` (and `text_encoder` if the file adapts it), in place; the record
+    checkpoints and bundles keep. BackboneError if the file does not fit these networks."""
+    from noop_rt.runtime.backend import installed
+
+    if not installed("peft"):
+        from noop_rt.errors import MissingDependencyError
+
+        raise MissingDependencyError("--lora needs peft (diffusers loads LoRA through it): pip install peft")
+    state, alphas, metadata = read_lora(path)
+    counts = {}
+    for part, module in (("unet", unet), ("text_encoder", text_encoder)):
+        keys = [k for k in state if k.startswith(f"{part}.")]
+        expected = sum(1 for k in keys if _LORA_DOWN.search(k))
+        if not keys:
+            counts[part] = 0
+            continue
+        try:
+            if part == "unet":
+                module.load_lora_adapter(state, prefix="unet", network_alphas=None if metadata else alphas,
+                                         metadata=metadata, adapter_name=_ADAPTER)
+            else:
+                from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
+
+                StableDiffusionLoraLoaderMixin.load_lora_into_text_encoder(
+                    state, None if metadata else alphas, module, prefix="text_encoder", metadata=metadata,
+                    adapter_name=_ADAPTER)
+        except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BackboneError(f"{path} does not fit this model's {part}: {first[:200]}") from None
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        adapted = sum(1 for m in module.modules() if isinstance(m, BaseTunerLayer))
+        if adapted < max(expected, 1):
+            raise BackboneError(f"{path} does not fit this model's {part}: {adapted} of {expected} LoRA layers "
+                                "match its layer names (a LoRA for another architecture?)")
+        counts[part] = _merge_and_unload(module, scale)
+    return {"file": str(path.resolve()), "sha256": sha256_file(path), "scale": float(scale),
+            "unet_layers": counts["unet"], "text_encoder_layers": counts["text_encoder"]}
