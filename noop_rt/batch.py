@@ -241,6 +241,8 @@ def run_batch(inputs: list[str], out: Path, load: dict[str, Any], options: Batch
         raise BadInputError("no input images")
     classifier = open_model(**load)
     classifier.on_drift = lambda message: print(f"warning: {message}", file=log)
+    for note in classifier.notes:
+        print(f"note: {note}", file=log)
     ident = model_id(classifier)
     backend, resolution = classifier.backend, classifier.resolution
     existing = read_rows(out)

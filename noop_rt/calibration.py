@@ -31,8 +31,3 @@ def fit_temperature(errors: torch.Tensor, labels: torch.Tensor, init: float | No
 
     optimizer.step(closure)
     return float(log_tau.detach().exp())
-
-
-def uncalibrated_tau(errors: torch.Tensor) -> torch.Tensor:
-    """Per-image fallback when no fitted tau is known: 1 / std of the errors across classes. (B, 1)"""
-    return 1.0 / errors.std(dim=1, keepdim=True).clamp(min=1e-12)

@@ -180,11 +180,6 @@ def _load(source: tuple[Any, str | None], *, backend: str, device: str, method: 
     classifier.on_drift = lambda message: print(f"warning: {message}", file=sys.stderr)
     for note in classifier.notes:
         print(f"note: {note}", file=sys.stderr)
-    if classifier.model.info.tau is not None and (not classifier.class_set.trained
-                                                  or strategy.get("loss", classifier.model.info.loss)
-                                                  != classifier.model.info.loss):
-        print("note: probabilities are uncalibrated (a per-image 1/std scale): tau was fitted for the trained "
-              f"classes and the {classifier.model.info.loss} loss", file=sys.stderr)
     return classifier
 
 
@@ -408,8 +403,8 @@ def export(
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset (>= 17).")] = 17,
     fp16: Annotated[bool, typer.Option("--fp16/--fp32", help="Half-precision graphs (GPU/TensorRT).")] = False,
     int8: Annotated[bool, typer.Option("--int8", help="Quantize the classifier graph to INT8 (CPU engines), "
-                                       "calibrated on the checkpoint's few-shot and validation images; refused "
-                                       "(exit 3) below 99 % top-1 agreement with fp32 on the validation split.")]
+                                       "calibrated on the checkpoint's few-shot images; refused (exit 3) below 99 "
+                                       "% top-1 agreement with fp32 on the validation split.")]
         = False,
     calibrate_data: Annotated[Path | None, typer.Option("--calibrate-data", metavar="DIR", help="--int8: "
                                                         "calibration images (default: the checkpoint's own).")]

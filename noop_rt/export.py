@@ -33,11 +33,13 @@ from noop_rt import __version__
 from noop_rt.backbone import load_backbone
 from noop_rt.checkpoint import NoopCheckpoint, load_checkpoint, same_backbone
 from noop_rt.data import IMAGE_SUFFIXES, load_image
+from noop_rt.demo import model_name
 from noop_rt.errors import BadInputError, CheckpointError, ValidationFailedError
 from noop_rt.graphs import TRACE_DIMS, backbone_specs, graph_modules, sample_inputs
 from noop_rt.runtime.bundle import FORMAT, MANIFEST, VERSION, Bundle, sha256_file, write_json_atomic
 from noop_rt.runtime.graphs import CLASSIFIER, ENCODER, GRAPH_NAMES, NOISE, SCORER, TEXT_ENCODER, GraphSpec
 from noop_rt.runtime.model import default_preprocessing
+from noop_rt.runtime.torch_backend import TorchRunner
 from noop_rt.scoring import LOSSES
 from noop_rt.shared_weights import share_weights
 
@@ -177,7 +179,7 @@ def _rel_error(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     return {"max_abs": float(diff.max()), "max_rel": float(diff.max() / scale), "ref_max_abs": scale}
 
 
-def validate_bundle(bundle_dir: Path, reference: dict[str, nn.Module], images: np.ndarray, what: str,
+def validate_bundle(bundle_dir: Path, reference: TorchRunner, images: np.ndarray, what: str,
                     precision: str, tolerance: float, min_agreement: float) -> dict[str, Any]:
     """Every graph on onnxruntime (CPU) vs the fp32 torch modules it was exported from, on real inputs, at the
     bundle's batch sizes; top-1 agreement of the classifier graph with the torch classifier on `images`; and the
@@ -188,7 +190,7 @@ def validate_bundle(bundle_dir: Path, reference: dict[str, nn.Module], images: n
     m = bundle.manifest
     ort = OnnxRuntimeRunner(bundle, "cpu")
     emb = bundle.class_embeddings()
-    ref = _ModuleRunner(reference, emb)
+    ref = reference  # the torch backend over the fp32 modules the graphs were exported from
     c = emb.shape[0]
     step = max(1, int(m["max_batch"]) // c)
     first = images[:step]
@@ -203,7 +205,7 @@ def validate_bundle(bundle_dir: Path, reference: dict[str, nn.Module], images: n
     outs = [f"errors_{x}" for x in m["scorer_losses"]]
     for name, got, want in zip(outs, ort.run(SCORER, feeds, outs), ref.run(SCORER, feeds, outs), strict=True):
         graphs[f"{SCORER}:{name}"] = _rel_error(got, want)
-    ids = _token_ids(bundle)
+    ids = bundle.tokenize(list(m["prompts"]))
     graphs[TEXT_ENCODER] = _rel_error(ort.run(TEXT_ENCODER, {"input_ids": ids}, ["last_hidden_state"])[0],
                                       ref.run(TEXT_ENCODER, {"input_ids": ids}, ["last_hidden_state"])[0])
     same, gaps, path_gaps = [], [], []
@@ -233,39 +235,6 @@ def validate_bundle(bundle_dir: Path, reference: dict[str, nn.Module], images: n
     }
     report["passed"] = all(g["passed"] for g in graphs.values()) and report["classifier"]["passed"]
     return report
-
-
-class _ModuleRunner:
-    """The reference: the torch modules themselves, fed numpy."""
-
-    def __init__(self, modules: dict[str, nn.Module], class_embeddings: np.ndarray) -> None:
-        self.modules = modules
-        self.default_emb = torch.from_numpy(class_embeddings).to(_device_of(modules[SCORER]))
-
-    @torch.no_grad()
-    def run(self, graph: str, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
-        module = self.modules[graph]
-        device = _device_of(module)
-        args = [torch.from_numpy(np.ascontiguousarray(v)).to(device) for v in feeds.values()]
-        if graph == CLASSIFIER and len(args) == 1:
-            args.append(self.default_emb)
-        result = module(*args)
-        result = result if isinstance(result, tuple) else (result,)
-        if graph == SCORER:
-            names = [f"errors_{x}" for x in module.losses]
-        elif graph == CLASSIFIER:
-            names = ["errors", "probs"]
-        else:
-            names = outputs
-        by_name = dict(zip(names, result, strict=True))
-        return [by_name[o].float().cpu().numpy() for o in outputs]
-
-
-def _token_ids(bundle: Bundle) -> np.ndarray:
-    from noop_rt.runtime.tokenizer import PromptTokenizer
-
-    tokenize = PromptTokenizer(bundle.root / "tokenizer", int(bundle.manifest["max_tokens"]))
-    return tokenize(list(bundle.manifest["prompts"]))
 
 
 def _ort_version() -> str:
@@ -320,11 +289,11 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, options: ExportOptions
     specs = backbone_specs(backbone)
     half = options.precision == "fp16"
     modules = graph_modules(backbone, ckpt, half=half)
-    reference = graph_modules(backbone, ckpt, half=False) if half else modules
+    reference = TorchRunner(backbone, ckpt)  # fp32 modules over the same networks
     images, what = _validation_images(options, ckpt, backbone.resolution)
     tolerance = options.tolerance if options.tolerance is not None else TOLERANCE[options.precision]
     min_agreement = options.min_agreement if options.min_agreement is not None else AGREEMENT[options.precision]
-    name = "digits" if _is_demo(ckpt_path) else ckpt_path.stem
+    name = model_name(ckpt_path)
     command = f"noop-rt export --ckpt {ckpt_path} --out {out} --opset {options.opset} --{options.precision}"
     print(f"exporting {ckpt_path} -> {out} ({options.precision}, opset {options.opset}); equivalent: {command}",
           file=log)
@@ -341,7 +310,7 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, options: ExportOptions
             from noop_rt.quantize import checkpoint_images, quantize_classifier
 
             t0 = time.perf_counter()
-            calibration, int8 = checkpoint_images(ckpt, backbone.resolution, ("fewshot", "val"),
+            calibration, int8 = checkpoint_images(ckpt, backbone.resolution, ("fewshot",),
                                                   list(options.calibrate_images))
             models[specs[CLASSIFIER].file] = quantize_classifier(models[specs[CLASSIFIER].file], calibration,
                                                                  emb.numpy(), work)
@@ -401,15 +370,6 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, options: ExportOptions
                 "--tolerance/--min-agreement if the gap is expected")
         _publish(tmp, out)
     return ExportReport(out, False, validation, time.perf_counter() - start)
-
-
-def _is_demo(path: Path) -> bool:
-    from noop_rt.demo import CKPT_PATH
-
-    try:
-        return path.resolve() == CKPT_PATH.resolve()
-    except OSError:
-        return False
 
 
 def collect_images(folder: Path) -> list[Path]:

@@ -4,7 +4,7 @@ and, for the NoOp graphs, a checkpoint. The torch backend runs exactly these mod
 
 from __future__ import annotations
 
-import copy
+from copy import deepcopy
 
 import torch
 from torch import nn
@@ -31,16 +31,18 @@ def backbone_specs(backbone: Backbone) -> dict[str, GraphSpec]:
     return graph_specs(backbone.latent_shape, backbone.resolution, backbone.max_tokens, backbone.text_dim, LOSSES)
 
 
-def graph_modules(backbone: Backbone, ckpt: NoopCheckpoint | None, half: bool = False) -> dict[str, nn.Module]:
+def graph_modules(backbone: Backbone, ckpt: NoopCheckpoint | None, half: bool = False,
+                  copy: bool = True) -> dict[str, nn.Module]:
     """{graph name: module} for a backbone (zero-shot graphs) plus, with a checkpoint, the NoOp graphs.
     `half`: fp16 copies of the UNet and the noise model (the graphs still take and return float32). The VAE encoder
     and the text encoder stay fp32: fp16 Stable Diffusion VAEs are known to overflow (NaN or black outputs), and both
-    run once per image or prompt, not once per class."""
+    run once per image or prompt, not once per class. `copy=False` halves the backbone's own UNet in place (the torch
+    backend: one UNet in memory), else export gets fp16 copies and keeps the fp32 reference."""
     unet, text, encoder = backbone.unet, backbone.text_encoder, backbone.encoder
     noise = ckpt.noise_model().to(backbone.device) if ckpt is not None else None
     if half:
-        unet = copy.deepcopy(unet).half()
-        noise = None if noise is None else copy.deepcopy(noise).half()
+        unet = (deepcopy(unet) if copy else unet).half()
+        noise = None if noise is None else deepcopy(noise).half()
     errors = ClassErrors(unet, backbone.alphas_cumprod, backbone.prediction_type, LOSSES).to(backbone.device)
     modules: dict[str, nn.Module] = {SCORER: errors, ENCODER: Float32Graph(encoder),
                                      TEXT_ENCODER: TextEncoderGraph(text)}

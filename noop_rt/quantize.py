@@ -1,7 +1,8 @@
 """`noop-rt export --int8`: post-training static INT8 quantization of the classifier graph with onnxruntime's
 quantizer (QDQ format, per-channel int8 weights, uint8 activations, MinMax calibration), calibrated on the
-checkpoint's own few-shot and validation images. Export then refuses the result (exit 3) unless its top-1 agrees
-with the fp32 classifier on the validation split (>= 99 %).
+checkpoint's own few-shot (training) images. Export then refuses the result (exit 3) unless its top-1 agrees with
+the fp32 classifier on the validation split, which calibration did not see (>= 99 %). The quantized graph is
+calibrated for the trained class embeddings: other class sets run through the fp32 encoder, noise and scorer graphs.
 """
 
 from __future__ import annotations

@@ -171,6 +171,10 @@ class BaselineConfig:
     loss: str | None = None
     noises: np.ndarray | None = field(default=None, compare=False)  # (pairs, c, h, w) instead of seeded draws
 
+    def __post_init__(self) -> None:
+        if self.pairs < 1:
+            raise ValueError(f"baseline needs at least one (t, eps) pair, got {self.pairs}")
+
 
 @dataclass(frozen=True, kw_only=True)
 class AdaptiveConfig:
@@ -182,6 +186,9 @@ class AdaptiveConfig:
     seed: int = 0
     loss: str | None = None
     noises: np.ndarray | None = field(default=None, compare=False)  # (max pairs, c, h, w)
+
+    def __post_init__(self) -> None:
+        check_stages(tuple(self.stages))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -195,6 +202,11 @@ class PrunedConfig:
     seed: int = 0
     loss: str | None = None
     noises: np.ndarray | None = field(default=None, compare=False)  # (max_pairs, c, h, w)
+
+    def __post_init__(self) -> None:
+        if self.max_pairs < 2 or self.round_size < 1 or not 0 < self.alpha < 1:
+            raise ValueError(f"pruned needs max_pairs >= 2, round_size >= 1 and 0 < alpha < 1; got max_pairs "
+                             f"{self.max_pairs}, round_size {self.round_size}, alpha {self.alpha}")
 
 
 StrategyConfig = NoopConfig | BaselineConfig | AdaptiveConfig | PrunedConfig

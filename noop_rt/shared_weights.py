@@ -9,7 +9,10 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-ALIGN = 64  # offsets aligned for SIMD loads (as safetensors aligns); runtimes map unaligned offsets themselves
+ALIGN = 64  # small tensors: offsets aligned for SIMD loads, as safetensors aligns
+PAGE_ALIGN = 65536  # tensors of 1 MB and more: the allocation granularity (64 KiB on Windows, a multiple of Linux's
+# 4 KiB), so onnxruntime can memory-map them instead of copying them to the heap
+PAGE_ALIGN_FROM = 1 << 20
 MIN_BYTES = 1024  # smaller tensors stay inside their graph
 
 
@@ -40,7 +43,7 @@ def share_weights(models: dict[str, Any], folder: Path, weights_file: str = "wei
                     continue
                 key = hashlib.sha256(data).hexdigest()
                 if key not in offsets:
-                    pad = (-written) % ALIGN
+                    pad = (-written) % (PAGE_ALIGN if len(data) >= PAGE_ALIGN_FROM else ALIGN)
                     fh.write(b"\0" * pad)
                     written += pad
                     offsets[key] = (written, len(data))

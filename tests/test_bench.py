@@ -53,7 +53,8 @@ def test_demo_report_counts_unet_evals_from_the_class_count(demo_report) -> None
         for method in ("noop", "baseline"):
             s = b[method]
             assert 0 < s["p50_ms"] <= s["p95_ms"] and math.isfinite(s["images_per_s"])
-        assert b["noop"]["batched_images_per_s"] > 0 and b["speedup_vs_baseline"] > 0
+        # the speed-up is the ratio of the two p50s measured in this run (not a constant or an estimate)
+        assert b["speedup_vs_baseline"] == pytest.approx(b["baseline"]["p50_ms"] / b["noop"]["p50_ms"])
     assert report["backends"]["torch"]["device"] == "cpu"
 
 
@@ -64,7 +65,8 @@ def test_speedup_vs_torch_when_torch_is_benched(demo_report) -> None:
     nv = report["backends"]
     assert ratios["onnxruntime"] == nv["torch"]["noop"]["p50_ms"] / nv["onnxruntime"]["noop"]["p50_ms"]
     assert "onnxruntime vs torch eager" in table
-    assert report["unet_gflop_per_sample"] > 0  # torch is installed here: counted
+    # torch is installed here, so the demo UNet's forward is counted: 3.7 M parameters at 16x16 come to ~0.37 GFLOP
+    assert 0.2 < report["unet_gflop_per_sample"] < 0.6
 
 
 def test_unavailable_tensorrt_is_skipped_with_its_reason(demo_report) -> None:

@@ -317,14 +317,14 @@ def test_verify_hashes_everything_and_names_a_bad_file(tiny_bundle, tmp_path) ->
 
 
 def test_int8_classifier_is_quantized_and_gated_on_agreement(tiny_ckpt, tmp_path) -> None:
-    """`--int8` quantizes the classifier graph (QDQ), calibrated on the checkpoint's recorded images; its top-1
+    """`--int8` quantizes the classifier graph (QDQ), calibrated on the checkpoint's recorded few-shot images; its top-1
     agreement with fp32 torch, recomputed here, is what the manifest's gate saw; an unreachable gate exits 3."""
     out = tmp_path / "q"
     res = runner.invoke(app, ["export", "--ckpt", str(tiny_ckpt), "--int8", "--out", str(out), "--min-agreement",
                               "0", "--json"])
     assert res.exit_code == 0, res.output
     m = json.loads((out / "manifest.json").read_text())
-    assert m["precision"] == "int8" and "recorded fewshot+val images" in m["int8"]["calibration"]
+    assert m["precision"] == "int8" and "recorded fewshot images" in m["int8"]["calibration"]
     ops = {n.op_type for n in onnx.load(str(out / "classifier.onnx"), load_external_data=False).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     ckpt = load_checkpoint(tiny_ckpt)

@@ -45,8 +45,8 @@ def test_runtime_modules_never_import_the_torch_side() -> None:
     """The layering rule, statically: no runtime module (except the torch backend) imports a torch-side module,
     at module level or lazily; the torch backend reaches them only when it is chosen."""
     offenders = {}
-    for path in sorted(RUNTIME.glob("*.py")) + [RUNTIME.parent / f for f in ("api.py", "scoring.py", "data.py",
-                                                                                "evaluate.py", "batch.py")]:
+    for path in sorted(RUNTIME.glob("*.py")) + sorted(RUNTIME.parent.glob("serve/*.py")) + [
+            RUNTIME.parent / f for f in ("api.py", "scoring.py", "data.py", "evaluate.py", "batch.py")]:
         if path.name == "torch_backend.py":
             continue
         tree = ast.parse(path.read_text())
@@ -318,3 +318,28 @@ def test_an_overflowing_fp16_graph_is_refused_naming_it(tmp_path) -> None:
         model.noop_errors(image, "l2")
     small = np.full((2, 3, 4, 4), 1e-25, np.float32)  # stays finite: scored as usual
     assert np.isfinite(model.noop_errors(small, "l2")).all()
+
+
+def test_adaptive_and_pruned_give_the_same_errors_on_torch_and_onnxruntime() -> None:
+    """Many scorer calls with shrinking class subsets: each call must use its own classes' embeddings (a torch
+    backend that reused a stale upload would score the wrong classes)."""
+    torch_clf = noop_rt.load(CKPT_PATH, backend="torch")
+    ort_clf = noop_rt.load()
+    for method, options in (("adaptive", {"stages": ((2, 4), (6, 2), (12, 1))}), ("pruned", {"pairs": 20})):
+        a = torch_clf.classify(EXAMPLES, method=method, top_k=10, **options)
+        b = ort_clf.classify(EXAMPLES, method=method, top_k=10, **options)
+        for x, y in zip(a, b, strict=True):
+            assert x.unet_evals == y.unet_evals and x.label == y.label == Path(x.image).stem
+            ex, ey = {t.label: t.error for t in x.top}, {t.label: t.error for t in y.top}
+            assert max(abs(ex[k] - ey[k]) for k in ex) < 1e-5
+
+
+def test_devices_are_checked_and_the_gpu_index_is_honoured() -> None:
+    from noop_rt.runtime.onnxruntime_backend import providers
+
+    assert providers("cuda:3") == [("CUDAExecutionProvider", {"device_id": 3}), "CPUExecutionProvider"]
+    assert providers("cuda") == [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+    assert providers("cpu") == ["CPUExecutionProvider"]
+    for bad in ("gpu", "cuda1", "cuda:x", "mps"):
+        with pytest.raises(UsageError, match="unknown device"):
+            noop_rt.load(device=bad)

@@ -10,3 +10,11 @@ EXAMPLES_DIR = DEMO_DIR / "examples"  # one held-out image per class
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DEMO_TEMPLATE = "a handwritten digit {}"
+
+
+def model_name(checkpoint: Path) -> str:
+    """A model's name: the checkpoint's stem, and `digits` for the shipped demo checkpoint."""
+    try:
+        return "digits" if checkpoint.resolve() == CKPT_PATH.resolve() else checkpoint.stem
+    except OSError:
+        return checkpoint.stem

@@ -80,6 +80,14 @@ class Bundle:
     def classifier_path(self) -> Path:
         return self.root / self.manifest["classifier_graph"]["file"]
 
+    def tokenize(self, prompts: list[str]) -> np.ndarray:
+        """Token ids (N, L) of prompts with the bundle's tokenizer (read once)."""
+        if getattr(self, "_tokenizer", None) is None:
+            from noop_rt.runtime.tokenizer import PromptTokenizer
+
+            self._tokenizer = PromptTokenizer(self.root / "tokenizer", int(self.manifest["max_tokens"]))
+        return self._tokenizer(prompts)
+
     def class_embeddings(self) -> np.ndarray:
         """The cached class embeddings (C, L, D) float32, checked; a bad file is a BundleError naming it."""
         path = self.root / "class_embeddings.npy"
@@ -110,9 +118,12 @@ class Bundle:
     def check_files(self, verify: str = "changed") -> list[str]:
         """Presence, size and (per `verify`) sha256 of every file the manifest lists; returns the files hashed."""
         files: dict[str, Any] = self.manifest["files"]
-        for graph, spec in self.manifest["graphs"].items():
-            if spec.get("file") not in files:
-                raise BundleError(f"{self.root}/{MANIFEST} lists graph {graph!r} without a checked file")
+        needed = [spec.get("file") for spec in self.manifest["graphs"].values()]
+        needed += [(self.manifest.get("weights") or {}).get("file"), "class_embeddings.npy", "tokenizer/tokenizer.json"]
+        unchecked = [f for f in needed if f is not None and f not in files]
+        if unchecked:
+            raise BundleError(f"{self.root}/{MANIFEST} does not list {unchecked[0]} among its checked files "
+                              "(edited manifest?); re-export the bundle")
         cache = _VerifiedCache(self.root, self.manifest) if verify == "changed" else None
         hashed = []
         for name, record in files.items():
@@ -179,11 +190,17 @@ class _VerifiedCache:
         except (OSError, ValueError, AttributeError, TypeError):
             pass
 
+    @staticmethod
+    def _key(stat: os.stat_result) -> list[int]:
+        # size, modification and change times, inode: a file restored with its old mtime (cp -p, rsync -a, tar x)
+        # still gets a new ctime and usually a new inode, so it is hashed again
+        return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+
     def fresh(self, name: str, stat: os.stat_result) -> bool:
-        return self.entries.get(name) == [stat.st_size, stat.st_mtime_ns]
+        return self.entries.get(name) == self._key(stat)
 
     def record(self, name: str, stat: os.stat_result) -> None:
-        self.entries[name] = [stat.st_size, stat.st_mtime_ns]
+        self.entries[name] = self._key(stat)
         self.dirty = True
 
     def save(self) -> None:

@@ -80,14 +80,21 @@ class GraphModel:
         self.emb = class_embeddings  # (C, L, D) float32
         self.custom_classes = False  # the classifier graph gets `emb` fed instead of its built-in default
 
+    def classifier_fits_classes(self) -> bool:
+        """Whether the classifier graph can score the current class set: its built-in (trained) classes always;
+        others only where the engine lets its `class_embeddings` input be overridden and the graph is not INT8
+        (quantized for the trained embeddings' range). Otherwise NoOp runs through encoder, noise and scorer."""
+        if not self.custom_classes:
+            return True
+        return getattr(self.runner, "classifier_takes_embeddings", True) and self.info.precision != "int8"
+
     def prepare(self, method: str) -> None:
         """Load the graphs `method` runs now (sessions are otherwise created on first use), so the first image's
         time is inference, not engine start-up."""
         load = getattr(self.runner, "load", None)
         if load is None:
             return
-        noop_direct = method == "noop" and self.runner.has(CLASSIFIER) and (
-            getattr(self.runner, "classifier_takes_embeddings", True) or not self.custom_classes)
+        noop_direct = method == "noop" and self.runner.has(CLASSIFIER) and self.classifier_fits_classes()
         for graph in ((CLASSIFIER,) if noop_direct else (ENCODER, NOISE, SCORER) if method == "noop"
                       else (ENCODER, SCORER)):
             load(graph)
@@ -111,8 +118,7 @@ class GraphModel:
     def noop_errors(self, images: np.ndarray, loss: str) -> np.ndarray:
         if not self.info.has_noise:
             raise BadInputError("method 'noop' needs a learned noise: load a NoOp checkpoint or bundle")
-        takes_emb = getattr(self.runner, "classifier_takes_embeddings", True)
-        if loss == self.info.loss and self.runner.has(CLASSIFIER) and (takes_emb or not self.custom_classes):
+        if loss == self.info.loss and self.runner.has(CLASSIFIER) and self.classifier_fits_classes():
             feeds_emb = {"class_embeddings": self.emb} if self.custom_classes else {}
             return np.concatenate([self._finite(CLASSIFIER, self.runner.run(CLASSIFIER, {"image": chunk, **feeds_emb},
                                                                             ["errors"])[0])
@@ -127,7 +133,7 @@ class GraphModel:
                                for chunk in self._chunks(images, self.images_per_call())])
 
     def noise(self, z0: np.ndarray) -> np.ndarray:
-        return np.concatenate([self.runner.run(NOISE, {"z0": chunk}, ["eps"])[0]
+        return np.concatenate([self._finite(NOISE, self.runner.run(NOISE, {"z0": chunk}, ["eps"])[0])
                                for chunk in self._chunks(z0, self.images_per_call())])
 
     def class_errors(self, z0: np.ndarray, eps: np.ndarray, t: np.ndarray, classes: np.ndarray | None, loss: str,
@@ -159,7 +165,8 @@ class GraphModel:
         if self.tokenize is None or not self.runner.has(TEXT_ENCODER):
             raise BadInputError("this model cannot embed new prompts (no text encoder)")
         ids = self.tokenize(prompts)
-        return np.concatenate([self.runner.run(TEXT_ENCODER, {"input_ids": ids[i:i + 64]}, ["last_hidden_state"])[0]
+        return np.concatenate([self._finite(TEXT_ENCODER, self.runner.run(TEXT_ENCODER, {"input_ids": ids[i:i + 64]},
+                                                                          ["last_hidden_state"])[0])
                                for i in range(0, len(ids), 64)])
 
     def _finite(self, graph: str, values: np.ndarray) -> np.ndarray:

@@ -58,6 +58,13 @@ def cuda_unavailable() -> str | None:
     return None
 
 
+def providers(device: str) -> list[Any]:
+    """onnxruntime's execution providers for `cpu` or `cuda[:N]` (the GPU index honoured, never hard-coded 0)."""
+    if device.startswith("cuda"):
+        return [("CUDAExecutionProvider", {"device_id": cuda_index(device)}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
 class OnnxRuntimeRunner:
     name = "onnxruntime"
 
@@ -68,9 +75,7 @@ class OnnxRuntimeRunner:
         self.want_cuda = device.startswith("cuda")
         if self.want_cuda and cuda_unavailable():
             raise MissingDependencyError(f"--device {device}: {cuda_unavailable()}")
-        self.providers: list[Any] = ["CPUExecutionProvider"]
-        if self.want_cuda:
-            self.providers = [("CUDAExecutionProvider", {"device_id": cuda_index(device)}), "CPUExecutionProvider"]
+        self.providers = providers(device)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3

@@ -8,6 +8,7 @@ never imports torch.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,7 @@ def open_classifier(source: str | Path | None = None, options: LoadOptions | Non
     options = options or LoadOptions()
     if options.backend not in BACKENDS:
         raise suggest(options.backend, BACKENDS, "backend")
+    check_device(options.device)
     if options.kind is not None and source is not None and str(source) != "demo":
         kind, path = options.kind, Path(source).expanduser()
     elif options.kind == "diffusers" and str(source) == "demo":
@@ -94,7 +96,20 @@ def open_classifier(source: str | Path | None = None, options: LoadOptions | Non
     else:
         model, trained_emb = _open_torch(kind, path, options)
     class_set = resolve_classes(model, trained_emb, options, notes)
-    return Classifier(model, class_set, method=options.method, options=options.strategy, notes=notes)
+    classifier = Classifier(model, class_set, method=options.method, options=options.strategy, notes=notes)
+    info = model.info
+    if info.tau is not None and classifier.method == "noop" and not classifier.calibrated("noop", classifier.config()):
+        notes.append(f"probabilities are uncalibrated (a per-image 1/std scale): tau was fitted for the trained "
+                     f"classes and the {info.loss} loss")
+    return classifier
+
+
+DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def check_device(device: str) -> None:
+    if not DEVICE.match(device):
+        raise UsageError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
 
 
 # ---------------------------------------------------------------------------------------------- bundles
@@ -113,12 +128,7 @@ def _open_bundle(path: Path, options: LoadOptions, notes: list[str]) -> tuple[Gr
     if options.max_batch is not None:  # TensorRT plans cannot run past their profile; the others may
         info.max_batch = min(info.max_batch, options.max_batch) if runner.name == "tensorrt" else options.max_batch
 
-    def tokenize(prompts: list[str]) -> np.ndarray:
-        from noop_rt.runtime.tokenizer import PromptTokenizer
-
-        return PromptTokenizer(bundle.root / "tokenizer", int(bundle.manifest["max_tokens"]))(prompts)
-
-    return GraphModel(runner, info, tokenize), bundle.class_embeddings()
+    return GraphModel(runner, info, bundle.tokenize), bundle.class_embeddings()
 
 
 def _bundle_runner(bundle: Any, options: LoadOptions, notes: list[str]) -> Any:
@@ -141,13 +151,14 @@ def _bundle_runner(bundle: Any, options: LoadOptions, notes: list[str]) -> Any:
             continue  # a GPU was asked for: only the GPU runners qualify
         why = _why_not(name, bundle, options)
         if why is None:
+            if name == "onnxruntime" and reasons.get("onnxruntime-cuda", "").startswith("this onnxruntime has no "
+                                                                                       "CUDA"):
+                notes.append("an NVIDIA GPU is present but onnxruntime has no CUDA provider, so the bundle runs on "
+                             "the CPU: " + reasons["onnxruntime-cuda"])
             return _make_runner(name, bundle, options)
         reasons[name] = why
         if name == "onnxruntime-cuda" and wanted == "onnxruntime" and device.startswith("cuda"):
             raise MissingDependencyError(f"--backend onnxruntime --device {device}: {why}")
-    if wanted == "auto" and reasons.get("onnxruntime-cuda", "").startswith("this onnxruntime has no CUDA"):
-        notes.append("an NVIDIA GPU is present but onnxruntime has no CUDA provider, so the bundle runs on the CPU: "
-                     + reasons["onnxruntime-cuda"])
     detail = "; ".join(f"{k}: {v}" for k, v in reasons.items())
     raise MissingDependencyError(f"no backend can run {bundle.root} here ({detail})" if wanted == "auto"
                                  else f"--backend {wanted} cannot run here: {detail}")
@@ -157,7 +168,7 @@ def _why_not(name: str, bundle: Any, options: LoadOptions) -> str | None:
     if name == "tensorrt":
         from noop_rt.runtime import tensorrt_backend
 
-        return tensorrt_backend.unavailable(bundle, options.engines)
+        return tensorrt_backend.unavailable(bundle, options.engines, options.device)
     if name == "onnxruntime-cuda":
         from noop_rt.runtime import onnxruntime_backend
 
@@ -274,4 +285,7 @@ def _requested(info: ModelInfo, options: LoadOptions) -> tuple[list[str] | None,
     names = options.classes or list(info.classes or [])
     if not names:
         raise BadInputError("no classes given: pass --classes a,b,c or --data DIR")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise BadInputError(f"duplicate class names: {', '.join(duplicates)}")
     return names, make_prompts(names, template or info.template or DEFAULT_TEMPLATE)

@@ -273,7 +273,7 @@ def set_device(index: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- availability
-def unavailable(bundle: Any, engines_dir: Path | None) -> str | None:
+def unavailable(bundle: Any, engines_dir: Path | None, device: str = "cuda:0") -> str | None:
     """Why TensorRT cannot run this bundle here, or None. Cheap: TensorRT is imported (for its version) only when
     the engine folder has a build.json, and no CUDA context is created."""
     folder = engines_dir or default_engines_dir(bundle)
@@ -287,7 +287,7 @@ def unavailable(bundle: Any, engines_dir: Path | None) -> str | None:
     if record is None:
         return plan_problem(None, {}, bundle, folder)
     try:
-        env = environment(0)
+        env = environment(cuda_index(device) if device.startswith("cuda") else 0)
     except (ImportError, OSError, EngineError) as exc:
         return f"cannot read the TensorRT version or GPU: {exc}"
     return plan_problem(record, env, bundle, folder)

@@ -17,6 +17,7 @@ import torch
 
 from noop_rt.backbone import DEMO_SOURCE, Backbone, load_backbone
 from noop_rt.checkpoint import NoopCheckpoint, backbone_fingerprint, load_checkpoint, same_backbone
+from noop_rt.demo import model_name
 from noop_rt.errors import BadInputError, CheckpointError
 from noop_rt.graphs import backbone_specs, graph_modules
 from noop_rt.runtime.bundle import sha256_file
@@ -47,19 +48,19 @@ class TorchRunner:
     def __init__(self, backbone: Backbone, ckpt: NoopCheckpoint | None, fp16: bool = False) -> None:
         self.backbone = backbone
         self.ckpt = ckpt
-        self.modules = graph_modules(backbone, ckpt, half=fp16)
+        self.modules = graph_modules(backbone, ckpt, half=fp16, copy=False)  # fp16: UNet + noise halved in place
         self.specs = backbone_specs(backbone)
         self.device = str(backbone.device)
         self._default_emb = None if ckpt is None else ckpt.class_embeddings.to(backbone.device, torch.float32)
-        self._fed: tuple[int, torch.Tensor] | None = None  # the last class embeddings fed, kept on the device
+        self._fed: tuple[np.ndarray, torch.Tensor] | None = None  # the last class embeddings fed, and on the device
 
     def has(self, graph: str) -> bool:
         return graph in self.modules
 
     def _tensor(self, name: str, array: np.ndarray) -> torch.Tensor:
         if name == "class_embeddings":  # fed on every call: upload once per array
-            if self._fed is None or self._fed[0] != id(array):
-                self._fed = (id(array), torch.from_numpy(np.ascontiguousarray(array)).to(self.backbone.device))
+            if self._fed is None or self._fed[0] is not array:  # holds the array: its id cannot be reused
+                self._fed = (array, torch.from_numpy(np.ascontiguousarray(array)).to(self.backbone.device))
             return self._fed[1]
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.backbone.device)
 
@@ -106,12 +107,11 @@ def open_checkpoint(path: Path, model: str | None, device: str, fp16: bool, max_
                     ) -> tuple[TorchRunner, ModelInfo, np.ndarray]:
     """A NoOp checkpoint on its backbone (or `model`, which must be the same network)."""
     ckpt = load_checkpoint(path)
-    dtype = torch.float16 if fp16 else torch.float32
-    backbone = load_backbone(model or ckpt.backbone_source, dtype=dtype, device=pick_device(device))
+    backbone = load_backbone(model or ckpt.backbone_source, device=pick_device(device))  # fp16: see TorchRunner
     reason = same_backbone(ckpt.backbone_fingerprint, backbone)
     if reason is not None:
         raise CheckpointError(f"{path} was trained on another backbone than {backbone.source}: {reason}")
-    name = "digits" if _is_demo_ckpt(path) else path.stem
+    name = model_name(path)
     info = ModelInfo(name=name, source="checkpoint", location=str(path), resolution=backbone.resolution,
                      latent_shape=backbone.latent_shape, num_train_timesteps=backbone.num_train_timesteps,
                      prediction_type=backbone.prediction_type, max_batch=max_batch, fingerprint=sha256_file(path)[:16],
@@ -124,8 +124,7 @@ def open_checkpoint(path: Path, model: str | None, device: str, fp16: bool, max_
 
 def open_diffusers(folder: str, device: str, fp16: bool, max_batch: int) -> tuple[TorchRunner, ModelInfo]:
     """A diffusers Stable Diffusion folder (or the demo backbone) for the zero-shot strategies."""
-    dtype = torch.float16 if fp16 else torch.float32
-    backbone = load_backbone(folder, dtype=dtype, device=pick_device(device))
+    backbone = load_backbone(folder, device=pick_device(device))  # fp16: see TorchRunner
     fingerprint = hashlib.sha256(json.dumps(backbone_fingerprint(backbone), sort_keys=True).encode()).hexdigest()
     name = "demo" if backbone.source == DEMO_SOURCE else Path(backbone.source).name
     info = ModelInfo(name=name, source="diffusers", location=backbone.source, resolution=backbone.resolution,
@@ -133,12 +132,3 @@ def open_diffusers(folder: str, device: str, fp16: bool, max_batch: int) -> tupl
                      prediction_type=backbone.prediction_type, max_batch=max_batch, fingerprint=fingerprint[:16],
                      precision="fp16" if fp16 else "fp32", preprocessing=default_preprocessing(backbone.resolution))
     return TorchRunner(backbone, None, fp16), info
-
-
-def _is_demo_ckpt(path: Path) -> bool:
-    from noop_rt.demo import CKPT_PATH
-
-    try:
-        return path.resolve() == CKPT_PATH.resolve()
-    except OSError:
-        return False

@@ -15,10 +15,7 @@ def verify_bundle(root: str | Path) -> dict[str, Any]:
     checks = [f"sha256 of {len(bundle.manifest['files'])} files"]
     emb = bundle.class_embeddings()
     checks.append(f"class_embeddings.npy: {emb.shape} float32 for {len(bundle.classes)} classes")
-    from noop_rt.runtime.tokenizer import PromptTokenizer
-
-    tokenize = PromptTokenizer(bundle.root / "tokenizer", int(bundle.manifest["max_tokens"]))
-    ids = tokenize(list(bundle.manifest["prompts"]))
+    ids = bundle.tokenize(list(bundle.manifest["prompts"]))
     checks.append(f"tokenizer: {ids.shape[0]} prompts to {ids.shape[1]} tokens")
     import onnxruntime as ort
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -171,7 +172,7 @@ class ModelReplica:
         self.classify_batch.set_max_batch_size(options.max_batch_size)
         self.classify_batch.set_batch_wait_timeout_s(options.batch_wait_ms / 1000.0)
         r = self.classifier.resolution
-        self.classifier.predict(np.zeros((1, 3, r, r), dtype=np.float32), top_k=1)  # the warm-up pass
+        self.classifier.score(np.zeros((1, 3, r, r), dtype=np.float32))  # the warm-up pass (not seen by drift)
         self.busy = False  # a batch is in the model
         self.free = asyncio.Event()
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -179,6 +180,10 @@ class ModelReplica:
             "noop_rt_batch_inference_ms", description="Model time of one batch (all its images), milliseconds.",
             boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000])
         self.images = metrics.Counter("noop_rt_images_classified", description="Images classified by the model.")
+        self.drift_share = metrics.Gauge(
+            "noop_rt_drift_share_below_val_p05", description="Share of the images classified so far whose top-1 "
+            "probability is below the validation split's 5th percentile (about 0.05 on the few-shot domain).")
+        self.classifier.on_drift = lambda message: print(f"warning: {message}", file=sys.stderr, flush=True)
 
     def describe(self) -> dict[str, Any]:
         clf = self.classifier
@@ -193,8 +198,9 @@ class ModelReplica:
             summary["export_command"] = (manifest.get("build_config") or {}).get("command")
         return {"name": info.name, "classes": list(clf.classes), "method": clf.method, "backend": clf.backend,
                 "device": clf.device, "resolution": clf.resolution, "source": info.source,
-                "location": info.location, "calibrated": info.tau is not None, "threads": self.threads,
-                "manifest": summary}
+                "location": info.location, "calibrated": clf.calibrated(clf.method, clf.config()),
+                "threads": self.threads, "notes": clf.notes,
+                "drift": clf.drift.report() if clf.drift is not None else None, "manifest": summary}
 
     def ready(self) -> bool:
         return True  # answering at all means the constructor (open + warm-up) finished
@@ -223,6 +229,8 @@ class ModelReplica:
         model_ms = 1e3 * (time.perf_counter() - start)
         self.batch_ms.observe(model_ms)
         self.images.inc(len(images))
+        if self.classifier.drift is not None and self.classifier.drift.seen:
+            self.drift_share.set(self.classifier.drift.report()["share_below_val_p05_top1_prob"])
         index = {c: i for i, c in enumerate(self.classifier.classes)}
         out = []
         for result, k, t in zip(results, top_ks, arrived, strict=True):
