@@ -339,7 +339,8 @@ def train(
     negatives: Annotated[int, typer.Option("--negatives", min=2, help="Classes scored per image and step.")] = 10,
     loss: Annotated[str, typer.Option("--loss", metavar="NAME", help="l2 | l1 | huber: the error norm, stored in "
                                       "the checkpoint.")] = "l1",
-    template: TemplateOpt = None, seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
+    template: TemplateOpt = None, prompts: PromptsOpt = None,
+    seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
     device: DeviceOpt = "auto",
     fp16: Annotated[bool, typer.Option("--fp16", help="Frozen backbone in half precision (CUDA).")] = False,
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing",
@@ -354,6 +355,7 @@ def train(
     cli_options = {k: str(v) for k, v in locals().items()}
 
     def go() -> None:
+        from noop_rt.data import read_prompts_file
         from noop_rt.runtime.open import TRAIN_HINT
         from noop_rt.runtime.suggest import suggest
 
@@ -370,6 +372,7 @@ def train(
                                 template=template, seed=seed, device=device, fp16=fp16,
                                 gradient_checkpointing=gradient_checkpointing, max_batch=max_batch,
                                 cli_options=cli_options,
+                                prompts=read_prompts_file(prompts) if prompts is not None else None,
                                 command=shlex.join(["noop-rt", *sys.argv[1:]])
                                 if Path(sys.argv[0]).name == "noop-rt" else None)
         if summary["val_accuracy"] >= 1.0:

@@ -67,9 +67,19 @@ def encode_split(backbone: Backbone, split: FewShotSplit, show_progress: bool = 
 
 
 def train_checkpoint(backbone: Backbone, split: FewShotSplit, template: str, config: TrainConfig,
-                     show_progress: bool = True) -> tuple[NoopCheckpoint, TrainResult]:
-    """Encode the split once, train NoOp with a progress bar, and assemble the checkpoint (not yet written)."""
-    prompts = make_prompts(split.classes, template)
+                     show_progress: bool = True, prompts_table: dict[str, str] | None = None
+                     ) -> tuple[NoopCheckpoint, TrainResult]:
+    """Encode the split once, train NoOp with a progress bar, and assemble the checkpoint (not yet written).
+    `prompts_table` ({class: prompt}, e.g. Li et al.'s prompt files) replaces the template's prompts."""
+    if prompts_table is not None:
+        missing = [c for c in split.classes if c not in prompts_table]
+        if missing:
+            raise BadInputError(f"the prompts file has no prompt for class(es) {', '.join(missing[:5])}")
+        if config.prompt_tuning:
+            raise BadInputError("--prompt-tuning learns the template's context words: use --template, not --prompts")
+        prompts = [prompts_table[c] for c in split.classes]
+    else:
+        prompts = make_prompts(split.classes, template)
     z_train, y_train, z_val, y_val = encode_split(backbone, split, show_progress)
     bar = tqdm(desc="train NoOp", unit="step", file=sys.stderr, disable=not show_progress)
 
@@ -129,7 +139,8 @@ def _shots(split: FewShotSplit) -> int:
 def train_command(*, data: Path, out: Path, model: str, shots: int, val_shots: int, timestep: int, meta_net: bool,
                   prompt_tuning: bool, epochs: int, batch_size: int, lr_noise: float, lr_meta: float, negatives: int,
                   loss: str, template: str | None, seed: int, device: str, fp16: bool, gradient_checkpointing: bool,
-                  max_batch: int, cli_options: dict[str, str], command: str | None) -> dict:
+                  max_batch: int, cli_options: dict[str, str], command: str | None,
+                  prompts: dict[str, str] | None = None) -> dict:
     """`noop-rt train`: split, load the backbone, train, write the checkpoint; returns the summary."""
     from noop_rt.backbone import DEMO_SOURCE, load_backbone
     from noop_rt.checkpoint import save_checkpoint
@@ -145,7 +156,7 @@ def train_command(*, data: Path, out: Path, model: str, shots: int, val_shots: i
                          meta_net=meta_net, prompt_tuning=prompt_tuning, negatives=negatives, loss=loss, seed=seed,
                          max_batch=max_batch, gradient_checkpointing=gradient_checkpointing)
     tmpl = template or (DEMO_TEMPLATE if backbone.source == DEMO_SOURCE else DEFAULT_TEMPLATE)
-    ckpt, result = train_checkpoint(backbone, split, tmpl, config)
+    ckpt, result = train_checkpoint(backbone, split, tmpl, config, prompts_table=prompts)
     ckpt.train["options"] = cli_options
     if command is not None:
         ckpt.train["command"] = command

@@ -210,3 +210,18 @@ def test_long_classify_runs_show_a_progress_bar(tmp_path) -> None:
     assert "classify" in res.stderr and "40/40" in res.stderr  # tqdm's bar on stderr, never on stdout
     short = invoke("classify", images[0])
     assert "it/s" not in short.stderr and "img/s" not in short.stderr
+
+
+def test_train_takes_li_et_al_prompt_files(tiny_sd, shape_images, tmp_path) -> None:
+    from noop_rt.checkpoint import load_checkpoint
+
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("prompt,classname,classidx\n\"a red square, a shape\",red square,0\n"
+                       "\"a blue circle, a shape\",blue circle,1\n")
+    out = tmp_path / "p.pt"
+    res = invoke("train", "--model", tiny_sd, "--data", shape_images, "--shots", "2", "--val-shots", "1", "--epochs",
+                 "1", "--batch-size", "2", "--prompts", prompts, "--out", out)
+    assert res.exit_code == 0, res.output
+    ckpt = load_checkpoint(out)
+    assert dict(zip(ckpt.classes, ckpt.prompts, strict=True)) == {"red square": "a red square, a shape",
+                                                                   "blue circle": "a blue circle, a shape"}
