@@ -184,6 +184,20 @@ def time_single(classifier: Classifier, images: np.ndarray, runs: int, warmup: i
     return seconds, evals
 
 
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """The machine's fp32 roof to quote achieved GFLOP/s against: the best of `repeats` n x n numpy matmuls (on the
+    CPU, through the BLAS numpy ships with)."""
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
 def stats(seconds: list[float], evals: float, gflop: float | None, scale: float = 1.0) -> dict[str, Any]:
     """p50/p95 (ms), sequential images/s and UNet evals per image; `scale` multiplies the times (extrapolation)."""
     p50 = 1e3 * _percentile(seconds, 0.5) * scale
@@ -228,8 +242,15 @@ def run_bench(classifiers: dict[str, Classifier], images: np.ndarray, options: B
                               "baseline_measured_pairs": min(options.baseline_noises,
                                                              options.baseline_measured_pairs),
                               "runs": options.runs, "images": len(images), "backends": {}}
+    if not any(str(c.device).startswith("cuda") for c in classifiers.values()):
+        report["machine"]["fp32_matmul_peak_gflops"] = matmul_peak_gflops()
     for name, classifier in classifiers.items():
         report["backends"][name] = bench_backend(classifier, images, options, gflop, log)
+        peak = report["machine"].get("fp32_matmul_peak_gflops")
+        for method in ("noop", "baseline"):
+            s = report["backends"][name][method]
+            if peak and "achieved_tflops" in s:
+                s["fraction_of_fp32_matmul_peak"] = 1e3 * s["achieved_tflops"] / peak
     if "torch" in report["backends"]:
         ref = report["backends"]["torch"]["noop"]["p50_ms"]
         report["speedup_vs_torch"] = {n: ref / b["noop"]["p50_ms"] for n, b in report["backends"].items()}
@@ -407,6 +428,11 @@ def format_table(report: dict[str, Any]) -> str:
     for name, x in report.get("speedup_vs_torch", {}).items():
         if name != "torch":
             lines.append(f"{name} vs torch eager (NoOp path): {x:.2f}x")
+    peak = report["machine"].get("fp32_matmul_peak_gflops")
+    if peak:
+        lines.append(f"machine fp32 roof: {peak:.0f} GFLOP/s (best 2048x2048 numpy matmul); NoOp achieves "
+                     + ", ".join(f"{n} {1e3 * b['noop']['achieved_tflops']:.1f} GFLOP/s"
+                                 for n, b in report["backends"].items() if "achieved_tflops" in b["noop"]))
     for name, why in report.get("skipped", {}).items():
         lines.append(f"skipped {name}: {why}")
     if "startup" in report:
