@@ -1,0 +1,96 @@
+"""INT8 vs fp32 on the demo: `noop-rt export --int8` (the classifier graph statically quantized by onnxruntime,
+calibrated on the checkpoint's few-shot digits, gated on the validation digits), then, in one run, top-1 agreement
+with the fp32 bundle and accuracy on the 360 held-out digits, and NoOp p50 latency of both on onnxruntime CPU.
+
+    python benchmarks/int8.py [--out benchmarks/results] [--runs 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import noop_rt
+from noop_rt.bench import machine_info
+from noop_rt.demo import BUNDLE_DIR, CKPT_PATH, DIGIT_NAMES
+from noop_rt.demo.digits import split_tensors
+from noop_rt.export import ExportOptions, export_bundle
+
+
+def p50_ms(clf: noop_rt.Classifier, x: np.ndarray, runs: int) -> float:
+    for i in range(3):
+        clf.predict(x[i:i + 1], top_k=1)
+    times = []
+    for i in range(runs):
+        start = time.perf_counter()
+        clf.predict(x[i % len(x):i % len(x) + 1], top_k=1)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--runs", type=int, default=40)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        report = export_bundle(CKPT_PATH, Path(tmp) / "digits-int8", ExportOptions(precision="int8"),
+                               log=io.StringIO())
+        export_s = time.perf_counter() - t0
+        manifest = json.loads((Path(tmp) / "digits-int8" / "manifest.json").read_text())
+        x, y = split_tensors("test")
+        x, truth = x.numpy(), [DIGIT_NAMES[int(v)] for v in y]
+        fp32 = noop_rt.load(BUNDLE_DIR, backend="onnxruntime")
+        int8 = noop_rt.load(Path(tmp) / "digits-int8", backend="onnxruntime")
+        a = [r.label for r in fp32.predict(x, top_k=1)[0]]
+        b = [r.label for r in int8.predict(x, top_k=1)[0]]
+        timings = {"fp32": [], "int8": []}
+        for _ in range(3):  # alternate, so both see the same machine
+            timings["fp32"].append(p50_ms(fp32, x, args.runs))
+            timings["int8"].append(p50_ms(int8, x, args.runs))
+    result = {
+        "machine": machine_info(), "export_seconds": round(export_s, 1),
+        "validation_agreement": report.validation["classifier"]["top1_agreement"],
+        "validation_images": report.validation["images"], "calibration": manifest["int8"]["calibration"],
+        "held_out": {"images": len(x), "agreement_with_fp32": float(np.mean([p == q for p, q in zip(a, b, strict=True)])),
+                     "accuracy_fp32": float(np.mean([p == t for p, t in zip(a, truth, strict=True)])),
+                     "accuracy_int8": float(np.mean([q == t for q, t in zip(b, truth, strict=True)]))},
+        "noop_p50_ms": {k: round(statistics.median(v), 2) for k, v in timings.items()},
+        "noop_p50_ms_rounds": timings, "runs": args.runs,
+        "protocol": {"quantizer": manifest["int8"]["quantizer"], "graph": "classifier (the whole NoOp pass)",
+                     "latency": f"one-image Classifier.predict, {args.runs} timed after 3 warm-up, median; three "
+                                "alternating rounds, median of the rounds", "backend": "onnxruntime CPU"},
+    }
+    result["speedup_int8_vs_fp32"] = result["noop_p50_ms"]["fp32"] / result["noop_p50_ms"]["int8"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "int8.json").write_text(json.dumps(result, indent=2) + "\n")
+    h = result["held_out"]
+    lines = ["# INT8 classifier graph vs fp32 (demo, onnxruntime CPU)", "",
+             f"Produced by `python benchmarks/int8.py` on {result['machine']['cpu']} ({result['machine']['cpu_count']} "
+             f"cores), onnxruntime {result['machine']['onnxruntime']}; export took {result['export_seconds']} s.", "",
+             "| | fp32 | int8 |", "|---|---|---|",
+             f"| held-out accuracy ({h['images']} digits) | {100 * h['accuracy_fp32']:.1f} % | "
+             f"{100 * h['accuracy_int8']:.1f} % |",
+             f"| top-1 agreement with fp32, held-out | — | {100 * h['agreement_with_fp32']:.1f} % |",
+             f"| top-1 agreement with fp32 torch, {result['validation_images']} (the export gate, >= 99 %) | — | "
+             f"{100 * result['validation_agreement']:.1f} % |",
+             f"| NoOp p50, one image, 10 classes | {result['noop_p50_ms']['fp32']:.1f} ms | "
+             f"{result['noop_p50_ms']['int8']:.1f} ms |", "",
+             f"INT8 vs fp32, measured in this run: **{result['speedup_int8_vs_fp32']:.2f}x**. Calibration: "
+             f"{result['calibration']}.", "", "## Protocol", "", "```json", json.dumps(result["protocol"], indent=2),
+             "```", ""]
+    (args.out / "int8.md").write_text("\n".join(lines))
+    print("\n".join(lines[4:10]), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
