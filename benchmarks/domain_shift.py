@@ -2,7 +2,8 @@
 
     python benchmarks/domain_shift.py [--domains printed,thick_affine] [--shots 4,8,16] [--seeds 3] [--images N]
                                       [--quick] [--out DIR] [--name domain_shift]
-    # writes DIR/NAME.{md,json,png} (DIR defaults to benchmarks/results)
+    # writes DIR/NAME.{md,json,png} and DIR/NAME_samples.png (DIR defaults to benchmarks/results)
+    python benchmarks/domain_shift.py --render [--out DIR] [--name domain_shift]   # re-draw md/png from the JSON
 
 Domains: `noop_rt/demo/domains.py` (generated in code, documented there). Per domain, on its test split (the first
 `--images` per class order, default all), the held-out accuracy of:
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -94,7 +96,8 @@ def drift_check(classifier: Classifier, images: np.ndarray) -> dict[str, Any]:
 
 
 def cli_train(data: Path, out: Path, shots: int, seed: int, t_star: int, epochs: int | None) -> dict[str, Any]:
-    """`noop-rt train` in a subprocess; its JSON summary plus the process wall time."""
+    """`noop-rt train` in a subprocess; its JSON summary plus the process wall time and CPU time (user + sys, all
+    threads: unlike wall time it does not grow when other work shares the cores or the process is paused)."""
     exe = shutil.which("noop-rt", path=str(Path(sys.executable).parent)) or shutil.which("noop-rt")
     base = [exe] if exe else [sys.executable, "-m", "noop_rt"]
     cmd = [*base, "train", "--model", "demo", "--data", str(data), "--shots", str(shots), "--timestep", str(t_star),
@@ -102,14 +105,39 @@ def cli_train(data: Path, out: Path, shots: int, seed: int, t_star: int, epochs:
     if epochs is not None:
         cmd += ["--epochs", str(epochs)]
     load_before = os.getloadavg()[0]
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     if proc.returncode != 0:
         raise SystemExit(f"error: {' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
     summary = json.loads(proc.stdout)
-    return {"summary": summary, "wall_minutes": round(wall / 60, 2), "loadavg_1min_before": round(load_before, 2),
+    return {"summary": summary, "wall_minutes": round(wall / 60, 2), "cpu_minutes": round(cpu / 60, 2),
+            "loadavg_1min_before": round(load_before, 2),
             "loadavg_1min_after": round(os.getloadavg()[0], 2), "argv_tail": cmd[len(base):]}
+
+
+class Records:
+    """Finished measurements kept as JSON files in a work folder, so an interrupted run resumes where it stopped
+    (the key names every setting the record depends on)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.resumed: list[str] = []
+
+    def get(self, key: str, compute: Any) -> Any:
+        path = self.folder / f"{key}.json"
+        if path.is_file():
+            self.resumed.append(key)
+            return json.loads(path.read_text())
+        value = compute()
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(value))
+        os.replace(tmp, path)
+        return value
 
 
 def plot(out: Path, domains: dict[str, dict[str, Any]], shots: list[int]) -> None:
@@ -118,7 +146,7 @@ def plot(out: Path, domains: dict[str, dict[str, Any]], shots: list[int]) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(domains), figsize=(5.2 * len(domains), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(domains), figsize=(5.2 * len(domains), 4.8), squeeze=False)
     for ax, (name, d) in zip(axes[0], domains.items(), strict=True):
         rows = d["rows"]
         means = [100 * rows["retrained"][str(k)]["accuracy"] for k in shots]
@@ -138,10 +166,138 @@ def plot(out: Path, domains: dict[str, dict[str, Any]], shots: list[int]) -> Non
         ax.set_title(f"{name} ({d['test_images']} test images)")
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=3, frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(out, dpi=120)
     plt.close(fig)
+
+
+def samples(out: Path, names: list[str], per_class: int = 6, zoom: int = 3) -> None:
+    """The demo's held-out digits and each domain's test images side by side (a row per class)."""
+    from PIL import Image, ImageDraw
+
+    from noop_rt.demo.digits import digit_images, split_indices
+    from noop_rt.demo.domains import contact_sheet
+
+    scans, labels = digit_images()
+    test = split_indices(labels)["test"]
+    rows = [np.concatenate(list(scans[test][labels[test] == c][:per_class]), axis=1) for c in range(10)]
+    demo = Image.fromarray(np.concatenate(rows, axis=0), mode="L")
+    sheets = [("demo (training domain)", demo.resize((demo.width * zoom, demo.height * zoom),
+                                                     Image.Resampling.NEAREST))]
+    sheets += [(n, contact_sheet(n, "test", per_class, zoom)) for n in names]
+    gap, top = 12, 16
+    canvas = Image.new("L", (sum(s.width for _, s in sheets) + gap * (len(sheets) - 1), sheets[0][1].height + top),
+                       color=255)
+    x = 0
+    draw = ImageDraw.Draw(canvas)
+    for title, sheet in sheets:
+        canvas.paste(sheet, (x, top))
+        draw.text((x, 2), title, fill=0)
+        x += sheet.width + gap
+    canvas.save(out)
+
+
+def render(args: argparse.Namespace) -> None:
+    """Re-draw the markdown and plots of an earlier run from its JSON."""
+    out = json.loads((args.out / f"{args.name}.json").read_text())
+    plot(args.out / f"{args.name}.png", out["domains"], out["shots"])
+    samples(args.out / f"{args.name}_samples.png", list(out["domains"]))
+    (args.out / f"{args.name}.md").write_text("\n".join(report(out, args)) + "\n")
+
+
+def measure_domain(name: str, args: argparse.Namespace, ctx: dict[str, Any], records: Records, work: Path
+                   ) -> dict[str, Any]:
+    """Every row of one domain (each finished measurement kept in `records`)."""
+    plain, shipped, bundle = ctx["plain"], ctx["shipped"], ctx["bundle"]
+    t_star, shots, pruned_cfg, protocol = ctx["t_star"], ctx["shots"], ctx["pruned_cfg"], ctx["protocol"]
+    tag = f"images{args.images or 'all'}"
+    data = domain_test_set(name, args.images)
+    protocol["domains"][name] = data.record()
+    folder = work / name
+    counts = write_domain(name, folder, splits=("train", "val"))
+    rows: dict[str, Any] = {}
+    y_shipped, y_plain = targets(shipped, data.names), targets(plain, data.names)
+
+    def transferred() -> dict[str, Any]:
+        acc = accuracy(score_set(shipped, data.images, "noop", chunk=64), y_shipped)
+        return {"label": "shipped NoOp, transferred", "accuracy": acc, "unet_evals_per_image": len(shipped.classes)}
+
+    rows["transferred"] = records.get(f"{name}-{tag}-transferred", transferred)
+
+    def shipped_drift() -> dict[str, Any]:
+        drift = drift_check(bundle, data.images)
+        drift["accuracy"] = float(np.mean([a == b for a, b in zip(drift.pop("labels"), data.names,
+                                                                  strict=True)]))
+        return drift
+
+    drift = records.get(f"{name}-{tag}-drift", shipped_drift)
+    print(f"[{name}] transferred {rows['transferred']['accuracy']:.4f}; drift warned {drift['warned']}",
+          flush=True)
+
+    def random_noise() -> dict[str, Any]:
+        z0 = plain.model.encode(data.images)
+        accs = [accuracy(single_noise(plain, z0, t_star, s, LOSS), y_plain) for s in range(args.noise_seeds)]
+        m, s = mean_std(accs)
+        return {"label": f"one random noise at t = {t_star} ({args.noise_seeds} seeds)", "accuracy": m,
+                "std": s, "per_seed": accs, "unet_evals_per_image": len(plain.classes)}
+
+    rows["random_noise"] = records.get(f"{name}-{tag}-noise{args.noise_seeds}-t{t_star}", random_noise)
+    print(f"[{name}] random noise {rows['random_noise']['accuracy']:.4f} +- {rows['random_noise']['std']:.4f}",
+          flush=True)
+    retrained: dict[str, Any] = {}
+    for k in shots:
+        runs = []
+        for seed in range(args.seeds):
+            def retrain(k: int = k, seed: int = seed) -> dict[str, Any]:
+                path = work / f"{name}-{k}shots-seed{seed}.pt"
+                trained = cli_train(folder, path, k, seed, t_star, args.epochs)
+                clf = noop_classifier(path)
+                acc = accuracy(score_set(clf, data.images, "noop", chunk=64), targets(clf, data.names))
+                after = drift_check(clf, data.images)
+                clf.close()
+                s = trained["summary"]
+                return {"seed": seed, "accuracy": acc, "val_accuracy": s["val_accuracy"],
+                        "best_epoch": s["best_epoch"], "tau": s["tau"], "train_minutes": s["minutes"],
+                        "wall_minutes": trained["wall_minutes"], "cpu_minutes": trained["cpu_minutes"],
+                        "loadavg_1min_before": trained["loadavg_1min_before"],
+                        "loadavg_1min_after": trained["loadavg_1min_after"], "train_images": s["train_images"],
+                        "val_images": s["val_images"], "drift_warned_on_own_domain": after.get("warned"),
+                        "drift_share_on_own_domain": after.get("share_below_val_p05_top1_prob")}
+
+            run = records.get(f"{name}-{tag}-k{k}-seed{seed}-t{t_star}-epochs{args.epochs or 'cli'}", retrain)
+            runs.append(run)
+            print(f"[{name}] {k} shots seed {seed}: test {run['accuracy']:.4f} (val {run['val_accuracy']:.4f}), "
+                  f"{run['wall_minutes']:.1f} min wall, {run['cpu_minutes']:.1f} min CPU", flush=True)
+        m, s = mean_std([r["accuracy"] for r in runs])
+        retrained[str(k)] = {"accuracy": m, "std": s, "runs": runs, "unet_evals_per_image": len(plain.classes)}
+    rows["retrained"] = retrained
+    n = args.baseline_noises
+
+    def baseline() -> dict[str, Any]:
+        scores = score_set(plain, data.images, "baseline", desc=f"{name} baseline N={n}", pairs=n, seed=0,
+                           loss=LOSS)
+        return {"label": f"baseline, {n} (t, eps) pairs", "accuracy": accuracy(scores, y_plain),
+                "unet_evals_per_image": n * len(plain.classes)}
+
+    rows["baseline"] = records.get(f"{name}-{tag}-baseline{n}", baseline)
+    print(f"[{name}] baseline {rows['baseline']['accuracy']:.4f}", flush=True)
+
+    def pruned() -> dict[str, Any]:
+        scores = score_set(plain, data.images, "pruned", desc=f"{name} pruned", **pruned_cfg)
+        return {"label": "pruned (paired t-test, alpha 0.01)", "accuracy": accuracy(scores, y_plain),
+                "unet_evals_per_image": float(scores.unet_evals.mean())}
+
+    rows["pruned"] = records.get(f"{name}-{tag}-pruned{'-quick' if args.quick else ''}", pruned)
+    print(f"[{name}] pruned {rows['pruned']['accuracy']:.4f}", flush=True)
+    target = rows["baseline"]["accuracy"] - 0.01
+    k8 = retrained.get("8")
+    return {"summary": DOMAINS[name].summary, "test_images": len(data), "written": counts,
+                     "rows": rows, "drift_shipped": drift,
+                     "target_8_shots_ge_baseline_minus_1pt": None if k8 is None else {
+                         "retrained_8_mean": k8["accuracy"], "baseline_minus_1pt": target,
+                         "met": bool(k8["accuracy"] >= target)}}
 
 
 def main() -> None:
@@ -156,7 +312,12 @@ def main() -> None:
     parser.add_argument("--name", default="domain_shift", help="results file name")
     parser.add_argument("--quick", action="store_true", help="smoke run: 20 images, 1 domain, 2 shots, 1 epoch")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    parser.add_argument("--render", action="store_true", help="only re-draw NAME.md/png from NAME.json")
+    parser.add_argument("--work", type=Path, default=None, help="folder of finished measurements, to resume an "
+                        "interrupted run (default: TMPDIR/noop-rt-NAME-work; delete it after changing the domains)")
     args = parser.parse_args()
+    if args.render:
+        return render(args)
     if args.quick:
         args.images = args.images or 20
         args.domains = args.domains.split(",")[0]
@@ -169,6 +330,8 @@ def main() -> None:
     if max(shots) > TRAIN_POOL:
         raise SystemExit(f"error: at most {TRAIN_POOL} shots per class (the domains' train pool)")
     start = time.time()
+    work = args.work or Path(tempfile.gettempdir()) / f"noop-rt-{args.name}{'-quick' if args.quick else ''}-work"
+    records = Records(work / "records")
 
     plain = demo_backbone()  # backbone + plain prompts: random noise, baseline, pruned
     shipped = noop_classifier()  # the shipped checkpoint on the torch backend: transferred accuracy
@@ -209,79 +372,19 @@ def main() -> None:
     print(f"drift on the demo's held-out digits: warned {drift_demo['warned']}, share "
           f"{drift_demo['share_below_val_p05_top1_prob']:.3f}", flush=True)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            data = domain_test_set(name, args.images)
-            protocol["domains"][name] = data.record()
-            folder = Path(tmp) / name
-            counts = write_domain(name, folder, splits=("train", "val"))
-            rows: dict[str, Any] = {}
-            y_shipped, y_plain = targets(shipped, data.names), targets(plain, data.names)
-            acc = accuracy(score_set(shipped, data.images, "noop", chunk=64), y_shipped)
-            rows["transferred"] = {"label": "shipped NoOp, transferred", "accuracy": acc,
-                                   "unet_evals_per_image": len(shipped.classes)}
-            drift = drift_check(bundle, data.images)
-            drift["accuracy"] = float(np.mean([a == b for a, b in zip(drift.pop("labels"), data.names,
-                                                                      strict=True)]))
-            print(f"[{name}] transferred {acc:.4f}; drift warned {drift['warned']}", flush=True)
-            z0 = plain.model.encode(data.images)
-            accs = [accuracy(single_noise(plain, z0, t_star, s, LOSS), y_plain) for s in range(args.noise_seeds)]
-            m, s = mean_std(accs)
-            rows["random_noise"] = {"label": f"one random noise at t = {t_star} ({args.noise_seeds} seeds)",
-                                    "accuracy": m, "std": s, "per_seed": accs,
-                                    "unet_evals_per_image": len(plain.classes)}
-            print(f"[{name}] random noise {m:.4f} +- {s:.4f}", flush=True)
-            retrained: dict[str, Any] = {}
-            for k in shots:
-                runs = []
-                for seed in range(args.seeds):
-                    path = Path(tmp) / f"{name}-{k}shots-seed{seed}.pt"
-                    trained = cli_train(folder, path, k, seed, t_star, args.epochs)
-                    clf = noop_classifier(path)
-                    acc = accuracy(score_set(clf, data.images, "noop", chunk=64), targets(clf, data.names))
-                    after = drift_check(clf, data.images)
-                    after.pop("labels", None)
-                    clf.close()
-                    runs.append({"seed": seed, "accuracy": acc, "val_accuracy": trained["summary"]["val_accuracy"],
-                                 "best_epoch": trained["summary"]["best_epoch"], "tau": trained["summary"]["tau"],
-                                 "train_minutes": trained["summary"]["minutes"],
-                                 "wall_minutes": trained["wall_minutes"],
-                                 "loadavg_1min_before": trained["loadavg_1min_before"],
-                                 "loadavg_1min_after": trained["loadavg_1min_after"],
-                                 "train_images": trained["summary"]["train_images"],
-                                 "val_images": trained["summary"]["val_images"],
-                                 "drift_warned_on_own_domain": after.get("warned"),
-                                 "drift_share_on_own_domain": after.get("share_below_val_p05_top1_prob")})
-                    print(f"[{name}] {k} shots seed {seed}: test {acc:.4f} (val {runs[-1]['val_accuracy']:.4f}), "
-                          f"{trained['wall_minutes']:.1f} min wall", flush=True)
-                m, s = mean_std([r["accuracy"] for r in runs])
-                retrained[str(k)] = {"accuracy": m, "std": s, "runs": runs,
-                                     "unet_evals_per_image": len(plain.classes)}
-            rows["retrained"] = retrained
-            n = args.baseline_noises
-            scores = score_set(plain, data.images, "baseline", desc=f"{name} baseline N={n}", pairs=n, seed=0,
-                               loss=LOSS)
-            rows["baseline"] = {"label": f"baseline, {n} (t, eps) pairs", "accuracy": accuracy(scores, y_plain),
-                                "unet_evals_per_image": n * len(plain.classes)}
-            print(f"[{name}] baseline {rows['baseline']['accuracy']:.4f}", flush=True)
-            scores = score_set(plain, data.images, "pruned", desc=f"{name} pruned", **pruned_cfg)
-            rows["pruned"] = {"label": "pruned (paired t-test, alpha 0.01)", "accuracy": accuracy(scores, y_plain),
-                              "unet_evals_per_image": float(scores.unet_evals.mean())}
-            print(f"[{name}] pruned {rows['pruned']['accuracy']:.4f}", flush=True)
-            target = rows["baseline"]["accuracy"] - 0.01
-            k8 = retrained.get("8")
-            results[name] = {"summary": DOMAINS[name].summary, "test_images": len(data), "written": counts,
-                             "rows": rows, "drift_shipped": drift,
-                             "target_8_shots_ge_baseline_minus_1pt": None if k8 is None else {
-                                 "retrained_8_mean": k8["accuracy"], "baseline_minus_1pt": target,
-                                 "met": bool(k8["accuracy"] >= target)}}
+    ctx = {"plain": plain, "shipped": shipped, "bundle": bundle, "t_star": t_star, "shots": shots,
+           "pruned_cfg": pruned_cfg, "protocol": protocol}
+    for name in names:
+        results[name] = measure_domain(name, args, ctx, records, work)
 
-    out = {"t_star": t_star, "shots": shots, "seeds": args.seeds, "domains": results,
+    out = {"command": command_line("domain_shift.py"), "t_star": t_star, "shots": shots, "seeds": args.seeds,
+           "domains": results,
            "drift_demo_held_out": drift_demo, "minutes": round((time.time() - start) / 60, 1),
-           "protocol": protocol}
+           "resumed_records": records.resumed, "protocol": protocol}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(out, indent=2) + "\n")
     plot(args.out / f"{args.name}.png", results, shots)
+    samples(args.out / f"{args.name}_samples.png", names)
     (args.out / f"{args.name}.md").write_text("\n".join(report(out, args)) + "\n")
     print("\n".join(report(out, args)))
 
@@ -292,13 +395,17 @@ def pct(x: float) -> str:
 
 def report(out: dict[str, Any], args: argparse.Namespace) -> list[str]:
     results, shots = out["domains"], out["shots"]
+    command = out.get("command", "python benchmarks/domain_shift.py")
     lines = [f"# Domain shift: the demo's NoOp off its training digits ({', '.join(results)})", "",
-             f"Produced by `{command_line('domain_shift.py')}` (2 CPU cores, shared with other work: training "
+             f"Produced by `{command}` (2 CPU cores, shared with other work: training "
              "times are wall times under that load, see `loadavg_*` per run in the JSON). Domains are generated in "
              "code by `noop_rt/demo/domains.py` (its docstring says how); the demo's backbone and shipped NoOp never "
              f"saw them. Retrained = `noop-rt train --model demo --shots K --timestep {out['t_star']} --seed S` in a "
              f"subprocess, every other option at the CLI default (as the shipped checkpoint); mean ± std over "
-             f"{out['seeds']} seeds (per seed in brackets). ![accuracy vs shots]({args.name}.png)", ""]
+             f"{out['seeds']} seeds (per seed in brackets).", "",
+             f"![accuracy vs shots]({args.name}.png)", "",
+             f"Test images of each domain next to the demo's own held-out digits: ![samples]({args.name}_samples.png)",
+             ""]
     head = "| classifier | UNet evals / image | " + " | ".join(results) + " |"
     lines += ["## Held-out accuracy", "", head, "|---|---|" + "---|" * len(results)]
     first = next(iter(results.values()))["rows"]
@@ -328,13 +435,14 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> list[str]:
         if t is not None:
             lines.append(f"- {name}: {pct(t['retrained_8_mean'])} % vs {pct(t['baseline_minus_1pt'])} % -> "
                          f"{'met' if t['met'] else 'NOT met'}")
-    lines += ["", "## Training time per run (`noop-rt train` process wall time / its training loop, minutes)", "",
+    lines += ["", "## Training time per run, minutes: `noop-rt train` process wall time / its CPU time (user + sys, "
+              "2 threads; unlike wall time it does not grow when other work shares the cores)", "",
               "| domain | " + " | ".join(f"{k} shots" for k in shots) + " |", "|---|" + "---|" * len(shots)]
     for name, d in results.items():
         cells = []
         for k in shots:
             runs = d["rows"]["retrained"][str(k)]["runs"]
-            cells.append(", ".join(f"{r['wall_minutes']:.1f}/{r['train_minutes']:.1f}" for r in runs))
+            cells.append(", ".join(f"{r['wall_minutes']:.1f}/{r.get('cpu_minutes', float('nan')):.1f}" for r in runs))
         lines.append(f"| {name} | {' | '.join(cells)} |")
     dd = out["drift_demo_held_out"]
     lines += ["", "## Drift warning (shipped bundle, `noop_rt.load()`; window 100, binomial alarm)", "",
