@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -81,6 +83,8 @@ def main() -> None:
     parser.add_argument("--attacks", default=",".join(ATTACKS), help=f"comma list of {', '.join(ATTACKS)}")
     parser.add_argument("--quick", action="store_true", help="smoke run: 4 images, 2 attack steps, 1 LM step")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    parser.add_argument("--work", type=Path, default=None, help="folder of finished batches, to resume an "
+                        "interrupted run (default: TMPDIR/noop-rt-robust-work)")
     args = parser.parse_args()
     cfg, attack = RobustConfig(), AttackConfig()
     if args.quick:
@@ -99,24 +103,45 @@ def main() -> None:
     pick = np.linspace(0, len(full) - 1, min(args.images, len(full))).round().astype(int)
     images, names = full.images[pick], [full.names[i] for i in pick]
     y_all = targets(clf, names)
+    work = args.work or Path(tempfile.gettempdir()) / f"noop-rt-robust{'-quick' if args.quick else ''}-work"
+    work.mkdir(parents=True, exist_ok=True)
     counts = {"clean": [0.0, 0.0], **{k: [0.0, 0.0] for k in kinds}}  # [plain, robust] correct counts
     losses: dict[str, list[list[float]]] = {k: [] for k in kinds}
     seconds = {k: 0.0 for k in kinds}
+    cpu_seconds = {k: 0.0 for k in kinds}
+    resumed = []
     for i in range(0, len(images), args.batch):
         x, y = images[i:i + args.batch], y_all[i:i + args.batch]
         n = len(x)
-        counts["clean"][0] += n * accuracy(clf.score(x, "noop")[0], y)
-        counts["clean"][1] += n * accuracy(clf.score(x, "noop", robust=cfg)[0], y)
+        record = work / f"n{len(images)}-b{args.batch}-i{i}.json"
+        done_batch = json.loads(record.read_text()) if record.is_file() else {}
+        if done_batch:
+            resumed.append(record.name)
+        if "clean" not in done_batch:
+            done_batch["clean"] = {"correct": [n * accuracy(clf.score(x, "noop")[0], y),
+                                               n * accuracy(clf.score(x, "noop", robust=cfg)[0], y)]}
         for kind in kinds:
-            t0 = time.perf_counter()
+            if kind in done_batch:
+                continue
+            t0, c0 = time.perf_counter(), time.process_time()
             loss = attack_loss(kind, graph, emb, torch.from_numpy(y), backbone, cfg)
             adv, trace = pgd(loss, torch.from_numpy(x), replace(attack, seed=i))
-            seconds[kind] += time.perf_counter() - t0
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             assert float((adv - torch.from_numpy(x)).abs().max()) <= attack.eps + 1e-6
-            losses[kind].append(trace)
             adv_np = np.ascontiguousarray(adv.numpy())
-            counts[kind][0] += n * accuracy(clf.score(adv_np, "noop")[0], y)
-            counts[kind][1] += n * accuracy(clf.score(adv_np, "noop", robust=cfg)[0], y)
+            done_batch[kind] = {"correct": [n * accuracy(clf.score(adv_np, "noop")[0], y),
+                                            n * accuracy(clf.score(adv_np, "noop", robust=cfg)[0], y)],
+                                "trace": trace, "seconds": wall, "cpu_seconds": cpu}
+            tmp = record.with_suffix(".tmp")
+            tmp.write_text(json.dumps(done_batch))
+            os.replace(tmp, record)
+        for k in counts:
+            counts[k][0] += done_batch[k]["correct"][0]
+            counts[k][1] += done_batch[k]["correct"][1]
+            if k != "clean":
+                losses[k].append(done_batch[k]["trace"])
+                seconds[k] += done_batch[k]["seconds"]
+                cpu_seconds[k] += done_batch[k]["cpu_seconds"]
         done = i + n
         print(f"{done}/{len(images)}: " + ", ".join(f"{k} {a / done:.3f}/{b / done:.3f}"
                                                     for k, (a, b) in counts.items()), flush=True)
@@ -141,6 +166,7 @@ def main() -> None:
     out = {"images": len(images), "accuracy": acc, "worst_adaptive": worst,
            "attack_loss_mean_per_step": trace_mean,
            "attack_minutes": {k: round(s / 60, 1) for k, s in seconds.items()},
+           "attack_cpu_minutes": {k: round(s / 60, 1) for k, s in cpu_seconds.items()}, "resumed_batches": resumed,
            "minutes": round((time.time() - start) / 60, 1), "protocol": protocol}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "robust.json").write_text(json.dumps(out, indent=2) + "\n")
@@ -162,7 +188,8 @@ def main() -> None:
                       "an upper bound."]
     lines += ["", "Attack margin loss per step (mean over batches; > 0 = misclassified): " + "; ".join(
         f"{k}: {v[0]:.4f} -> {v[-1]:.4f}" for k, v in trace_mean.items()) + ".",
-        "Attack time (min): " + ", ".join(f"{k} {v}" for k, v in out["attack_minutes"].items())
+        "Attack time, wall / CPU minutes (all threads): " + ", ".join(
+            f"{k} {v} / {out['attack_cpu_minutes'][k]}" for k, v in out["attack_minutes"].items())
         + f". Wall time {out['minutes']} min."]
     lines += protocol_lines(protocol)
     (args.out / "robust.md").write_text("\n".join(lines) + "\n")
