@@ -23,7 +23,8 @@ __all__ = ["ClassScore", "Classifier", "LoadOptions", "Result", "Timings", "load
 def load(source: str | Path | None = None, *, classes: list[str] | str | None = None, template: str | None = None,
          prompts: dict[str, str] | str | Path | None = None, backend: str = "auto", device: str = "auto",
          method: str | None = None, fp16: bool = False, max_batch: int | None = None, threads: int | None = None,
-         engines: str | Path | None = None, kind: str | None = None, **strategy: Any) -> Classifier:
+         engines: str | Path | None = None, kind: str | None = None, lora: str | Path | None = None,
+         lora_scale: float | None = None, **strategy: Any) -> Classifier:
     """Open a classifier.
 
     classes: class names (a list or "a,b,c"); template: the prompt template for them ("a photo of a {}");
@@ -31,6 +32,8 @@ def load(source: str | Path | None = None, *, classes: list[str] | str | None = 
     backend: auto | tensorrt | onnxruntime | openvino | torch; device: auto | cpu | cuda[:N];
     method: noop | baseline | adaptive | pruned (default: noop when the model has a learned noise);
     kind: "bundle" | "checkpoint" | "diffusers" to insist on what `source` is (default: detected);
+    lora: a LoRA .safetensors (diffusers or kohya keys) fused into a diffusers folder's UNet/text encoder, or the
+    new place of the one a checkpoint was trained with; lora_scale: its strength (default 1, or the checkpoint's);
     strategy options: loss, pairs, stages, seed, alpha, round_size, robust (a RobustConfig; torch backend).
     """
     from noop_rt.data import parse_class_list, read_prompts_file
@@ -42,5 +45,6 @@ def load(source: str | Path | None = None, *, classes: list[str] | str | None = 
     options = LoadOptions(kind=kind, backend=backend, device=device, fp16=fp16, max_batch=max_batch, threads=threads,
                           engines=Path(engines) if engines is not None else None,
                           classes=list(classes) if classes is not None else None, template=template, prompts=prompts,
-                          method=method, strategy=strategy)
+                          method=method, strategy=strategy, lora=Path(lora) if lora is not None else None,
+                          lora_scale=lora_scale)
     return open_classifier(source, options)

@@ -34,9 +34,10 @@ def backbone_fingerprint(backbone: Backbone) -> dict[str, Any]:
         return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     probe = backbone.unet.conv_in.weight.detach().float().flatten()[:32].cpu()
+    lora = None if backbone.lora is None else {k: backbone.lora[k] for k in ("file", "sha256", "scale")}
     return {"unet_config": config_hash(backbone.unet), "text_encoder_config": config_hash(backbone.text_encoder),
             "conv_in_probe": probe.tolist(), "kind": backbone.kind, "resolution": backbone.resolution,
-            "latent_shape": list(backbone.latent_shape), "prediction_type": backbone.prediction_type}
+            "latent_shape": list(backbone.latent_shape), "prediction_type": backbone.prediction_type, "lora": lora}
 
 
 def same_backbone(recorded: dict[str, Any], backbone: Backbone) -> str | None:
@@ -48,7 +49,47 @@ def same_backbone(recorded: dict[str, Any], backbone: Backbone) -> str | None:
     a, b = torch.tensor(recorded["conv_in_probe"]), torch.tensor(current["conv_in_probe"])
     if not torch.allclose(a, b, rtol=1e-2, atol=1e-3):
         return "the UNet weights differ"
+    return _lora_differs(recorded.get("lora"), current["lora"])
+
+
+def _lora_differs(recorded: dict[str, Any] | None, current: dict[str, Any] | None) -> str | None:
+    """None when both have no LoRA or the same file content at the same scale, else the reason."""
+    if recorded is None and current is None:
+        return None
+    if recorded is None:
+        return f"it was trained without a LoRA, and {current['file']} is fused here"
+    wanted = f"the LoRA {recorded['file']} (sha256 {recorded['sha256'][:12]}, scale {recorded['scale']:g})"
+    if current is None:
+        return f"it was trained with {wanted}, which is not loaded (--lora FILE)"
+    if current["sha256"] != recorded["sha256"]:
+        return f"it was trained with {wanted}, not {current['file']} (sha256 {current['sha256'][:12]})"
+    if abs(float(current["scale"]) - float(recorded["scale"])) > 1e-9:
+        return f"it was trained with {wanted}, not at scale {current['scale']:g}"
     return None
+
+
+def checkpoint_backbone(ckpt: NoopCheckpoint, path: Path, model: str | None = None, lora: str | Path | None = None,
+                        lora_scale: float | None = None, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32) -> Backbone:
+    """The backbone a checkpoint was trained on (or `model`, which must be the same network), with the LoRA it was
+    trained with fused again (from its recorded file, or `lora` when the file moved); CheckpointError if they
+    differ."""
+    from noop_rt.backbone import load_backbone
+
+    recorded = ckpt.backbone_fingerprint.get("lora")
+    if lora is None and recorded is not None:
+        lora = Path(recorded["file"])
+        if not lora.is_file():
+            raise CheckpointError(f"{path} was trained with the LoRA {lora}, which is not there any more: pass its "
+                                  f"new place with --lora FILE (sha256 {recorded['sha256'][:12]})")
+    if lora_scale is None:
+        lora_scale = float(recorded["scale"]) if recorded is not None else 1.0
+    backbone = load_backbone(model or ckpt.backbone_source, dtype=dtype, device=device, lora=lora,
+                             lora_scale=lora_scale)
+    reason = same_backbone(ckpt.backbone_fingerprint, backbone)
+    if reason is not None:
+        raise CheckpointError(f"{path} was trained on another backbone than {backbone.source}: {reason}")
+    return backbone
 
 
 @dataclass

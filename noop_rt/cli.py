@@ -119,6 +119,11 @@ MaxBatchOpt = Annotated[int | None, typer.Option("--max-batch", min=1, metavar="
                                                  "torch).")]
 RobustOpt = Annotated[bool, typer.Option("--robust", help="RDC likelihood maximisation first (torch backend).")]
 Fp16Opt = Annotated[bool, typer.Option("--fp16", help="torch backend in half precision.")]
+LoraOpt = Annotated[Path | None, typer.Option("--lora", metavar="FILE", help="A LoRA .safetensors (diffusers or "
+                                              "kohya keys) fused into the --model SD folder; with --ckpt, where the "
+                                              "one it was trained with moved to.")]
+LoraScaleOpt = Annotated[float | None, typer.Option("--lora-scale", metavar="X", help="LoRA strength (default 1, or "
+                                                    "the checkpoint's).")]
 
 
 def _source(bundle: Path | None, ckpt: Path | None, model: str | None) -> tuple[str | Path | None, str | None]:
@@ -164,7 +169,7 @@ def _strategy(noises: int | None, stages: str | None, loss: str | None, seed: in
 def _load(source: tuple[Any, str | None], *, backend: str, device: str, method: str | None, classes: str | None,
           prompts: Path | None, template: str | None, strategy: dict[str, Any], max_batch: int | None = None,
           fp16: bool = False, engines: Path | None = None, classes_from: str | None = None,
-          class_list: list[str] | None = None) -> Any:
+          class_list: list[str] | None = None, lora: Path | None = None, lora_scale: float | None = None) -> Any:
     from noop_rt.data import parse_class_list, read_prompts_file
     from noop_rt.runtime.open import LoadOptions, open_classifier
 
@@ -175,7 +180,7 @@ def _load(source: tuple[Any, str | None], *, backend: str, device: str, method: 
         backend = "torch"  # robust mode takes gradients: the built-in demo runs from its checkpoint
     options = LoadOptions(kind=kind, backend=backend, device=device, fp16=fp16, max_batch=max_batch, engines=engines,
                           classes=names, template=template, prompts=table, classes_from=classes_from, method=method,
-                          strategy=strategy)
+                          strategy=strategy, lora=lora, lora_scale=lora_scale)
     classifier = open_classifier(source, options)
     classifier.on_drift = lambda message: print(f"warning: {message}", file=sys.stderr)
     for note in classifier.notes:
@@ -185,7 +190,8 @@ def _load(source: tuple[Any, str | None], *, backend: str, device: str, method: 
 
 def _load_kwargs(bundle: Path | None, ckpt: Path | None, model: str | None, backend: str, device: str,
                  method: str | None, classes: str | None, prompts: Path | None, template: str | None,
-                 max_batch: int | None, engines: Path | None, strategy: dict[str, Any]) -> dict[str, Any]:
+                 max_batch: int | None, engines: Path | None, strategy: dict[str, Any], lora: Path | None = None,
+                 lora_scale: float | None = None) -> dict[str, Any]:
     """Keyword arguments of `noop_rt.load` for jobs that open the classifier themselves (batch workers, replicas)."""
     from noop_rt.data import parse_class_list, read_prompts_file
 
@@ -193,7 +199,7 @@ def _load_kwargs(bundle: Path | None, ckpt: Path | None, model: str | None, back
     return {"source": source, "kind": kind, "backend": backend, "device": device, "method": method,
             "classes": parse_class_list(classes) if classes is not None else None,
             "prompts": read_prompts_file(prompts) if prompts is not None else None, "template": template,
-            "max_batch": max_batch, "engines": engines, **strategy}
+            "max_batch": max_batch, "engines": engines, "lora": lora, "lora_scale": lora_scale, **strategy}
 
 
 def _check_images(images: list[Path]) -> None:
@@ -259,7 +265,7 @@ def classify(
     template: TemplateOpt = None, backend: BackendOpt = "auto", method: MethodOpt = None, noises: NoisesOpt = None,
     stages: StagesOpt = None, loss: LossOpt = None, seed: SeedOpt = 0, top_k: TopKOpt = 5, device: DeviceOpt = "auto",
     fp16: Fp16Opt = False, max_batch: MaxBatchOpt = None, robust: RobustOpt = False, engines: EnginesOpt = None,
-    as_json: JsonOpt = False,
+    lora: LoraOpt = None, lora_scale: LoraScaleOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Classify images. No --bundle/--ckpt/--model: the built-in demo (handwritten digits)."""
     def go() -> None:
@@ -274,7 +280,7 @@ def classify(
             class_list, classes_from = ImageFolder.scan(data).classes, f"--data {data}"
         classifier = _load(source, backend=backend, device=device, method=method, classes=classes, prompts=prompts,
                            template=template, strategy=strategy, max_batch=max_batch, fp16=fp16, engines=engines,
-                           classes_from=classes_from, class_list=class_list)
+                           classes_from=classes_from, class_list=class_list, lora=lora, lora_scale=lora_scale)
         _classify(images, classifier, top_k, as_json)
 
     _run(go)
@@ -287,7 +293,7 @@ def eval_command(
     template: TemplateOpt = None, backend: BackendOpt = "auto", method: MethodOpt = None, noises: NoisesOpt = None,
     stages: StagesOpt = None, loss: LossOpt = None, seed: SeedOpt = 0, device: DeviceOpt = "auto",
     fp16: Fp16Opt = False, max_batch: MaxBatchOpt = None, robust: RobustOpt = False, engines: EnginesOpt = None,
-    as_json: JsonOpt = False,
+    lora: LoraOpt = None, lora_scale: LoraScaleOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Accuracy, per-class accuracy and confusion matrix on a labelled image folder; --json records the protocol."""
     def go() -> None:
@@ -301,7 +307,8 @@ def eval_command(
         zero_shot_model = model is not None and model != "demo"
         classifier = _load(source, backend=backend, device=device, method=method, classes=None, prompts=prompts,
                            template=template, strategy=strategy, max_batch=max_batch, fp16=fp16, engines=engines,
-                           class_list=dataset.classes if zero_shot_model and prompts is None else None)
+                           class_list=dataset.classes if zero_shot_model and prompts is None else None,
+                           lora=lora, lora_scale=lora_scale)
         report = evaluate_folder(classifier, dataset)
         if as_json:
             print(json.dumps(report, indent=2))
@@ -340,6 +347,10 @@ def train(
     loss: Annotated[str, typer.Option("--loss", metavar="NAME", help="l2 | l1 | huber: the error norm, stored in "
                                       "the checkpoint.")] = "l1",
     template: TemplateOpt = None, prompts: PromptsOpt = None,
+    lora: Annotated[Path | None, typer.Option("--lora", metavar="FILE", help="A LoRA .safetensors (diffusers or "
+                                              "kohya keys) fused into the --model SD folder before training; the "
+                                              "checkpoint records it and export bakes it into the bundle.")] = None,
+    lora_scale: Annotated[float, typer.Option("--lora-scale", metavar="X", help="LoRA strength.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
     device: DeviceOpt = "auto",
     fp16: Annotated[bool, typer.Option("--fp16", help="Frozen backbone in half precision (CUDA).")] = False,
@@ -373,6 +384,7 @@ def train(
                                 gradient_checkpointing=gradient_checkpointing, max_batch=max_batch,
                                 cli_options=cli_options,
                                 prompts=read_prompts_file(prompts) if prompts is not None else None,
+                                lora=lora, lora_scale=lora_scale,
                                 command=shlex.join(["noop-rt", *sys.argv[1:]])
                                 if Path(sys.argv[0]).name == "noop-rt" else None)
         if summary["val_accuracy"] >= 1.0:
@@ -419,6 +431,9 @@ def export(
     tolerance: Annotated[float | None, typer.Option("--tolerance", help="Max relative error per graph.")] = None,
     min_agreement: Annotated[float | None, typer.Option("--min-agreement", help="Required top-1 agreement.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Re-export over an existing bundle.")] = False,
+    lora: Annotated[Path | None, typer.Option("--lora", metavar="FILE", help="Where the LoRA the checkpoint was "
+                                              "trained with is now (default: the path it recorded); it is fused "
+                                              "into the graphs.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Export a checkpoint to an ONNX bundle (the classifier graph and the scorer, encoder, noise and text-encoder
@@ -436,7 +451,8 @@ def export(
         options = ExportOptions(opset=opset, precision=precision, force=force,
                                 images_per_batch=images_per_batch, tolerance=tolerance, min_agreement=min_agreement,
                                 validate_images=collect_images(validate_data) if validate_data else [],
-                                calibrate_images=collect_images(calibrate_data) if calibrate_data else [])
+                                calibrate_images=collect_images(calibrate_data) if calibrate_data else [],
+                                lora=lora)
         report = export_bundle(ckpt, target, options)
         if as_json:
             print(json.dumps({"out": str(report.out), "cached": report.cached, "seconds": report.seconds,
@@ -510,7 +526,8 @@ def batch(
     workers: Annotated[int, typer.Option("--workers", min=1, help="Ray actors (one model copy each).")] = 1,
     gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", min=0.0, help="GPUs per Ray actor.")] = 0.0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per classification call.")] = 16,
-    device: DeviceOpt = "auto", max_batch: MaxBatchOpt = None, engines: EnginesOpt = None, as_json: JsonOpt = False,
+    device: DeviceOpt = "auto", max_batch: MaxBatchOpt = None, engines: EnginesOpt = None, lora: LoraOpt = None,
+    lora_scale: LoraScaleOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Classify many images into a parquet/jsonl file, in process or on a Ray cluster; resumable."""
     def go() -> None:
@@ -518,7 +535,7 @@ def batch(
 
         _check_choices(backend, method, loss)
         load = _load_kwargs(bundle, ckpt, model, backend, device, method, classes, prompts, template, max_batch,
-                            engines, _strategy(noises, stages, loss, seed, False))
+                            engines, _strategy(noises, stages, loss, seed, False), lora, lora_scale)
         options = BatchOptions(top_k=top_k, batch_size=batch_size, ray=ray or ray_address is not None,
                                ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker)
         report = run_batch(inputs, out, load, options)
@@ -607,7 +624,8 @@ def serve(
                                                  "limit).")] = 10.0,
     ray_address: Annotated[str | None, typer.Option("--ray", metavar="ADDRESS", help="An existing Ray cluster "
                                                     "(default: RAY_ADDRESS, else a local one).")] = None,
-    device: DeviceOpt = "auto", max_batch: MaxBatchOpt = None, engines: EnginesOpt = None,
+    device: DeviceOpt = "auto", max_batch: MaxBatchOpt = None, engines: EnginesOpt = None, lora: LoraOpt = None,
+    lora_scale: LoraScaleOpt = None,
 ) -> None:
     """Serve the classifier over HTTP on Ray Serve: /v1/classify, the KServe v2 protocol, a web page at /."""
     def go() -> None:
@@ -615,7 +633,7 @@ def serve(
 
         _check_choices(backend, method, loss)
         load = _load_kwargs(bundle, ckpt, model, backend, device, method, classes, prompts, template, max_batch,
-                            engines, _strategy(noises, stages, loss, seed, False))
+                            engines, _strategy(noises, stages, loss, seed, False), lora, lora_scale)
         run_server(load, ServeOptions(host=host, port=port, replicas=replicas, gpus_per_replica=gpus_per_replica,
                                       max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
                                       max_upload_mb=max_upload_mb, ray_address=ray_address, top_k=top_k))

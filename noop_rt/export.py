@@ -30,11 +30,10 @@ import torch
 from torch import nn
 
 from noop_rt import __version__
-from noop_rt.backbone import load_backbone
-from noop_rt.checkpoint import NoopCheckpoint, load_checkpoint, same_backbone
+from noop_rt.checkpoint import NoopCheckpoint, checkpoint_backbone, load_checkpoint
 from noop_rt.data import IMAGE_SUFFIXES, load_image
 from noop_rt.demo import model_name
-from noop_rt.errors import BadInputError, CheckpointError, ValidationFailedError
+from noop_rt.errors import BadInputError, ValidationFailedError
 from noop_rt.graphs import TRACE_DIMS, backbone_specs, graph_modules, sample_inputs
 from noop_rt.runtime.bundle import FORMAT, MANIFEST, VERSION, Bundle, sha256_file, write_json_atomic
 from noop_rt.runtime.graphs import CLASSIFIER, ENCODER, GRAPH_NAMES, NOISE, SCORER, TEXT_ENCODER, GraphSpec
@@ -60,6 +59,7 @@ class ExportOptions:
     min_agreement: float | None = None  # None: AGREEMENT[precision]
     validate_images: list[Path] = field(default_factory=list)  # empty: the demo examples, else synthetic images
     calibrate_images: list[Path] = field(default_factory=list)  # int8: empty: the checkpoint's own images
+    lora: Path | None = None  # the LoRA the checkpoint was trained with, when its recorded file moved
 
 
 @dataclass
@@ -280,10 +280,7 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, options: ExportOptions
     if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()) and not options.force:
         raise BadInputError(f"{out} exists and is not a bundle; choose another --out or use --force")
 
-    backbone = load_backbone(ckpt.backbone_source)
-    reason = same_backbone(ckpt.backbone_fingerprint, backbone)
-    if reason is not None:
-        raise CheckpointError(f"{ckpt_path} does not match its backbone {backbone.source}: {reason}")
+    backbone = checkpoint_backbone(ckpt, ckpt_path, lora=options.lora)  # its LoRA fused: the graphs carry it
     emb = ckpt.class_embeddings.float()
     c, max_tokens, text_dim = emb.shape
     specs = backbone_specs(backbone)
@@ -333,7 +330,8 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, options: ExportOptions
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "source_ckpt": {"path": str(ckpt_path), "sha256": ckpt_sha},
             "backbone": {"source": ckpt.backbone_source, "kind": backbone.kind,
-                         "prediction_type": backbone.prediction_type},
+                         "prediction_type": backbone.prediction_type,
+                         "lora": None if backbone.lora is None else {**backbone.lora, "fused": True}},
             "classes": ckpt.classes, "prompts": ckpt.prompts, "template": ckpt.template,
             "prompt_tuned": ckpt.prompt_ctx is not None, "t_star": ckpt.t_star,
             "abar_t_star": float(backbone.alphas_cumprod[ckpt.t_star]), "loss": ckpt.loss, "tau": ckpt.tau,

@@ -140,7 +140,8 @@ def train_command(*, data: Path, out: Path, model: str, shots: int, val_shots: i
                   prompt_tuning: bool, epochs: int, batch_size: int, lr_noise: float, lr_meta: float, negatives: int,
                   loss: str, template: str | None, seed: int, device: str, fp16: bool, gradient_checkpointing: bool,
                   max_batch: int, cli_options: dict[str, str], command: str | None,
-                  prompts: dict[str, str] | None = None) -> dict:
+                  prompts: dict[str, str] | None = None, lora: Path | None = None, lora_scale: float = 1.0
+                  ) -> dict:
     """`noop-rt train`: split, load the backbone, train, write the checkpoint; returns the summary."""
     from noop_rt.backbone import DEMO_SOURCE, load_backbone
     from noop_rt.checkpoint import save_checkpoint
@@ -149,7 +150,8 @@ def train_command(*, data: Path, out: Path, model: str, shots: int, val_shots: i
     from noop_rt.runtime.torch_backend import pick_device
 
     split = fewshot_split(data, shots, val_shots, seed)
-    backbone = load_backbone(model, dtype=torch.float16 if fp16 else torch.float32, device=pick_device(device))
+    backbone = load_backbone(model, dtype=torch.float16 if fp16 else torch.float32, device=pick_device(device),
+                             lora=lora, lora_scale=lora_scale)
     if not 0 <= timestep < backbone.num_train_timesteps:
         raise BadInputError(f"--timestep must be in [0, {backbone.num_train_timesteps})")
     config = TrainConfig(t_star=timestep, epochs=epochs, batch_size=batch_size, lr_noise=lr_noise, lr_meta=lr_meta,

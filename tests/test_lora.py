@@ -166,3 +166,66 @@ def test_lora_without_peft_says_what_to_install(base, tiny_sd, tmp_path, monkeyp
     monkeypatch.setattr(backend, "installed", lambda module: False if module == "peft" else real(module))
     with pytest.raises(MissingDependencyError, match="pip install peft"):
         load_backbone(tiny_sd, lora=path)
+
+
+def test_lora_through_train_export_and_classify(base, tiny_sd, shape_images, tmp_path) -> None:
+    """`train --lora` records the LoRA, `export` fuses it into the bundle's graphs (which then score like the torch
+    checkpoint on the adapted backbone, not like the plain one), a moved file is found again with --lora, another
+    LoRA is refused, and a bundle refuses --lora: each a one-line error."""
+    import json
+    import shutil
+
+    import numpy as np
+    from typer.testing import CliRunner
+
+    import noop_rt
+    from noop_rt.checkpoint import load_checkpoint
+    from noop_rt.cli import app
+    from noop_rt.data import ImageFolder, load_image
+
+    def invoke(*args):
+        return CliRunner().invoke(app, [str(a) for a in args])
+
+    lora, _ = make_lora(base, tmp_path)
+    ckpt = tmp_path / "adapted.pt"
+    res = invoke("train", "--model", tiny_sd, "--data", shape_images, "--shots", "2", "--val-shots", "1",
+                 "--epochs", "1", "--batch-size", "2", "--lora", lora, "--lora-scale", "0.5", "--out", ckpt)
+    assert res.exit_code == 0, res.output
+    recorded = load_checkpoint(ckpt).backbone_fingerprint["lora"]
+    assert recorded["sha256"] == hashlib.sha256(lora.read_bytes()).hexdigest() and recorded["scale"] == 0.5
+
+    bundle = tmp_path / "bundle"
+    res = invoke("export", "--ckpt", ckpt, "--out", bundle, "--validate-data", shape_images, "--images-per-batch", "3")
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["backbone"]["lora"]["sha256"] == recorded["sha256"] and manifest["backbone"]["lora"]["fused"]
+
+    paths = [str(p) for p, _ in ImageFolder.scan(shape_images).samples[:4]]
+    on_bundle = noop_rt.load(bundle, backend="onnxruntime")
+    images = np.stack([load_image(p, on_bundle.model.info.resolution) for p in paths])
+    errors_bundle = on_bundle.score(images)[0].errors
+    errors_torch = noop_rt.load(ckpt, backend="torch").score(images)[0].errors
+    np.testing.assert_allclose(errors_bundle, errors_torch, rtol=1e-4, atol=1e-6)
+    # the same checkpoint's noise over the plain backbone scores otherwise: the bundle did not drop the LoRA
+    from noop_rt.runtime.torch_backend import TorchRunner
+
+    plain = TorchRunner(load_backbone(tiny_sd), load_checkpoint(ckpt))
+    errors_plain = plain.run("classifier", {"image": images}, ["errors"])[0]
+    assert np.abs(errors_plain - errors_bundle).max() > 100 * np.abs(errors_torch - errors_bundle).max() + 1e-6
+
+    moved = tmp_path / "elsewhere" / "adapter.safetensors"
+    moved.parent.mkdir()
+    shutil.move(lora, moved)
+    res = invoke("classify", "--ckpt", ckpt, paths[0])
+    assert res.exit_code != 0 and "not there any more" in res.output and "--lora" in res.output
+    assert res.output.count("\n") <= 2, res.output
+    res = invoke("classify", "--ckpt", ckpt, "--lora", moved, "--json", paths[0])
+    assert res.exit_code == 0, res.output
+    res = invoke("classify", "--model", tiny_sd, "--lora", moved, "--classes", "red square,blue circle",
+                 "--noises", "2", paths[0])  # zero-shot on the adapted SD folder
+    assert res.exit_code == 0, res.output
+    other, _ = make_lora(base, tmp_path / "elsewhere", seed=7)
+    res = invoke("classify", "--ckpt", ckpt, "--lora", other, paths[0])
+    assert res.exit_code != 0 and "trained with the LoRA" in res.output, res.output
+    res = invoke("classify", "--bundle", bundle, "--lora", moved, paths[0])
+    assert res.exit_code != 0 and "a bundle carries the LoRA" in res.output, res.output

@@ -48,6 +48,8 @@ class LoadOptions:
     classes_from: str | None = None
     method: str | None = None
     strategy: dict[str, Any] = field(default_factory=dict)  # loss, pairs, stages, seed, alpha, round_size, robust
+    lora: Path | None = None  # a LoRA .safetensors fused into a diffusers folder / a checkpoint's backbone (torch)
+    lora_scale: float | None = None  # None: 1, or the scale a checkpoint was trained with
 
 
 def source_kind(source: str | Path | None) -> tuple[str, Path | None]:
@@ -91,6 +93,10 @@ def open_classifier(source: str | Path | None = None, options: LoadOptions | Non
             kind, path = "checkpoint", CKPT_PATH
         else:
             kind, path = "bundle", BUNDLE_DIR
+    if options.lora is not None and kind not in ("checkpoint", "diffusers"):
+        raise UsageError("--lora applies to a diffusers folder (--model DIR) or a checkpoint (--ckpt NAME.pt); "
+                         + ("a bundle carries the LoRA it was exported with, fused into its graphs"
+                            if kind == "bundle" else "the built-in demo takes none"))
     if kind == "bundle":
         model, trained_emb = _open_bundle(path, options, notes)
     else:
@@ -212,10 +218,12 @@ def _open_torch(kind: str, path: Path | None, options: LoadOptions) -> tuple[Gra
 
     if kind == "checkpoint":
         runner, info, emb = torch_backend.open_checkpoint(path, None, options.device, options.fp16,
-                                                          options.max_batch or TORCH_MAX_BATCH)
+                                                          options.max_batch or TORCH_MAX_BATCH, options.lora,
+                                                          options.lora_scale)
         return GraphModel(runner, info, torch_backend.tokenizer_of(runner.backbone)), emb
     runner, info = torch_backend.open_diffusers(str(path), options.device, options.fp16,
-                                                options.max_batch or TORCH_MAX_BATCH)
+                                                options.max_batch or TORCH_MAX_BATCH, options.lora,
+                                                options.lora_scale)
     return GraphModel(runner, info, torch_backend.tokenizer_of(runner.backbone)), None
 
 

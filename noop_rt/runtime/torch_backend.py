@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from noop_rt.backbone import DEMO_SOURCE, Backbone, load_backbone
-from noop_rt.checkpoint import NoopCheckpoint, backbone_fingerprint, load_checkpoint, same_backbone
+from noop_rt.checkpoint import NoopCheckpoint, backbone_fingerprint, checkpoint_backbone, load_checkpoint
 from noop_rt.demo import model_name
-from noop_rt.errors import BadInputError, CheckpointError
+from noop_rt.errors import BadInputError
 from noop_rt.graphs import backbone_specs, graph_modules
 from noop_rt.runtime.bundle import sha256_file
 from noop_rt.runtime.graphs import CLASSIFIER
@@ -103,14 +103,14 @@ def tokenizer_of(backbone: Backbone):
     return tokenize
 
 
-def open_checkpoint(path: Path, model: str | None, device: str, fp16: bool, max_batch: int
+def open_checkpoint(path: Path, model: str | None, device: str, fp16: bool, max_batch: int,
+                    lora: Path | None = None, lora_scale: float | None = None
                     ) -> tuple[TorchRunner, ModelInfo, np.ndarray]:
-    """A NoOp checkpoint on its backbone (or `model`, which must be the same network)."""
+    """A NoOp checkpoint on its backbone (or `model`, which must be the same network), with the LoRA it was trained
+    with (its recorded file, or `lora`)."""
     ckpt = load_checkpoint(path)
-    backbone = load_backbone(model or ckpt.backbone_source, device=pick_device(device))  # fp16: see TorchRunner
-    reason = same_backbone(ckpt.backbone_fingerprint, backbone)
-    if reason is not None:
-        raise CheckpointError(f"{path} was trained on another backbone than {backbone.source}: {reason}")
+    backbone = checkpoint_backbone(ckpt, path, model, lora, lora_scale, device=pick_device(device))  # fp16: see
+    # TorchRunner
     name = model_name(path)
     info = ModelInfo(name=name, source="checkpoint", location=str(path), resolution=backbone.resolution,
                      latent_shape=backbone.latent_shape, num_train_timesteps=backbone.num_train_timesteps,
@@ -122,9 +122,11 @@ def open_checkpoint(path: Path, model: str | None, device: str, fp16: bool, max_
     return TorchRunner(backbone, ckpt, fp16), info, ckpt.class_embeddings.float().numpy()
 
 
-def open_diffusers(folder: str, device: str, fp16: bool, max_batch: int) -> tuple[TorchRunner, ModelInfo]:
-    """A diffusers Stable Diffusion folder (or the demo backbone) for the zero-shot strategies."""
-    backbone = load_backbone(folder, device=pick_device(device))  # fp16: see TorchRunner
+def open_diffusers(folder: str, device: str, fp16: bool, max_batch: int, lora: Path | None = None,
+                   lora_scale: float | None = None) -> tuple[TorchRunner, ModelInfo]:
+    """A diffusers Stable Diffusion folder (or the demo backbone) for the zero-shot strategies, with `lora` fused."""
+    backbone = load_backbone(folder, device=pick_device(device), lora=lora,
+                             lora_scale=1.0 if lora_scale is None else lora_scale)  # fp16: see TorchRunner
     fingerprint = hashlib.sha256(json.dumps(backbone_fingerprint(backbone), sort_keys=True).encode()).hexdigest()
     name = "demo" if backbone.source == DEMO_SOURCE else Path(backbone.source).name
     info = ModelInfo(name=name, source="diffusers", location=backbone.source, resolution=backbone.resolution,
