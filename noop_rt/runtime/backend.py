@@ -12,6 +12,8 @@ from typing import Protocol
 
 import numpy as np
 
+from noop_rt.errors import BadInputError
+
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "openvino", "torch")
 
 
@@ -50,6 +52,18 @@ def nvidia_gpus() -> int:
         return len(list(folder.iterdir()))
     except OSError:
         return 0 if os.name == "posix" else int(bool(os.environ.get("CUDA_VISIBLE_DEVICES")))
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """A yes/no switch from the environment: 1/true/yes/on or 0/false/no/off; unset or empty: `default`."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise BadInputError(f"{name}={os.environ[name]!r}: expected 1/0, true/false, yes/no or on/off")
 
 
 def cuda_index(device: str) -> int:

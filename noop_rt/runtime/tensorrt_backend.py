@@ -9,6 +9,13 @@ context (`output_shapes`), and splitting a call that exceeds the engine's profil
 The pure helpers live here, in the runtime, because the runtime must decide whether engines are usable without
 importing the build side (`noop_rt/engines.py` builds plans and imports them from here). No torch: buffers and the
 stream are Polygraphy's CUDA wrappers (`polygraphy.cuda.DeviceArray`, `Stream`).
+
+CUDA graphs (`cuda_graph=True`, or NOOP_RT_TRT_CUDA_GRAPH=1; off by default until measured): the NoOp classifier
+engine's shapes are static per batch, so after a shape's first (plain) `execute_async_v3`, that call is captured on the
+runner's stream into a CUDA graph (cudaStreamBeginCapture ... cudaGraphInstantiateWithFlags, through the CUDA runtime
+that Polygraphy loads, as `set_device` does) and later calls of that shape launch the graph. A graph holds the device
+addresses it was captured with, so `GraphCache` drops every graph when a buffer moves (grew); that policy is pure and
+unit-tested, the CUDA calls (`_CudaGraph`) are thin and NOT run here.
 """
 
 from __future__ import annotations
@@ -18,15 +25,17 @@ import hashlib
 import json
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
 from noop_rt.errors import EngineError, MissingDependencyError
-from noop_rt.runtime.backend import cuda_index, installed, nvidia_gpus
+from noop_rt.runtime.backend import cuda_index, env_flag, installed, nvidia_gpus
 from noop_rt.runtime.graphs import BATCH, CLASSES, CLASSIFIER, PROMPTS, SCORER, TEXT_ENCODER, GraphSpec
+from noop_rt.runtime.shape_cache import ShapeCache, signature
 
 FORMAT = "noop-rt.engines"
 VERSION = 2  # 2: bundle format 2 (graphs + one weights file), profiles per named axis
@@ -39,6 +48,10 @@ TEXT_ENCODER_MAX_PROMPTS = 64  # GraphModel.embed sends at most this many prompt
 SPLIT_AXES: dict[str, tuple[str, ...]] = {SCORER: (BATCH, CLASSES), TEXT_ENCODER: (PROMPTS,)}
 DEFAULT_SPLIT_AXES = (BATCH,)
 Profile = dict[str, tuple[tuple[int, ...], ...]]  # input name -> (min shape, opt shape, max shape)
+CUDA_GRAPH_ENV = "NOOP_RT_TRT_CUDA_GRAPH"  # 1: the classifier engine through CUDA graphs (default off)
+CUDA_GRAPH_GRAPHS = (CLASSIFIER,)  # the static NoOp profile
+MAX_CUDA_GRAPHS = 4  # captured shapes per engine
+CAPTURE_MODE_THREAD_LOCAL = 1  # cudaStreamCaptureModeThreadLocal
 
 
 # ----------------------------------------------------------------------------------------------- profiles
@@ -392,6 +405,87 @@ def run_split(spec: GraphSpec, feeds: dict[str, np.ndarray], outputs: Sequence[s
     return execute(feeds)
 
 
+# ----------------------------------------------------------------------------------------------- CUDA graphs
+G = TypeVar("G")
+
+
+def buffer_addresses(buffers: dict[str, Any]) -> tuple[tuple[str, int], ...]:
+    """(tensor name, device address) of an engine's bound buffers, sorted: what a captured graph has baked in."""
+    return tuple(sorted((name, int(buf.ptr)) for name, buf in buffers.items()))
+
+
+class GraphCache(Generic[G]):
+    """An engine's captured CUDA graphs by input signature, valid for one set of buffer addresses: when any buffer
+    moved (it grew for a larger call), every graph captured on the old addresses is freed and forgotten."""
+
+    def __init__(self, limit: int, free: Callable[[G], None]) -> None:
+        self.cache: ShapeCache[G] = ShapeCache(limit, evict=False, close=free)
+        self.addresses: tuple[tuple[str, int], ...] | None = None
+
+    def lookup(self, key: Any, addresses: tuple[tuple[str, int], ...]) -> G | None:
+        if addresses != self.addresses:
+            self.cache.clear()
+            self.addresses = addresses
+        return self.cache.lookup(key)
+
+    def try_add(self, key: Any, build: Callable[[], G]) -> G | None:
+        """A graph for `key` on the addresses of the last `lookup`; None when full or the capture failed."""
+        return self.cache.try_add(key, build)
+
+    def failure(self, key: Any) -> str | None:
+        return self.cache.failures.get(key)
+
+    def clear(self) -> None:
+        self.cache.clear()
+        self.addresses = None
+
+
+def _cudart() -> Any:  # pragma: no cover - needs the CUDA runtime: not run here
+    from polygraphy import cuda
+
+    return cuda.wrapper().handle
+
+
+class _CudaGraph:  # pragma: no cover - needs TensorRT and a GPU: not run here
+    """One `execute_async_v3` of an execution context, captured on `stream_ptr` and instantiated."""
+
+    def __init__(self, context: Any, stream_ptr: int) -> None:
+        cudart = _cudart()
+        stream = ctypes.c_void_p(stream_ptr)
+        self.graph, self.exec = ctypes.c_void_p(), ctypes.c_void_p()
+        _cuda_check(cudart.cudaStreamBeginCapture(stream, ctypes.c_int(CAPTURE_MODE_THREAD_LOCAL)),
+                    "cudaStreamBeginCapture")
+        try:
+            ok = context.execute_async_v3(stream_ptr)
+        finally:  # always end the capture, or the stream stays unusable
+            ended = cudart.cudaStreamEndCapture(stream, ctypes.byref(self.graph))
+        if not ok:
+            self.free()
+            raise EngineError("TensorRT execution failed while capturing a CUDA graph")
+        _cuda_check(ended, "cudaStreamEndCapture")
+        rc = cudart.cudaGraphInstantiateWithFlags(ctypes.byref(self.exec), self.graph, ctypes.c_ulonglong(0))
+        if rc != 0:
+            self.free()
+            _cuda_check(rc, "cudaGraphInstantiateWithFlags")
+
+    def launch(self, stream_ptr: int) -> None:
+        _cuda_check(_cudart().cudaGraphLaunch(self.exec, ctypes.c_void_p(stream_ptr)), "cudaGraphLaunch")
+
+    def free(self) -> None:
+        cudart = _cudart()
+        if self.exec.value:
+            cudart.cudaGraphExecDestroy(self.exec)
+            self.exec = ctypes.c_void_p()
+        if self.graph.value:
+            cudart.cudaGraphDestroy(self.graph)
+            self.graph = ctypes.c_void_p()
+
+
+def _cuda_check(rc: int, call: str) -> None:
+    if rc != 0:
+        raise EngineError(f"CUDA runtime call {call} failed with error {rc}")
+
+
 # ----------------------------------------------------------------------------------------------- the runner
 class _Engine:
     """One deserialised plan, its execution context and its device buffers."""
@@ -416,6 +510,7 @@ class _Engine:
             target[name] = numpy_dtype(self.engine.get_tensor_dtype(name))
         self.buffers: dict[str, Any] = {}
         self.graph = graph
+        self.graphs: GraphCache[_CudaGraph] = GraphCache(MAX_CUDA_GRAPHS, lambda g: g.free())
 
     def buffer(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> Any:
         from polygraphy import cuda
@@ -431,6 +526,7 @@ class _Engine:
         return buf
 
     def free(self) -> None:
+        self.graphs.clear()  # before the buffers their graphs point at
         for buf in self.buffers.values():
             buf.free()
         self.buffers.clear()
@@ -447,7 +543,8 @@ class TensorRTRunner:
     # class embeddings are baked into its plan, so other class sets go through the encoder/noise/scorer graphs.
     classifier_takes_embeddings = False
 
-    def __init__(self, bundle: Any, engines_dir: Path | None, device: str) -> None:
+    def __init__(self, bundle: Any, engines_dir: Path | None, device: str, *, cuda_graph: bool | None = None) -> None:
+        """`cuda_graph`: the classifier engine through CUDA graphs (None: NOOP_RT_TRT_CUDA_GRAPH, default off)."""
         try:
             import tensorrt as trt
             from polygraphy import cuda
@@ -470,6 +567,8 @@ class TensorRTRunner:
         self.engines: dict[str, _Engine] = {}
         self.device = f"cuda:{self.index} ({env['gpu']})"
         self._class_embeddings: np.ndarray | None = None
+        self.cuda_graph = env_flag(CUDA_GRAPH_ENV, False) if cuda_graph is None else cuda_graph
+        self.notes: list[str] = []
 
     def has(self, graph: str) -> bool:
         return graph in self.specs and graph in self.record.get("graphs", {})
@@ -520,13 +619,30 @@ class TensorRTRunner:
             eng.buffer(name, array.shape, array.dtype).copy_from(array, self.stream)
         shapes = output_shapes(eng.context, graph, list(eng.outputs))
         device_out = {name: eng.buffer(name, shapes[name], eng.outputs[name]) for name in eng.outputs}
-        if not eng.context.execute_async_v3(self.stream.ptr):
-            raise EngineError(f"TensorRT execution of the {graph} engine failed (see TensorRT's log above)")
+        self._enqueue(graph, eng, arrays)
         host = [np.empty(shapes[o], dtype=eng.outputs[o]) for o in outputs]
         for name, array in zip(outputs, host, strict=True):
             device_out[name].copy_to(array, self.stream)
         self.stream.synchronize()
         return [a.astype(np.float32) if a.dtype == np.float16 else a for a in host]  # float I/O is float32
+
+    def _enqueue(self, graph: str, eng: _Engine, arrays: dict[str, np.ndarray]) -> None:
+        """Launch this shape's CUDA graph, else execute (and then capture the shape's graph, when asked)."""
+        use_graphs = self.cuda_graph and graph in CUDA_GRAPH_GRAPHS
+        key = signature(arrays) if use_graphs else None
+        if use_graphs:  # pragma: no cover - needs TensorRT and a GPU: not run here
+            captured = eng.graphs.lookup(key, buffer_addresses(eng.buffers))
+            if captured is not None:
+                captured.launch(self.stream.ptr)
+                return
+        if not eng.context.execute_async_v3(self.stream.ptr):
+            raise EngineError(f"TensorRT execution of the {graph} engine failed (see TensorRT's log above)")
+        if use_graphs:  # pragma: no cover - after a plain execute of the new shapes, as TensorRT asks
+            made = eng.graphs.try_add(key, lambda: _CudaGraph(eng.context, self.stream.ptr))
+            if made is None and eng.graphs.failure(key):
+                self.cuda_graph = False
+                self.notes.append(f"TensorRT CUDA graph for the {graph} engine not used: {eng.graphs.failure(key)}")
+                print(f"note: {self.notes[-1]}", file=sys.stderr)
 
     def synchronize(self) -> None:
         self.stream.synchronize()

@@ -2,6 +2,9 @@
 fp16, CPU or CUDA, behind the same graph-runner interface as the engines. It is the only runtime module that
 reaches the torch side (backbone, checkpoint, NoOp), and `open.py` imports it only when it is chosen. It runs
 checkpoints and diffusers folders, and robust mode (which takes gradients through the model).
+
+On CUDA, `cuda_graph=True` (or NOOP_RT_TORCH_CUDA_GRAPH=1) replays the NoOp classifier module from CUDA graphs, one
+per batch shape (`torch_cuda_graph.CudaGraphed`), fp32 or fp16; off by default until measured on a GPU.
 """
 
 from __future__ import annotations
@@ -20,9 +23,13 @@ from noop_rt.checkpoint import NoopCheckpoint, backbone_fingerprint, checkpoint_
 from noop_rt.demo import model_name
 from noop_rt.errors import BadInputError
 from noop_rt.graphs import backbone_specs, graph_modules
+from noop_rt.runtime.backend import env_flag
 from noop_rt.runtime.bundle import sha256_file
 from noop_rt.runtime.graphs import CLASSIFIER
 from noop_rt.runtime.model import ModelInfo, default_preprocessing
+from noop_rt.runtime.torch_cuda_graph import Capture, CudaGraphed
+
+CUDA_GRAPH_ENV = "NOOP_RT_TORCH_CUDA_GRAPH"  # 1: the classifier module through CUDA graphs (CUDA only; default off)
 
 
 def set_threads(threads: int | None) -> None:
@@ -45,12 +52,20 @@ def pick_device(device: str) -> torch.device:
 class TorchRunner:
     name = "torch"
 
-    def __init__(self, backbone: Backbone, ckpt: NoopCheckpoint | None, fp16: bool = False) -> None:
+    def __init__(self, backbone: Backbone, ckpt: NoopCheckpoint | None, fp16: bool = False, *,
+                 cuda_graph: bool | None = None, capture: Capture | None = None) -> None:
+        """`cuda_graph`: the classifier module through CUDA graphs when the device is CUDA (None:
+        NOOP_RT_TORCH_CUDA_GRAPH, default off). `capture`: another capture function (`static_eager` runs the same
+        static-buffer path on any device; the CPU tests use it)."""
         self.backbone = backbone
         self.ckpt = ckpt
         self.modules = graph_modules(backbone, ckpt, half=fp16, copy=False)  # fp16: UNet + noise halved in place
         self.specs = backbone_specs(backbone)
         self.device = str(backbone.device)
+        want = env_flag(CUDA_GRAPH_ENV, False) if cuda_graph is None else cuda_graph
+        self.graphed: CudaGraphed | None = None
+        if CLASSIFIER in self.modules and (capture is not None or (want and backbone.device.type == "cuda")):
+            self.graphed = CudaGraphed(self.modules[CLASSIFIER], capture=capture)
         self._default_emb = None if ckpt is None else ckpt.class_embeddings.to(backbone.device, torch.float32)
         self._fed: tuple[np.ndarray, torch.Tensor] | None = None  # the last class embeddings fed, and on the device
 
@@ -75,7 +90,8 @@ class TorchRunner:
                 args.append(self._default_emb)
             else:
                 raise BadInputError(f"graph {graph} needs input {t.name}")
-        result = self.modules[graph](*args)
+        module = self.graphed if graph == CLASSIFIER and self.graphed is not None else self.modules[graph]
+        result = module(*args)
         result = result if isinstance(result, tuple) else (result,)
         names = [o.name for o in spec.outputs] if graph != CLASSIFIER else ["errors", "probs"]
         by_name = dict(zip(names, result, strict=False))
@@ -93,6 +109,9 @@ class TorchRunner:
             torch.cuda.synchronize(self.backbone.device)
 
     def close(self) -> None:
+        if self.graphed is not None:
+            self.graphed.clear()
+            self.graphed = None
         self.modules.clear()
 
 
