@@ -19,6 +19,11 @@ CPU onnxruntime (noop-rt refuses to run with both builds installed). The last ca
 
     python3 benchmarks/gpu_suite.py --wheels /tmp/w --deadline 540      # timeout_s 600 on the device call
 
+The GPU fast paths are measured beside their plain runs: each `*-cudagraph` / `*-graph` / `*-plain` step is its
+base bench again with one switch set in its environment (NOOP_RT_TORCH_CUDA_GRAPH, NOOP_RT_ORT_CUDA_GRAPH,
+NOOP_RT_ORT_IOBINDING=0, NOOP_RT_TRT_CUDA_GRAPH), and `gpu-path-tests` checks their outputs against the plain paths
+(tests/test_gpu_paths.py).
+
 TensorRT cannot be installed on this project's machines: its steps are skipped there ("tensorrt is not importable")
 and run on a machine that has it.
 """
@@ -89,6 +94,7 @@ class Step:
     result: Path | None = None  # a JSON file the step writes, embedded into summary.json
     skip: str | None = None  # why it will not run (decided when planning)
     prepares: bool = False  # only makes what later steps use (skipped when none of them runs)
+    env: dict[str, str] = field(default_factory=dict)  # set for this step only (the GPU fast-path switches)
 
 
 @dataclass
@@ -112,6 +118,22 @@ def noop(*args: str) -> list[str]:
     return [sys.executable, "-m", "noop_rt", *args]
 
 
+# The GPU fast paths, each switched on by an environment variable (noop_rt/runtime/*_backend.py); the default runs
+# stay as they are, so each variant is measured beside its baseline.
+TORCH_CUDA_GRAPH = {"NOOP_RT_TORCH_CUDA_GRAPH": "1"}  # the classifier module replayed from CUDA graphs
+ORT_PLAIN = {"NOOP_RT_ORT_IOBINDING": "0"}  # session.run, no IO binding (the CUDA default binds)
+ORT_CUDA_GRAPH = {"NOOP_RT_ORT_CUDA_GRAPH": "1"}  # IO binding + one CUDA-graph session per classifier shape
+TRT_CUDA_GRAPH = {"NOOP_RT_TRT_CUDA_GRAPH": "1"}  # execute_async_v3 captured per classifier shape
+
+
+def variant(base: Step, name: str, env: dict[str, str]) -> Step:
+    """`base` (a bench step) again with `env` set, writing its report beside the base's as `*-NAME-suffix.json`."""
+    assert base.result is not None
+    result = base.result.with_name(f"{base.result.stem}-{name.removeprefix(base.name + '-')}.json")
+    cmd = [str(result) if c == str(base.result) else c for c in base.cmd]
+    return Step(name, cmd, needs=base.needs, requires=base.requires, timeout=base.timeout, result=result, env=env)
+
+
 def plan_steps(cfg: Config, facts: dict[str, bool]) -> list[Step]:
     """The suite's steps, in the order they run, each marked with why it is skipped (or None)."""
     w, k, runs = cfg.work, str(cfg.classes), str(cfg.runs)
@@ -124,20 +146,28 @@ def plan_steps(cfg: Config, facts: dict[str, bool]) -> list[Step]:
                           "power.limit", "--format=csv"], requires=("gpu",), timeout=30),
         Step("versions", [sys.executable, "-c", VERSIONS], timeout=120),
         # the shipped demo (16 px, 10 classes): every backend here
-        Step("demo-torch", noop("bench", "--backends", "torch", "--device", "cuda", "--fp16", "--runs", runs,
-                                "--json", str(w / "bench-demo-torch.json")),
-             requires=("torch_cuda", "diffusers"), result=w / "bench-demo-torch.json"),
-        Step("demo-onnxruntime-cuda", noop("bench", "--backends", "onnxruntime", "--device", "cuda", "--runs", runs,
-                                           "--json", str(w / "bench-demo-onnxruntime.json")),
-             requires=("onnxruntime_cuda",), result=w / "bench-demo-onnxruntime.json"),
+        demo_torch := Step("demo-torch", noop("bench", "--backends", "torch", "--device", "cuda", "--fp16", "--runs",
+                                              runs, "--json", str(w / "bench-demo-torch.json")),
+                           requires=("torch_cuda", "diffusers"), result=w / "bench-demo-torch.json"),
+        variant(demo_torch, "demo-torch-cudagraph", TORCH_CUDA_GRAPH),
+        demo_ort := Step("demo-onnxruntime-cuda", noop("bench", "--backends", "onnxruntime", "--device", "cuda",
+                                                       "--runs", runs, "--json",
+                                                       str(w / "bench-demo-onnxruntime.json")),
+                         requires=("onnxruntime_cuda",), result=w / "bench-demo-onnxruntime.json"),
+        variant(demo_ort, "demo-onnxruntime-cuda-plain", ORT_PLAIN),
+        variant(demo_ort, "demo-onnxruntime-cuda-graph", ORT_CUDA_GRAPH),
+        # the fast paths against their plain runs, on the demo (tests skip what this machine lacks)
+        Step("gpu-path-tests", [sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_gpu_paths.py"],
+             requires=("gpu", "torch"), timeout=180),
         Step("demo-export-fp16", noop("export", "--ckpt", DEMO_CKPT, "--out", str(demo16), "--fp16", "--force"),
              requires=("tensorrt", "torch", "diffusers"), prepares=True),
         Step("demo-build", noop("build", str(demo16), "--out", str(w / "engines-demo"), "--timing-cache",
                                 str(timing)), needs=("demo-export-fp16",), requires=("tensorrt",)),
-        Step("demo-tensorrt", noop("bench", "--bundle", str(demo16), "--ckpt", DEMO_CKPT, "--backends", "tensorrt",
-                                   "--engines", str(w / "engines-demo"), "--runs", runs, "--json",
-                                   str(w / "bench-demo-tensorrt.json")),
-             needs=("demo-build",), requires=("tensorrt",), result=w / "bench-demo-tensorrt.json"),
+        demo_trt := Step("demo-tensorrt", noop("bench", "--bundle", str(demo16), "--ckpt", DEMO_CKPT, "--backends",
+                                               "tensorrt", "--engines", str(w / "engines-demo"), "--runs", runs,
+                                               "--json", str(w / "bench-demo-tensorrt.json")),
+                         needs=("demo-build",), requires=("tensorrt",), result=w / "bench-demo-tensorrt.json"),
+        variant(demo_trt, "demo-tensorrt-cudagraph", TRT_CUDA_GRAPH),
         Step("tensorrt-tests", [sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_engines.py"],
              requires=("tensorrt",)),
         # SD-1.5 architecture, random weights, 512 px, `classes` classes
@@ -145,9 +175,10 @@ def plan_steps(cfg: Config, facts: dict[str, bool]) -> list[Step]:
                                  "import sd15_shape_checkpoint; print(sd15_shape_checkpoint(Path(sys.argv[1]), "
                                  "int(sys.argv[2])))", str(cache), k], requires=("torch", "diffusers"),
              prepares=True),
-        Step("sd15-torch", noop("bench", *sd15_bench, "--backends", "torch", "--device", "cuda", "--fp16", "--runs",
-                                runs, "--json", str(w / "bench-sd15-torch.json")),
-             needs=("sd15-checkpoint",), requires=("torch_cuda",), result=w / "bench-sd15-torch.json"),
+        sd15_torch := Step("sd15-torch", noop("bench", *sd15_bench, "--backends", "torch", "--device", "cuda",
+                                              "--fp16", "--runs", runs, "--json", str(w / "bench-sd15-torch.json")),
+                           needs=("sd15-checkpoint",), requires=("torch_cuda",), result=w / "bench-sd15-torch.json"),
+        variant(sd15_torch, "sd15-torch-cudagraph", TORCH_CUDA_GRAPH),
         Step("train-memory", [sys.executable, "benchmarks/train_memory.py", "--device", "cuda", "--fp16",
                               "--cache-dir", str(cache), "--name", "train_memory_cuda_fp16"],
              requires=("torch_cuda", "diffusers"), result=ROOT / "benchmarks/results/train_memory_cuda_fp16.json",
@@ -155,16 +186,20 @@ def plan_steps(cfg: Config, facts: dict[str, bool]) -> list[Step]:
         Step("sd15-export-fp16", noop("export", "--ckpt", str(sd15_ckpt), "--out", str(sd16), "--fp16",
                                       "--images-per-batch", "1", "--min-agreement", "0", "--tolerance", "1", "--force"),
              needs=("sd15-checkpoint",), requires=("torch", "diffusers"), prepares=True),
-        Step("sd15-onnxruntime-cuda", noop("bench", "--bundle", str(sd16), "--ckpt", str(sd15_ckpt), "--backends",
-                                           "onnxruntime", "--device", "cuda", "--no-startup", "--runs", runs,
-                                           "--json", str(w / "bench-sd15-onnxruntime.json")),
-             needs=("sd15-export-fp16",), requires=("onnxruntime_cuda",), result=w / "bench-sd15-onnxruntime.json"),
+        sd15_ort := Step("sd15-onnxruntime-cuda", noop("bench", "--bundle", str(sd16), "--ckpt", str(sd15_ckpt),
+                                                       "--backends", "onnxruntime", "--device", "cuda", "--no-startup",
+                                                       "--runs", runs, "--json",
+                                                       str(w / "bench-sd15-onnxruntime.json")),
+                         needs=("sd15-export-fp16",), requires=("onnxruntime_cuda",),
+                         result=w / "bench-sd15-onnxruntime.json"),
+        variant(sd15_ort, "sd15-onnxruntime-cuda-graph", ORT_CUDA_GRAPH),
         Step("sd15-build", noop("build", str(sd16), "--out", str(w / "engines-sd15"), "--timing-cache", str(timing)),
              needs=("sd15-export-fp16",), requires=("tensorrt",), timeout=max(cfg.step_timeout, 480)),
-        Step("sd15-tensorrt", noop("bench", "--bundle", str(sd16), "--ckpt", str(sd15_ckpt), "--backends", "tensorrt",
-                                   "--engines", str(w / "engines-sd15"), "--no-startup", "--runs", runs, "--json",
-                                   str(w / "bench-sd15-tensorrt.json")),
-             needs=("sd15-build",), requires=("tensorrt",), result=w / "bench-sd15-tensorrt.json"),
+        sd15_trt := Step("sd15-tensorrt", noop("bench", "--bundle", str(sd16), "--ckpt", str(sd15_ckpt), "--backends",
+                                               "tensorrt", "--engines", str(w / "engines-sd15"), "--no-startup",
+                                               "--runs", runs, "--json", str(w / "bench-sd15-tensorrt.json")),
+                         needs=("sd15-build",), requires=("tensorrt",), result=w / "bench-sd15-tensorrt.json"),
+        variant(sd15_trt, "sd15-tensorrt-cudagraph", TRT_CUDA_GRAPH),
     ]
     for step in steps:
         if step.skip is not None:
@@ -264,7 +299,9 @@ class Suite:
         return self.summary
 
     def run_step(self, step: Step, log: TextIO) -> dict[str, Any]:
-        record: dict[str, Any] = {"name": step.name, "cmd": shlex.join(step.cmd)}
+        record: dict[str, Any] = {"name": step.name, "cmd": command_line(step)}
+        if step.env:
+            record["env"] = dict(step.env)
         failed = [n for n in step.needs if self.status.get(n) != "ok"]
         reason = step.skip or (f"needs {', '.join(failed)}, which did not succeed" if failed else None)
         left = self.remaining() - 5  # seconds left for this step, keeping a few to write the summary
@@ -277,7 +314,7 @@ class Suite:
         log.flush()
         offset = log.tell()
         t0 = time.monotonic()
-        proc = subprocess.Popen(step.cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=self.env,
+        proc = subprocess.Popen(step.cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**self.env, **step.env},
                                 start_new_session=True)
         try:
             rc = proc.wait(timeout=timeout)
@@ -303,6 +340,11 @@ class Suite:
         tmp = path.with_name(".summary.json.tmp")
         tmp.write_text(json.dumps(self.summary, indent=1, default=str) + "\n")
         tmp.replace(path)
+
+
+def command_line(step: Step) -> str:
+    """The step as a shell line, its own environment variables first."""
+    return " ".join([f"{k}={shlex.quote(v)}" for k, v in step.env.items()] + [shlex.join(step.cmd)])
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -377,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         for step in setup + plan_steps(cfg, facts):
             note = f"  # skip: {step.skip}" if step.skip else (f"  # after {', '.join(step.needs)}" if step.needs
                                                                else "")
-            print(f"[{step.name}] {shlex.join(step.cmd)}{note}")
+            print(f"[{step.name}] {command_line(step)}{note}")
         return 0
     if shutil.which("nvidia-smi") is None:
         print("note: no nvidia-smi here; the GPU steps will be skipped", file=sys.stderr)

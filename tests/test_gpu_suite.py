@@ -71,6 +71,46 @@ def test_step_list_with_every_engine_present(suite, tmp_path) -> None:
             assert step.cmd[step.cmd.index("--json") + 1] == str(step.result)
 
 
+def test_fast_path_variants_rerun_their_base_bench_with_one_switch(suite, tmp_path) -> None:
+    cfg = suite.Config(out=tmp_path / "o", work=tmp_path / "w")
+    steps = steps_by_name(suite, cfg, ALL)
+    pairs = {"demo-torch-cudagraph": ("demo-torch", {"NOOP_RT_TORCH_CUDA_GRAPH": "1"}),
+             "demo-onnxruntime-cuda-plain": ("demo-onnxruntime-cuda", {"NOOP_RT_ORT_IOBINDING": "0"}),
+             "demo-onnxruntime-cuda-graph": ("demo-onnxruntime-cuda", {"NOOP_RT_ORT_CUDA_GRAPH": "1"}),
+             "demo-tensorrt-cudagraph": ("demo-tensorrt", {"NOOP_RT_TRT_CUDA_GRAPH": "1"}),
+             "sd15-torch-cudagraph": ("sd15-torch", {"NOOP_RT_TORCH_CUDA_GRAPH": "1"}),
+             "sd15-onnxruntime-cuda-graph": ("sd15-onnxruntime-cuda", {"NOOP_RT_ORT_CUDA_GRAPH": "1"}),
+             "sd15-tensorrt-cudagraph": ("sd15-tensorrt", {"NOOP_RT_TRT_CUDA_GRAPH": "1"})}
+    names = list(steps)
+    results = set()
+    for name, (base_name, env) in pairs.items():
+        step, base = steps[name], steps[base_name]
+        assert step.env == env and base.env == {} and names.index(name) > names.index(base_name)
+        assert step.needs == base.needs and step.requires == base.requires
+        assert step.result != base.result and step.result.parent == base.result.parent
+        results.add(step.result)
+        swap = [c for c, b in zip(step.cmd, base.cmd, strict=True) if c != b]
+        assert swap == [str(step.result)]  # the same command, only its report elsewhere
+    assert len(results) == len(pairs)
+    tests = steps["gpu-path-tests"]
+    assert tests.cmd[-1] == "tests/test_gpu_paths.py" and (ROOT / tests.cmd[-1]).is_file()
+    no_ort = steps_by_name(suite, cfg, {**ALL, "onnxruntime_cuda": False})
+    assert "CUDAExecutionProvider" in no_ort["demo-onnxruntime-cuda-graph"].skip
+
+
+def test_runner_sets_a_steps_environment(suite, tmp_path) -> None:
+    py = sys.executable
+    show = "import os; print('switch=' + os.environ.get('NOOP_RT_TORCH_CUDA_GRAPH', 'unset'))"
+    steps = [suite.Step("with", [py, "-c", show], env={"NOOP_RT_TORCH_CUDA_GRAPH": "1"}),
+             suite.Step("without", [py, "-c", show])]
+    cfg = suite.Config(out=tmp_path / "o", work=tmp_path / "w", step_timeout=60, deadline=120)
+    summary = suite.Suite(cfg, suite.child_env(cfg), {}).run(steps)
+    got = {s["name"]: s for s in summary["steps"]}
+    assert "switch=1" in got["with"]["tail"] and "switch=unset" in got["without"]["tail"]
+    assert got["with"]["env"] == {"NOOP_RT_TORCH_CUDA_GRAPH": "1"} and "env" not in got["without"]
+    assert got["with"]["cmd"].startswith("NOOP_RT_TORCH_CUDA_GRAPH=1 ")
+
+
 def test_step_list_without_gpu_engines_says_why(suite, tmp_path) -> None:
     cfg = suite.Config(out=tmp_path / "o", work=tmp_path / "w")
     facts = {**ALL, "tensorrt": False, "onnxruntime_cuda": False}
