@@ -357,3 +357,25 @@ def test_onnxruntime_cuda_binding_and_graphs_match_the_cpu(bundle) -> None:  # p
     assert len(bound.bindings) == 2 and bound.bindings.failures == {}
     assert len(graphs.captured) == 2, graphs.notes  # one CUDA-graph session per shape
     assert all(b.calls == 2 for b in graphs.captured.entries.values())
+
+
+def test_synchronize_is_once_per_timed_score_never_per_graph_call() -> None:
+    """Classifier.score synchronizes a runner that has `synchronize` (torch, TensorRT) once, to time the model
+    stage; onnxruntime has none (its outputs are host arrays when `run` returns), and no graph call syncs."""
+    assert not hasattr(ortb.OnnxRuntimeRunner, "synchronize")
+    clf = noop_rt.load(backend="onnxruntime", device="cpu", threads=1)
+    runner = clf.model.runner
+    counts = {"sync": 0, "run": 0}
+    run = runner.run
+
+    def counted_run(*args, **kwargs):
+        counts["run"] += 1
+        return run(*args, **kwargs)
+
+    def synchronize() -> None:
+        counts["sync"] += 1
+
+    runner.run, runner.synchronize = counted_run, synchronize
+    example = str(DEMO_DIR / "examples" / "seven.png")
+    clf.classify([example] * 3, method="baseline", pairs=3)  # one image per score call, several graph calls each
+    assert counts["sync"] == 3 and counts["run"] > counts["sync"]
