@@ -57,6 +57,7 @@ from noop_rt.evaluation import (
     strategy_protocol,
     targets,
 )
+from noop_rt.runtime.backend import installed
 from noop_rt.runtime.classifier import Classifier
 from noop_rt.runtime.drift import ALARM_P, WINDOW
 
@@ -93,6 +94,27 @@ def drift_check(classifier: Classifier, images: np.ndarray) -> dict[str, Any]:
             "share_below_val_p05_top1_prob": report["share_below_val_p05_top1_prob"],
             "share_above_val_p95_best_error": report["share_above_val_p95_best_error"], "seen": report["seen"],
             "labels": [r.label for r in results]}
+
+
+def keep_first(split: Path, per_class: int) -> int:
+    """Keep the first `per_class` images (by name) of each class folder under `split`; returns how many are left."""
+    left = 0
+    for folder in sorted(d for d in split.iterdir() if d.is_dir()):
+        for extra in sorted(folder.iterdir())[per_class:]:
+            extra.unlink()
+        left += len(list(folder.iterdir()))
+    return left
+
+
+def zero_shot_backbone(backend: str) -> Classifier:
+    """The demo backbone with the plain digit prompts, for the random-noise, baseline and pruned rows: torch eager, or
+    the demo bundle's encoder/noise/scorer graphs on `backend` (the same math; OpenVINO is ~2.4x faster here)."""
+    if backend == "torch":
+        return demo_backbone()
+    from noop_rt.demo import BUNDLE_DIR, DEMO_TEMPLATE
+
+    return noop_rt.load(BUNDLE_DIR, backend=backend, classes=list(DIGIT_NAMES), template=DEMO_TEMPLATE,
+                        method="baseline")
 
 
 def cli_train(data: Path, out: Path, shots: int, seed: int, t_star: int, epochs: int | None) -> dict[str, Any]:
@@ -215,8 +237,9 @@ def measure_domain(name: str, args: argparse.Namespace, ctx: dict[str, Any], rec
     tag = f"images{args.images or 'all'}"
     data = domain_test_set(name, args.images)
     protocol["domains"][name] = data.record()
-    folder = work / name
+    folder = work / f"{name}-val{args.val_per_class}"
     counts = write_domain(name, folder, splits=("train", "val"))
+    counts["val"] = keep_first(folder / "val", args.val_per_class)
     rows: dict[str, Any] = {}
     y_shipped, y_plain = targets(shipped, data.names), targets(plain, data.names)
 
@@ -243,7 +266,8 @@ def measure_domain(name: str, args: argparse.Namespace, ctx: dict[str, Any], rec
         return {"label": f"one random noise at t = {t_star} ({args.noise_seeds} seeds)", "accuracy": m,
                 "std": s, "per_seed": accs, "unet_evals_per_image": len(plain.classes)}
 
-    rows["random_noise"] = records.get(f"{name}-{tag}-noise{args.noise_seeds}-t{t_star}", random_noise)
+    zs = f"{tag}-{plain.backend}"  # the zero-shot rows' records depend on the backend that scored them
+    rows["random_noise"] = records.get(f"{name}-{zs}-noise{args.noise_seeds}-t{t_star}", random_noise)
     print(f"[{name}] random noise {rows['random_noise']['accuracy']:.4f} +- {rows['random_noise']['std']:.4f}",
           flush=True)
     retrained: dict[str, Any] = {}
@@ -266,7 +290,8 @@ def measure_domain(name: str, args: argparse.Namespace, ctx: dict[str, Any], rec
                         "val_images": s["val_images"], "drift_warned_on_own_domain": after.get("warned"),
                         "drift_share_on_own_domain": after.get("share_below_val_p05_top1_prob")}
 
-            run = records.get(f"{name}-{tag}-k{k}-seed{seed}-t{t_star}-epochs{args.epochs or 'cli'}", retrain)
+            run = records.get(f"{name}-{tag}-k{k}-seed{seed}-t{t_star}-epochs{args.epochs or 'cli'}"
+                              f"-val{args.val_per_class}", retrain)
             runs.append(run)
             print(f"[{name}] {k} shots seed {seed}: test {run['accuracy']:.4f} (val {run['val_accuracy']:.4f}), "
                   f"{run['wall_minutes']:.1f} min wall, {run['cpu_minutes']:.1f} min CPU", flush=True)
@@ -281,7 +306,7 @@ def measure_domain(name: str, args: argparse.Namespace, ctx: dict[str, Any], rec
         return {"label": f"baseline, {n} (t, eps) pairs", "accuracy": accuracy(scores, y_plain),
                 "unet_evals_per_image": n * len(plain.classes)}
 
-    rows["baseline"] = records.get(f"{name}-{tag}-baseline{n}", baseline)
+    rows["baseline"] = records.get(f"{name}-{zs}-baseline{n}", baseline)
     print(f"[{name}] baseline {rows['baseline']['accuracy']:.4f}", flush=True)
 
     def pruned() -> dict[str, Any]:
@@ -289,7 +314,7 @@ def measure_domain(name: str, args: argparse.Namespace, ctx: dict[str, Any], rec
         return {"label": "pruned (paired t-test, alpha 0.01)", "accuracy": accuracy(scores, y_plain),
                 "unet_evals_per_image": float(scores.unet_evals.mean())}
 
-    rows["pruned"] = records.get(f"{name}-{tag}-pruned{'-quick' if args.quick else ''}", pruned)
+    rows["pruned"] = records.get(f"{name}-{zs}-pruned{'-quick' if args.quick else ''}", pruned)
     print(f"[{name}] pruned {rows['pruned']['accuracy']:.4f}", flush=True)
     target = rows["baseline"]["accuracy"] - 0.01
     k8 = retrained.get("8")
@@ -309,6 +334,11 @@ def main() -> None:
     parser.add_argument("--baseline-noises", type=int, default=100, help="pairs of the baseline row")
     parser.add_argument("--images", type=int, default=None, help="test images per domain (default: all)")
     parser.add_argument("--epochs", type=int, default=None, help="noop-rt train --epochs (default: the CLI's)")
+    parser.add_argument("--val-per-class", type=int, default=VAL_PER_CLASS, help="validation images per class "
+                        f"written for training (at most {VAL_PER_CLASS}; the CLI validates on all of them each epoch)")
+    parser.add_argument("--zero-shot-backend", default="openvino" if installed("openvino") else "torch",
+                        help="backend of the random-noise, baseline and pruned rows: torch (the demo backbone) or "
+                             "a bundle backend running the demo bundle's graphs (default openvino when installed)")
     parser.add_argument("--name", default="domain_shift", help="results file name")
     parser.add_argument("--quick", action="store_true", help="smoke run: 20 images, 1 domain, 2 shots, 1 epoch")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
@@ -333,7 +363,9 @@ def main() -> None:
     work = args.work or Path(tempfile.gettempdir()) / f"noop-rt-{args.name}{'-quick' if args.quick else ''}-work"
     records = Records(work / "records")
 
-    plain = demo_backbone()  # backbone + plain prompts: random noise, baseline, pruned
+    if not 1 <= args.val_per_class <= VAL_PER_CLASS:
+        raise SystemExit(f"error: --val-per-class must be 1..{VAL_PER_CLASS}")
+    plain = zero_shot_backbone(args.zero_shot_backend)  # backbone + plain prompts: random noise, baseline, pruned
     shipped = noop_classifier()  # the shipped checkpoint on the torch backend: transferred accuracy
     bundle = noop_rt.load()  # the shipped demo bundle, as `noop-rt classify` runs it: drift
     t_star = int(shipped.model.info.t_star)
@@ -357,7 +389,8 @@ def main() -> None:
                                 "--out OUT.pt --json" + (f" --epochs {args.epochs}" if args.epochs else ""),
                      "t_star": t_star, "shots": shots, "seeds": list(range(args.seeds)),
                      "data": f"DIR = domains.write_domain(domain, DIR): train/ = {TRAIN_POOL} per class (the CLI "
-                             f"draws K per class with the seed), val/ = {VAL_PER_CLASS} per class",
+                             f"draws K per class with the seed), val/ = the first {args.val_per_class} per "
+                             "class",
                      "shipped_checkpoint_options": shipped_options,
                      "scored_by": "noop_rt.load(OUT.pt, backend='torch', method='noop') on the test images"},
         "loss_zero_shot_rows": LOSS,
@@ -378,6 +411,7 @@ def main() -> None:
         results[name] = measure_domain(name, args, ctx, records, work)
 
     out = {"command": command_line("domain_shift.py"), "t_star": t_star, "shots": shots, "seeds": args.seeds,
+           "epochs": args.epochs, "val_per_class": args.val_per_class, "zero_shot_backend": plain.backend,
            "domains": results,
            "drift_demo_held_out": drift_demo, "minutes": round((time.time() - start) / 60, 1),
            "resumed_records": records.resumed, "protocol": protocol}
@@ -400,9 +434,12 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> list[str]:
              f"Produced by `{command}` (2 CPU cores, shared with other work: training "
              "times are wall times under that load, see `loadavg_*` per run in the JSON). Domains are generated in "
              "code by `noop_rt/demo/domains.py` (its docstring says how); the demo's backbone and shipped NoOp never "
-             f"saw them. Retrained = `noop-rt train --model demo --shots K --timestep {out['t_star']} --seed S` in a "
-             f"subprocess, every other option at the CLI default (as the shipped checkpoint); mean ± std over "
-             f"{out['seeds']} seeds (per seed in brackets).", "",
+             f"saw them. Retrained = `noop-rt train --model demo --shots K --timestep {out['t_star']} --seed S"
+             f"{' --epochs ' + str(out['epochs']) if out.get('epochs') else ''}` in a subprocess on K shots per "
+             f"class and {out.get('val_per_class', 30)} validation images per class of the domain, every other "
+             f"option at the CLI default; mean ± std over {out['seeds']} seeds (per seed in brackets). Random "
+             f"noise, baseline and pruned: the demo backbone with the plain prompts on "
+             f"{out.get('zero_shot_backend', 'torch')}.", "",
              f"![accuracy vs shots]({args.name}.png)", "",
              f"Test images of each domain next to the demo's own held-out digits: ![samples]({args.name}_samples.png)",
              ""]
