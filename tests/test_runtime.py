@@ -175,6 +175,38 @@ def test_openvino_agrees_with_onnxruntime() -> None:
     assert [t.error for t in sub_ov.top] == pytest.approx([t.error for t in sub_ort.top], abs=1e-3)
 
 
+def test_openvino_precision_is_said_and_can_be_held_to_f32(monkeypatch) -> None:
+    """OpenVINO's CPU default runs fp32 graphs in bf16 where the CPU has AVX512_BF16/AMX: the runner reads that back,
+    a note says it, NOOP_RT_OPENVINO_PRECISION=f32 compiles the layers in f32 (read from OpenVINO's runtime graph,
+    with errors closer to onnxruntime's), and a wrong value is a one-line error."""
+    ov_module = pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    from noop_rt.errors import BadInputError
+    from noop_rt.runtime.openvino_backend import PRECISION_ENV
+
+    default = ov_module.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
+    clf = noop_rt.load(backend="openvino")
+    assert clf.model.runner.execution_precision == default
+    assert any("runs this fp32 bundle in" in n for n in clf.notes) == (default != "f32")
+    monkeypatch.setenv(PRECISION_ENV, "f32")
+    held = noop_rt.load(backend="openvino")
+    assert held.model.runner.execution_precision == "f32" and not any("runs this fp32" in n for n in held.notes)
+    x = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in EXAMPLES[:2]])
+    from noop_rt.data import as_model_input
+
+    x = np.stack([as_model_input(i, clf.resolution) for i in x])
+    held.score(x)
+    request = held.model.runner._request("classifier", {"image": x})
+    kinds = {str(op.get_rt_info()["runtimePrecision"].astype(str))
+             for op in request.get_compiled_model().get_runtime_model().get_ordered_ops()
+             if "layerType" in op.get_rt_info() and str(op.get_rt_info()["layerType"].astype(str)) == "Convolution"}
+    assert kinds == {"f32"}, kinds
+    ref = noop_rt.load(backend="onnxruntime").score(x)[0].errors
+    assert np.abs(held.score(x)[0].errors - ref).max() < 1e-4 * np.abs(ref).max() + 1e-6
+    monkeypatch.setenv(PRECISION_ENV, "fp64")
+    with pytest.raises(BadInputError, match=PRECISION_ENV):
+        noop_rt.load(backend="openvino")
+
+
 def test_scorer_path_equals_the_classifier_graph() -> None:
     """NoOp through encoder + noise + scorer graphs (used for another loss or engine) equals the one graph."""
     clf = noop_rt.load()

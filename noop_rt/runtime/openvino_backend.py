@@ -10,22 +10,28 @@ noise and scorer graphs (the same math).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from noop_rt.errors import BundleError, MissingDependencyError
+from noop_rt.errors import BadInputError, BundleError, MissingDependencyError
 from noop_rt.runtime.bundle import Bundle, user_cache_dir
 
 MAX_STATIC = 8  # static compilations kept per graph before a graph falls back to a dynamic one
+PRECISION_ENV = "NOOP_RT_OPENVINO_PRECISION"  # f32 | bf16 | f16: OpenVINO's inference precision (default: its own)
+PRECISIONS = ("f32", "bf16", "f16")
 
 
 class OpenVinoRunner:
     name = "openvino"
     classifier_takes_embeddings = False
 
-    def __init__(self, bundle: Bundle, threads: int | None = None, hint: str = "LATENCY") -> None:
+    def __init__(self, bundle: Bundle, threads: int | None = None, hint: str = "LATENCY",
+                 precision: str | None = None) -> None:
+        """`precision`: OpenVINO's INFERENCE_PRECISION_HINT (None: NOOP_RT_OPENVINO_PRECISION, else OpenVINO's CPU
+        default, which is bf16 on CPUs with AVX512_BF16 or AMX and f32 elsewhere)."""
         try:
             import openvino as ov
         except ImportError:
@@ -41,6 +47,14 @@ class OpenVinoRunner:
         except (OSError, RuntimeError):
             pass  # no persistent cache: every start compiles
         self.config: dict[str, Any] = {"PERFORMANCE_HINT": hint}
+        precision = precision or os.environ.get(PRECISION_ENV) or None
+        if precision is not None:
+            if precision not in PRECISIONS:
+                raise BadInputError(f"{PRECISION_ENV}={precision!r}: use one of {', '.join(PRECISIONS)}")
+            self.config["INFERENCE_PRECISION_HINT"] = precision
+        # what the graphs run in: the bundle's fp32 graphs run in bf16 where OpenVINO's CPU default says so
+        default = self.core.get_property("CPU", "INFERENCE_PRECISION_HINT")
+        self.execution_precision = precision or default.get_type_name()
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = int(threads)
         self.models: dict[str, Any] = {}
