@@ -29,7 +29,8 @@ class ServeOptions:
     replicas: int = 1  # model replicas, one classifier each
     gpus_per_replica: float = 0.0
     max_batch_size: int = 8  # images gathered into one B*C UNet batch
-    batch_wait_ms: float = 10.0  # longest wait for a batch to fill
+    batch_wait_ms: float = 2.0  # longest wait for a batch to fill (requests that arrive while the model is busy
+    # are held and batched anyway: the wait only matters when it is idle, where it is pure latency)
     max_upload_mb: float = 10.0  # largest request body
     ray_address: str | None = None  # an existing cluster (else RAY_ADDRESS, else a local one)
     top_k: int = 5  # classes per answer unless the request asks (?top_k=)

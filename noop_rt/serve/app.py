@@ -504,7 +504,9 @@ def build_app(load: dict[str, Any], options: ServeOptions, *, model_cpus: float,
     """The application: the ingress bound to `options.replicas` model replicas."""
     model = ModelReplica.options(
         num_replicas=options.replicas,
-        max_ongoing_requests=max(2 * options.max_batch_size, 8),
+        # requests queue in the replica (held while a batch runs, then batched together), not in Serve's router,
+        # whose retries with backoff when replicas are at capacity collapsed throughput at concurrency 64
+        max_ongoing_requests=max(16 * options.max_batch_size, 128),
         ray_actor_options={"num_cpus": model_cpus, "num_gpus": options.gpus_per_replica},
     ).bind(load, options, threads)
     return Ingress.options(
