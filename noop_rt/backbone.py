@@ -15,9 +15,12 @@ its sha256, the scale and the number of merged layers.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -268,6 +271,45 @@ def _merge_and_unload(module: nn.Module, scale: float) -> int:
     return len(layers)
 
 
+def _load_adapter(part: str, module: nn.Module, state: dict, alphas: dict | None, metadata: dict | None) -> None:
+    """diffusers' own LoRA loading (through peft) into the UNet or the text encoder, as adapter `_ADAPTER`."""
+    if part == "unet":
+        module.load_lora_adapter(state, prefix="unet", network_alphas=None if metadata else alphas,
+                                 metadata=metadata, adapter_name=_ADAPTER)
+        return
+    from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
+
+    StableDiffusionLoraLoaderMixin.load_lora_into_text_encoder(
+        state, None if metadata else alphas, module, prefix="text_encoder", metadata=metadata, adapter_name=_ADAPTER)
+
+
+def _reason(exc: BaseException) -> str:
+    """The informative line of a loading error: torch's state-dict errors start with a header line ending in ':'
+    and list a `size mismatch for ...` line per tensor."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    detail = [line for line in lines if not line.endswith(":")]
+    mismatches = [line for line in lines if line.startswith("size mismatch")]
+    if mismatches:
+        return mismatches[0] + (f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else "")
+    return detail[0] if detail else lines[0]
+
+
+@contextlib.contextmanager
+def _silenced_loggers() -> Iterator[None]:
+    """diffusers/peft/transformers quiet below CRITICAL while a LoRA loads: its errors reach the user as ours."""
+    loggers = [logging.getLogger(name) for name in ("diffusers", "peft", "transformers")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def fuse_lora(unet: nn.Module, text_encoder: nn.Module, path: Path, scale: float = 1.0) -> dict:
     """Merge the LoRA at `path` into `unet` (and `text_encoder` if the file adapts it), in place; the record
     checkpoints and bundles keep. BackboneError if the file does not fit these networks."""
@@ -286,18 +328,10 @@ def fuse_lora(unet: nn.Module, text_encoder: nn.Module, path: Path, scale: float
             counts[part] = 0
             continue
         try:
-            if part == "unet":
-                module.load_lora_adapter(state, prefix="unet", network_alphas=None if metadata else alphas,
-                                         metadata=metadata, adapter_name=_ADAPTER)
-            else:
-                from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
-
-                StableDiffusionLoraLoaderMixin.load_lora_into_text_encoder(
-                    state, None if metadata else alphas, module, prefix="text_encoder", metadata=metadata,
-                    adapter_name=_ADAPTER)
+            with _silenced_loggers():  # diffusers logs its own copy of a failure (one line per tensor) on stderr
+                _load_adapter(part, module, state, alphas, metadata)
         except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise BackboneError(f"{path} does not fit this model's {part}: {first[:200]}") from None
+            raise BackboneError(f"{path} does not fit this model's {part}: {_reason(exc)[:200]}") from None
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         adapted = sum(1 for m in module.modules() if isinstance(m, BaseTunerLayer))

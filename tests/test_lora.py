@@ -145,17 +145,19 @@ def bad_files(base, folder: Path) -> dict[str, tuple[Path, str]]:
             "garbage": (garbage, "not a readable LoRA safetensors file"),
             "no_lora": (no_lora, "holds no LoRA weights"),
             "foreign": (foreign, "does not fit this model's unet"),
-            "wrong_shape": (wrong_shape, "does not fit this model's unet"),
+            "wrong_shape": (wrong_shape, "size mismatch"),
             "partial": (partial, "does not fit this model's unet")}
 
 
-def test_a_bad_lora_file_is_a_one_line_backbone_error(base, tiny_sd, tmp_path) -> None:
+def test_a_bad_lora_file_is_a_one_line_backbone_error(base, tiny_sd, tmp_path, capfd) -> None:
     for case, (path, message) in bad_files(base, tmp_path).items():
         with pytest.raises(BackboneError) as info:
             load_backbone(tiny_sd, lora=path)
         text = str(info.value)
         assert message in text, (case, text)
         assert "\n" not in text and str(path.name) in text, (case, text)
+        printed = capfd.readouterr()
+        assert printed.err.strip() == "" and printed.out.strip() == "", (case, printed)  # the libraries kept quiet
 
 
 def test_lora_without_peft_says_what_to_install(base, tiny_sd, tmp_path, monkeypatch) -> None:
@@ -227,5 +229,7 @@ def test_lora_through_train_export_and_classify(base, tiny_sd, shape_images, tmp
     other, _ = make_lora(base, tmp_path / "elsewhere", seed=7)
     res = invoke("classify", "--ckpt", ckpt, "--lora", other, paths[0])
     assert res.exit_code != 0 and "trained with the LoRA" in res.output, res.output
+    res = invoke("classify", "--model", tiny_sd, "--lora-scale", "0.5", "--classes", "a,b", paths[0])
+    assert res.exit_code != 0 and "--lora-scale" in res.output, res.output
     res = invoke("classify", "--bundle", bundle, "--lora", moved, paths[0])
     assert res.exit_code != 0 and "a bundle carries the LoRA" in res.output, res.output

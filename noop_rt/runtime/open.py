@@ -93,6 +93,8 @@ def open_classifier(source: str | Path | None = None, options: LoadOptions | Non
             kind, path = "checkpoint", CKPT_PATH
         else:
             kind, path = "bundle", BUNDLE_DIR
+    if options.lora_scale is not None and options.lora is None and kind != "checkpoint":
+        raise UsageError("--lora-scale needs --lora FILE (or a checkpoint trained with a LoRA)")
     if options.lora is not None and kind not in ("checkpoint", "diffusers"):
         raise UsageError("--lora applies to a diffusers folder (--model DIR) or a checkpoint (--ckpt NAME.pt); "
                          + ("a bundle carries the LoRA it was exported with, fused into its graphs"
