@@ -184,11 +184,18 @@ class OnnxRuntimeRunner:
         self.options = opts
         self.sessions: dict[str, Any] = {}
         self.device = f"cuda:{cuda_index(device)}" if self.want_cuda else "CPUExecutionProvider"
-        self.specs: dict[str, GraphSpec] = bundle.graphs
+        self._specs: dict[str, GraphSpec] | None = None  # read from the manifest when a binding needs them
         self.bindings: ShapeCache[Bound] = ShapeCache(MAX_BINDINGS, evict=True)
         self.captured: ShapeCache[Bound] = ShapeCache(MAX_CUDA_GRAPH_SESSIONS, evict=False)  # CUDA-graph sessions
         self.notes: list[str] = []  # fallbacks taken (a CUDA graph that could not be captured)
         self._lock = threading.Lock()  # the binding caches
+
+    @property
+    def specs(self) -> dict[str, GraphSpec]:
+        """The manifest's graph descriptions (tensor names, shapes, dtypes), for IO binding."""
+        if self._specs is None:
+            self._specs = self.bundle.graphs
+        return self._specs
 
     def has(self, graph: str) -> bool:
         return self.bundle.has(graph)

@@ -136,7 +136,7 @@ def serve_forever(load: dict[str, Any], options: ServeOptions) -> None:
             raise BadInputError(f"--gpus-per-replica {options.gpus_per_replica:g} x {options.replicas} replica(s) "
                                 f"needs {gpus_needed:g} GPU(s); this machine has {resources.get('GPU', 0):g}")
         own_serve = not _serve_running(serve)
-        serve.start(http_options={"host": options.host, "port": port})
+        _start_serve(serve, options.host, port)
         started_serve = True
         from noop_rt.serve.app import build_app
 
@@ -146,7 +146,10 @@ def serve_forever(load: dict[str, Any], options: ServeOptions) -> None:
              f"{f', {threads} engine thread(s)' if threads else ''} each)...")
         try:
             handle = serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-        except RuntimeError as exc:
+        except NoopError:
+            raise
+        except Exception as exc:  # RuntimeError from Serve, or a Ray actor error (ActorDiedError) when a replica's
+            # constructor raised while the deployment was still being watched: the replicas' own message either way
             raise _deploy_error(serve, exc) from None
         url = url_for(options.host, port)
         _wait_ready(url)
@@ -211,15 +214,37 @@ def replica_resources(options: ServeOptions, cpus: float, local: bool) -> tuple[
     return share, max(1, int((cpus - 1) // options.replicas))
 
 
+def _start_serve(serve: Any, host: str, port: int) -> None:
+    """serve.start, once more if Serve's controller actor died while starting (seen on a loaded 2-core machine);
+    a second failure is one line."""
+    for attempt in (1, 2):
+        try:
+            serve.start(http_options={"host": host, "port": port})
+            return
+        except Exception as exc:  # Ray raises its own actor errors (ActorDiedError, RayActorError)
+            if attempt == 2 or "Actor" not in type(exc).__name__:
+                raise NoopError(f"Ray Serve did not start: {type(exc).__name__}: {_first_line(exc)}") from None
+            _log(f"Ray Serve's controller died while starting ({type(exc).__name__}); starting it again")
+            with contextlib.suppress(Exception):
+                serve.shutdown()
+
+
 def _deploy_error(serve: Any, exc: Exception) -> NoopError:
     """The replicas' own error (a noop_rt error raised while opening the model) as one line, when there is one."""
-    message = ""
-    try:
-        for dep in serve.status().applications[APP_NAME].deployments.values():
-            message += "\n" + str(dep.message)
-    except Exception:
+    found: list[tuple[str, str]] = []
+    message = str(exc)
+    deadline = time.monotonic() + 10.0  # a replica's error can reach Serve's status after the failure surfaced here
+    while True:
         message = str(exc)
-    found = re.findall(r"noop_rt\.errors\.(\w+): (.+)", message)
+        try:
+            for dep in serve.status().applications[APP_NAME].deployments.values():
+                message += "\n" + str(dep.message)
+        except Exception:
+            pass
+        found = re.findall(r"noop_rt\.errors\.(\w+): (.+)", message)
+        if found or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     if found:
         name, text = found[-1]
         cls = getattr(errors, name, NoopError)
