@@ -271,6 +271,13 @@ class OnnxRuntimeRunner:
                    else self.session(graph))
         return Bound(session, self.device_type, self.device_id, feeds, shapes, dtypes, captured=captured)
 
+    def release(self, graph: str) -> None:
+        """Drop one graph's session to free its memory (bindings hold it too: all are dropped); it is created again
+        when next used."""
+        if self.sessions.pop(graph, None) is not None:
+            self.captured.clear()
+            self.bindings.clear()
+
     def close(self) -> None:
         self.captured.clear()
         self.bindings.clear()
