@@ -14,14 +14,13 @@ import collections
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 import noop_rt
-from noop_rt.bench import count_gflop, machine_info, matmul_peak_gflops, time_single
+from noop_rt.bench import count_gflop, machine_info, matmul_gflops, matmul_peak_gflops, time_single
 from noop_rt.demo import BUNDLE_DIR, DIGIT_NAMES
 from noop_rt.demo.digits import split_tensors
 from noop_rt.runtime.openvino_backend import PRECISION_ENV
@@ -33,15 +32,7 @@ def bf16_matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float | None:
         import torch
     except ImportError:
         return None
-    a = torch.randn(n, n).to(torch.bfloat16)
-    b = torch.randn(n, n).to(torch.bfloat16)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
+    return matmul_gflops(torch.randn(n, n).to(torch.bfloat16), torch.randn(n, n).to(torch.bfloat16), repeats)
 
 
 def runtime_layers(classifier: noop_rt.Classifier, image: np.ndarray) -> dict[str, int]:

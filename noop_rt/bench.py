@@ -189,6 +189,12 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
     CPU, through the BLAS numpy ships with)."""
     a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
     b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
+    return matmul_gflops(a, b, repeats)
+
+
+def matmul_gflops(a: Any, b: Any, repeats: int = 5) -> float:
+    """GFLOP/s of the best of `repeats` square matmuls `a @ b` (numpy or torch operands), after one warm-up."""
+    n = a.shape[0]
     a @ b  # warm-up
     best = float("inf")
     for _ in range(repeats):
