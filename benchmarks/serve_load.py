@@ -52,6 +52,35 @@ LOAD = {"source": BUNDLE_DIR, "backend": "onnxruntime", "device": "cpu"}  # in p
 BATCH_SIZE = 16  # in-process batch's images per call (its CLI default)
 
 
+CPU_GROUPS = (("model replicas", "ServeReplica:noop-rt:Model"), ("ingress", "ServeReplica:noop-rt:Ingress"),
+              ("proxy", "ProxyActor"), ("other Ray", "ray"))
+
+
+def cpu_seconds() -> dict[str, float] | None:
+    """CPU seconds (user + system) used so far by the server's processes, by role, and by this client; None where
+    /proc is missing. Read before and after a level: the difference says where the machine's cores went."""
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {name: 0.0 for name, _ in CPU_GROUPS}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or entry.name == str(os.getpid()):
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        for name, marker in CPU_GROUPS:
+            if marker in cmd:
+                out[name] += (int(fields[11]) + int(fields[12])) / tick
+                break
+    mine = os.times()
+    out["client"] = mine.user + mine.system
+    return out
+
+
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
@@ -105,8 +134,10 @@ async def load_level(url: str, bodies: list[tuple[str, bytes]], concurrency: int
                 record["status"] = r.status_code
                 if r.status_code == 200:
                     answer = r.json()[0]
-                    record.update(label=answer["top"][0]["class"], batch_size=answer["server"]["batch_size"],
-                                  queue_ms=answer["server"]["queue_ms"])
+                    server = answer["server"]
+                    record.update(label=answer["top"][0]["class"], batch_size=server["batch_size"],
+                                  queue_ms=server["queue_ms"], server_ms=server["total_ms"],
+                                  model_ms=server["inference_ms"])
             except httpx.HTTPError as exc:
                 record["status"] = f"no answer: {type(exc).__name__}"
             record["ms"] = 1e3 * (time.perf_counter() - t0)
@@ -115,10 +146,14 @@ async def load_level(url: str, bodies: list[tuple[str, bytes]], concurrency: int
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         await asyncio.gather(*(client.post(f"{url}/v1/classify", content=bodies[0][1]) for _ in range(concurrency)))
+        cpu_before = cpu_seconds()
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         seconds = time.perf_counter() - t0
-    return {"records": records, "seconds": seconds}
+        cpu_after = cpu_seconds()
+    cpu = None if cpu_before is None or cpu_after is None else \
+        {k: cpu_after[k] - cpu_before[k] for k in cpu_after if k in cpu_before}
+    return {"records": records, "seconds": seconds, "cpu_s": cpu}
 
 
 def summarize(level: dict[str, Any], concurrency: int, reference: dict[str, str], batch_ips: float) -> dict[str, Any]:
@@ -132,7 +167,13 @@ def summarize(level: dict[str, Any], concurrency: int, reference: dict[str, str]
             "wrong": sum(1 for r in ok if r["label"] != reference[r["path"]]),
             "mean_batch_size": statistics.fmean(r["batch_size"] for r in ok) if ok else None,
             "mean_queue_ms": statistics.fmean(r["queue_ms"] for r in ok) if ok else None,
+            # where one request's time goes: the model (its whole batch), the server (ingress in to out), the client
+            "p50_model_ms": percentile([r["model_ms"] for r in ok], 50) if ok else None,
+            "p50_server_ms": percentile([r["server_ms"] for r in ok], 50) if ok else None,
             "vs_batch": ips / batch_ips,
+            # CPU time per request by role (ms): where the cores went during the level
+            "cpu_ms_per_request": None if level["cpu_s"] is None else
+            {k: 1e3 * v / len(records) for k, v in level["cpu_s"].items()},
             "error_examples": sorted({str(r["status"]) for r in records if r["status"] != 200})[:5]}
 
 
@@ -154,8 +195,9 @@ def plot(rows: list[dict[str, Any]], base: dict[str, Any], same: dict[str, Any],
     ax.legend()
     bx.plot(conc, [r["images_per_s"] for r in rows], marker="o", label="serve")
     bx.axhline(base["batch_images_per_s"], color="grey", linestyle="--", label=f"in-process batch ({BATCH_SIZE})")
-    bx.axhline(same["batch_images_per_s"], color="grey", linestyle=":",
-               label=f"in-process batch, {same['threads']} thread(s)")
+    if same is not base:
+        bx.axhline(same["batch_images_per_s"], color="grey", linestyle=":",
+                   label=f"in-process batch, {same['threads']} thread(s)")
     bx.set(xscale="log", xlabel="concurrent requests", ylabel="images/s", title="throughput")
     bx.set_xticks(conc, [str(c) for c in conc])
     bx.minorticks_off()
@@ -171,6 +213,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=400, help="requests per concurrency level")
     parser.add_argument("--concurrency", default="1,4,16,64")
     parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="noop-rt serve --threads (default: the server's)")
     parser.add_argument("--max-batch-size", type=int, default=ServeOptions().max_batch_size)
     parser.add_argument("--batch-wait-ms", type=float, default=ServeOptions().batch_wait_ms)
     parser.add_argument("--quick", action="store_true", help="smoke run: 40 images, concurrency 1 and 4")
@@ -181,7 +224,7 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
     server_args = ["--bundle", str(BUNDLE_DIR), "--backend", "onnxruntime", "--device", "cpu", "--replicas",
                    str(args.replicas), "--max-batch-size", str(args.max_batch_size), "--batch-wait-ms",
-                   str(args.batch_wait_ms), "--top-k", "1"]
+                   str(args.batch_wait_ms), "--top-k", "1", *(["--threads", str(args.threads)] if args.threads else [])]
     tmp = Path(tempfile.mkdtemp())
     try:
         write_image_folders(tmp / "digits")
@@ -204,11 +247,13 @@ def main() -> None:
                                                      "?top_k=1, `concurrency` requests in flight, one warm-up "
                                                      "request per connection before timing"},
                                  "batch": {"model": "bundle", **strategy_protocol(clf), "batch_size": BATCH_SIZE}}}
-        _, replica_threads = replica_resources(ServeOptions(replicas=args.replicas), float(os.cpu_count() or 1),
-                                               local=True)
-        base, same = (in_process(paths, listing, tmp, min(100, args.images), t) for t in (None, replica_threads))
+        _, replica_threads = replica_resources(ServeOptions(replicas=args.replicas, threads=args.threads),
+                                               float(os.cpu_count() or 1), local=True)
+        base = in_process(paths, listing, tmp, min(100, args.images), None)
+        same = base if replica_threads is None else in_process(paths, listing, tmp, min(100, args.images),
+                                                               replica_threads)
         for name, m in (("in process, engine default threads", base),
-                        (f"in process, {replica_threads} thread(s) like a replica", same)):
+                        (f"in process, {replica_threads} thread(s) like a replica", same))[:1 if same is base else 2]:
             print(f"{name}: batch {m['batch_images_per_s']:.1f} images/s, single image p50 "
                   f"{m['single_p50_ms']:.1f} ms", flush=True)
         bodies = [(p, Path(p).read_bytes()) for p in paths]
@@ -226,7 +271,7 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     base.pop("reference")
-    same.pop("reference")
+    same.pop("reference", None)
     for r in rows:  # the serving overhead: against in-process batch with the same engine threads
         r["vs_batch_same_threads"] = r["images_per_s"] / same["batch_images_per_s"]
         r["overhead_ms_per_image"] = 1e3 / r["images_per_s"] - 1e3 / same["batch_images_per_s"]
@@ -237,20 +282,39 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve_load.json").write_text(json.dumps(out, indent=2) + "\n")
     plot(rows, base, same, args.out / "serve_load.png")
+    threads_text = "the engine's default threads" if replica_threads is None else f"{replica_threads} engine thread(s)"
     lines = [f"# `noop-rt serve` under load ({args.images} requests per level, demo bundle, onnxruntime CPU)", "",
              f"Produced by `{command_line('serve_load.py')}` on {out['machine']['cpu']} "
              f"({out['machine']['cpu_count']} cores), client and server on the same machine (loopback), "
-             f"{args.replicas} replica(s) of {replica_threads} engine thread(s). In process (`noop-rt batch`, "
+             f"{args.replicas} replica(s) with {threads_text}. In process (`noop-rt batch`, "
              f"batch {BATCH_SIZE}, engine default threads): {base['batch_images_per_s']:.1f} images/s; one image at a "
-             f"time p50 {base['single_p50_ms']:.1f} ms, p99 {base['single_p99_ms']:.1f} ms. With a replica's "
-             f"{replica_threads} thread(s): {same['batch_images_per_s']:.1f} images/s; one image p50 "
-             f"{same['single_p50_ms']:.1f} ms.", "",
+             f"time p50 {base['single_p50_ms']:.1f} ms, p99 {base['single_p99_ms']:.1f} ms."
+             + ("" if same is base else f" With a replica's {replica_threads} thread(s): "
+                f"{same['batch_images_per_s']:.1f} images/s; one image p50 {same['single_p50_ms']:.1f} ms."), "",
+             "Per request, p50: *model* = the batch it rode in, in the replica; *server* = the ingress, body in to "
+             "answer out (decoding, the hop to the replica, the batch wait); the rest of the latency is the client, "
+             "HTTP and Ray Serve's proxy.", "",
              "| concurrency | images/s | vs batch | vs batch, same threads | overhead (ms/image, same threads) | "
-             "p50 ms | p95 ms | p99 ms | errors | wrong | mean batch | mean queue ms |", "|---" * 12 + "|"]
+             "p50 ms | p95 ms | p99 ms | p50 server ms | p50 model ms | errors | wrong | mean batch | mean queue ms |",
+             "|---" * 14 + "|"]
     lines += [f"| {r['concurrency']} | {r['images_per_s']:.1f} | {100 * r['vs_batch']:.0f} % | "
               f"{100 * r['vs_batch_same_threads']:.0f} % | {r['overhead_ms_per_image']:.1f} | {r['p50_ms']:.1f} | "
-              f"{r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | {r['wrong']} | "
-              f"{_fmt(r['mean_batch_size'])} | {_fmt(r['mean_queue_ms'])} |" for r in rows]
+              f"{r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {_fmt(r['p50_server_ms'])} | {_fmt(r['p50_model_ms'])} | "
+              f"{r['errors']} | {r['wrong']} | {_fmt(r['mean_batch_size'])} | {_fmt(r['mean_queue_ms'])} |"
+              for r in rows]
+    cpu_rows = [r for r in rows if r.get("cpu_ms_per_request")]
+    if cpu_rows:
+        roles = [name for name, _ in CPU_GROUPS] + ["client"]
+        lines += ["", "Where the cores went: CPU time per request (ms, user + system, read from /proc before and after "
+                  "each level). The in-process batch spends "
+                  f"{1e3 * out['machine']['cpu_count'] / base['batch_images_per_s']:.1f} ms of CPU per image at most "
+                  "(all cores for its whole run).", "",
+                  "| concurrency | " + " | ".join(roles) + " | total | cores busy |", "|---" * (len(roles) + 3) + "|"]
+        for r in cpu_rows:
+            c = r["cpu_ms_per_request"]
+            total = sum(c.values())
+            lines.append(f"| {r['concurrency']} | " + " | ".join(f"{c.get(k, 0.0):.1f}" for k in roles)
+                         + f" | {total:.1f} | {total * r['images_per_s'] / 1e3:.2f} |")
     lines += ["", "Targets (issue 19), measured in this run:", ""]
     lines += [f"- {t['target']}: {t['value']} -> {'met' if t['met'] else 'NOT met'}" for t in targets]
     lines += ["", "![latency and throughput vs concurrency](serve_load.png)"]

@@ -14,6 +14,7 @@ import typer
 
 from noop_rt.defaults import SHOTS, VAL_SHOTS
 from noop_rt.errors import BadInputError, NoopError
+from noop_rt.serve import ServeOptions
 
 
 def _plain_help_labels() -> None:
@@ -616,10 +617,14 @@ def serve(
                                       "port; the printed URL says which).")] = 8000,
     replicas: Annotated[int, typer.Option("--replicas", min=1, help="Model replicas (one classifier each).")] = 1,
     gpus_per_replica: Annotated[float, typer.Option("--gpus-per-replica", min=0.0, help="GPUs per replica.")] = 0.0,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="Engine threads per replica (default: the "
+                                                "engine's own with one local replica, the cores split between "
+                                                "several).")] = None,
     max_batch_size: Annotated[int, typer.Option("--max-batch-size", min=1, help="Images gathered into one "
                                                 "B*C UNet batch.")] = 8,
     batch_wait_ms: Annotated[float, typer.Option("--batch-wait-ms", min=0.0, help="Longest wait for a batch to "
-                                                 "fill.")] = 10.0,
+                                                 "fill while the model is idle (requests that arrive while it "
+                                                 "is busy are batched anyway).")] = ServeOptions.batch_wait_ms,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.0, help="Largest request body (0: no "
                                                  "limit).")] = 10.0,
     ray_address: Annotated[str | None, typer.Option("--ray", metavar="ADDRESS", help="An existing Ray cluster "
@@ -629,13 +634,13 @@ def serve(
 ) -> None:
     """Serve the classifier over HTTP on Ray Serve: /v1/classify, the KServe v2 protocol, a web page at /."""
     def go() -> None:
-        from noop_rt.serve import ServeOptions, run_server
+        from noop_rt.serve import run_server
 
         _check_choices(backend, method, loss)
         load = _load_kwargs(bundle, ckpt, model, backend, device, method, classes, prompts, template, max_batch,
                             engines, _strategy(noises, stages, loss, seed, False), lora, lora_scale)
         run_server(load, ServeOptions(host=host, port=port, replicas=replicas, gpus_per_replica=gpus_per_replica,
-                                      max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
+                                      threads=threads, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
                                       max_upload_mb=max_upload_mb, ray_address=ray_address, top_k=top_k))
 
     _run(go)

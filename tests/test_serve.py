@@ -101,6 +101,23 @@ def test_options_are_checked() -> None:
         ServeOptions(max_batch_size=0)
     assert ServeOptions(max_upload_mb=0).max_upload_bytes is None
     assert ServeOptions(max_upload_mb=2).max_upload_bytes == 2 * 1024 * 1024
+    with pytest.raises(BadInputError, match="--threads"):
+        ServeOptions(threads=0)
+
+
+def test_replica_threads_follow_the_replicas_and_the_cluster() -> None:
+    from noop_rt.serve.server import replica_resources
+
+    # one local replica: the engine's own threads (None); several: the cores split, at least one thread each
+    assert replica_resources(ServeOptions(), 2.0, local=True) == (1.75, None)
+    assert replica_resources(ServeOptions(replicas=2), 4.0, local=True) == (1.87, 2)
+    assert replica_resources(ServeOptions(replicas=3), 2.0, local=True)[1] == 1
+    # --threads wins, locally and on a cluster (where a replica reserves one CPU)
+    assert replica_resources(ServeOptions(threads=3), 2.0, local=True) == (1.75, 3)
+    assert replica_resources(ServeOptions(threads=3), 64.0, local=False) == (1.0, 3)
+    assert replica_resources(ServeOptions(), 64.0, local=False) == (1.0, None)
+    with pytest.raises(BadInputError, match="do not fit"):
+        replica_resources(ServeOptions(replicas=200), 2.0, local=True)
 
 
 @needs_serve

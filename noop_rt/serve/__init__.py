@@ -28,6 +28,7 @@ class ServeOptions:
     port: int = 8000  # 0: any free port (the printed URL says which)
     replicas: int = 1  # model replicas, one classifier each
     gpus_per_replica: float = 0.0
+    threads: int | None = None  # engine threads per replica (None: see server.replica_resources)
     max_batch_size: int = 8  # images gathered into one B*C UNet batch
     batch_wait_ms: float = 2.0  # longest wait for a batch to fill (requests that arrive while the model is busy
     # are held and batched anyway: the wait only matters when it is idle, where it is pure latency)
@@ -45,6 +46,7 @@ class ServeOptions:
                   (self.batch_wait_ms >= 0, "--batch-wait-ms must not be negative"),
                   (self.max_upload_mb >= 0, "--max-upload-mb must not be negative"),
                   (self.gpus_per_replica >= 0, "--gpus-per-replica must not be negative"),
+                  (self.threads is None or self.threads >= 1, "--threads must be at least 1"),
                   (0 <= self.port <= 65535, "--port must be 0..65535"),
                   (self.top_k >= 1, "--top-k must be at least 1"),
                   (self.max_pixels >= 1 and self.max_files >= 1, "max_pixels and max_files must be positive")]

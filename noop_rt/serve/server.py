@@ -201,17 +201,21 @@ def _serve_running(serve: Any) -> bool:
 
 
 def replica_resources(options: ServeOptions, cpus: float, local: bool) -> tuple[float, int | None]:
-    """(CPUs reserved per model replica, engine threads per replica). On a local cluster the replicas share this
-    machine's cores, one core left to the HTTP side (proxy, ingress: decoding): an engine whose threads spin on every
-    core starves them (measured on 2 cores: 1 thread served more images/s than 2). On a cluster each replica
-    reserves one CPU and its engine keeps its default threads."""
+    """(CPUs reserved per model replica, engine threads per replica; None: the engine's default).
+
+    `--threads` wins. Otherwise, on a local cluster: one replica keeps the engine's default threads (all cores, idle
+    threads spinning), which served the most images/s on 2 cores (benchmarks/results/serve_load.md); several
+    replicas split the cores, a share of threads each, none spinning on the others' cores. On a cluster each
+    replica reserves one CPU and keeps the engine's default."""
     if not local:
-        return 1.0, None
+        return 1.0, options.threads
     share = math.floor(100 * (cpus - INGRESS_CPUS) / options.replicas) / 100
     if share <= 0:
         raise BadInputError(f"{options.replicas} replicas do not fit on this machine's {cpus:g} CPUs: use fewer "
                             "--replicas, or --ray ADDRESS for a cluster")
-    return share, max(1, int((cpus - 1) // options.replicas))
+    if options.threads is not None:
+        return share, options.threads
+    return share, None if options.replicas == 1 else max(1, int(cpus // options.replicas))
 
 
 def _start_serve(serve: Any, host: str, port: int) -> None:
