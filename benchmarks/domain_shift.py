@@ -85,7 +85,8 @@ def drift_check(classifier: Classifier, images: np.ndarray) -> dict[str, Any]:
         return {"monitored": False}
     from noop_rt.runtime.drift import DriftMonitor
 
-    classifier.drift = DriftMonitor(classifier.drift.low_prob, classifier.drift.high_error)
+    d = classifier.drift
+    classifier.drift = DriftMonitor(d.low_prob, d.high_error, d.class_rates)
     warnings: list[str] = []
     classifier.on_drift = warnings.append
     results, _ = classifier.predict(images, top_k=1)

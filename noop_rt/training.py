@@ -129,7 +129,8 @@ def validation_profile(backbone: Backbone, noise: torch.nn.Module, class_embeddi
     _, errors = evaluate_noise(backbone, noise, class_embeddings, z_val, torch.zeros(len(z_val), dtype=torch.long),
                                config.t_star, config.loss, config.max_batch)
     err = errors.double().numpy()
-    return profile(softmax(-tau * err).max(axis=1), err.min(axis=1))
+    probs = softmax(-tau * err)
+    return profile(probs.max(axis=1), err.min(axis=1), probs.argmax(axis=1), err.shape[1])
 
 
 def _shots(split: FewShotSplit) -> int:

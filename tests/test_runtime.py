@@ -279,16 +279,21 @@ def test_a_read_only_bundle_remembers_its_verification_in_the_user_cache(tmp_pat
 
 
 def test_drift_warning_is_silent_on_held_out_digits_and_loud_on_a_shifted_domain() -> None:
-    """The demo's 360 held-out digits (in several orders) never warn; the same digits inverted (white background,
-    a domain the few-shot set never showed) warn once, with the retrain hint."""
+    """The demo's 360 held-out digits (shuffled, and sorted by class as an image-folder tree is read: a window then
+    holds one class, and some classes are less sure than others) never warn; the same digits inverted (white
+    background, a domain the few-shot set never showed) warn once, with the retrain hint."""
+    from noop_rt.demo import DIGIT_NAMES
     from noop_rt.demo.digits import split_tensors
 
-    x = split_tensors("test")[0].numpy()
-    for seed in range(2):
+    x, y = (t.numpy() for t in split_tensors("test"))
+    names = np.array([DIGIT_NAMES[int(i)] for i in y])
+    orders = [np.random.default_rng(seed).permutation(len(x)) for seed in range(2)]
+    orders += [np.argsort(names, kind="stable"), np.argsort(names, kind="stable")[::-1], np.argsort(y, kind="stable")]
+    for order in orders:
         clf = noop_rt.load()
         warnings: list[str] = []
         clf.on_drift = warnings.append
-        clf.predict(x[np.random.default_rng(seed).permutation(len(x))], top_k=1)
+        clf.predict(x[order], top_k=1)
         assert warnings == [] and clf.drift.report()["seen"] == 360
     clf = noop_rt.load()
     warnings = []
@@ -299,19 +304,53 @@ def test_drift_warning_is_silent_on_held_out_digits_and_loud_on_a_shifted_domain
     assert report["share_below_val_p05_top1_prob"] > 0.2  # against 5 % on validation
 
 
+def test_drift_tails_and_class_rates() -> None:
+    from scipy import stats
+
+    from noop_rt.runtime.drift import DriftMonitor, binomial_tail, poisson_binomial_tail, wilson_upper
+
+    # equal rates: the binomial law, against scipy
+    assert poisson_binomial_tail(17, np.full(100, 0.05)) == pytest.approx(stats.binom.sf(16, 100, 0.05), rel=1e-9)
+    assert binomial_tail(17, 100, 0.05) == pytest.approx(stats.binom.sf(16, 100, 0.05), rel=1e-9)
+    # unequal rates: against a Monte Carlo draw of the trials
+    rates = np.random.default_rng(0).uniform(0, 0.4, 60)
+    draws = (np.random.default_rng(1).random((200_000, 60)) < rates).sum(axis=1)
+    assert poisson_binomial_tail(18, rates) == pytest.approx((draws >= 18).mean(), abs=3e-3)
+    # Wilson's upper bound of 0 of n is z^2 / (n + z^2) in closed form
+    assert wilson_upper(0, 30, z=1.645) == pytest.approx(1.645**2 / (30 + 1.645**2))
+    assert wilson_upper(0, 30) == pytest.approx(1 / 31)
+    # a profile without per-class counts expects 5 % of every input: 17 of 100 alarm, 16 do not
+    for count, alarms in ((16, False), (17, True)):
+        monitor = DriftMonitor.from_profile({"top1_prob_p05": 0.5, "best_error_p95": 1.0})
+        probs = np.where(np.arange(100) < count, 0.1, 0.9)
+        assert (monitor.update(probs, np.zeros(100), np.zeros(100, dtype=int)) is not None) is alarms
+    # with per-class counts, a window of a class often unsure on validation needs more to alarm
+    prof = {"top1_prob_p05": 0.5, "best_error_p95": 1.0, "per_class_predicted": [30, 30],
+            "per_class_below_p05": [6, 0]}
+    monitor = DriftMonitor.from_profile(prof)
+    assert monitor.update(np.where(np.arange(100) < 25, 0.1, 0.9), np.zeros(100), np.zeros(100, dtype=int)) is None
+    monitor = DriftMonitor.from_profile(prof)
+    assert monitor.update(np.where(np.arange(100) < 25, 0.1, 0.9), np.zeros(100), np.ones(100, dtype=int)) is not None
+
+
 def test_batch_and_eval_report_drift(tmp_path) -> None:
     from typer.testing import CliRunner
 
     from noop_rt.cli import app
     from noop_rt.demo import DIGIT_NAMES
-    from noop_rt.demo.digits import split_tensors
+    from noop_rt.demo.digits import split_tensors, write_image_folders
 
     x, y = split_tensors("test")
-    for i in range(150):  # inverted digits as an image-folder tree
+    for i in range(len(x)):  # inverted digits as an image-folder tree
         img = ((-x[i, 0].numpy() + 1) * 127.5).round().astype(np.uint8)
         folder = tmp_path / "inverted" / DIGIT_NAMES[int(y[i])]
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img, mode="L").save(folder / f"{i}.png")
+    write_image_folders(tmp_path / "own")  # the demo's own held-out digits: never a warning
+    res = CliRunner().invoke(app, ["batch", str(tmp_path / "own" / "test"), "--out", str(tmp_path / "own.jsonl"),
+                                   "--json"])
+    assert res.exit_code == 0, res.output
+    assert "drift" not in res.stderr and json.loads(res.stdout)["drift"]["warned"] is False
     res = CliRunner().invoke(app, ["batch", str(tmp_path / "inverted"), "--out", str(tmp_path / "o.jsonl"), "--json"])
     assert res.exit_code == 0, res.output
     assert "warning: drift:" in res.stderr

@@ -214,7 +214,7 @@ class Classifier:
             tau = self.model.info.tau if calibrated else scoring.uncalibrated_tau(scores.errors)
             probs = scores.probabilities(tau)
             if calibrated and self.drift is not None:  # the profile holds for the calibrated NoOp path only
-                warning = self.drift.update(probs.max(axis=1), scores.errors.min(axis=1))
+                warning = self.drift.update(probs.max(axis=1), scores.errors.min(axis=1), probs.argmax(axis=1))
                 if warning is not None:
                     self.on_drift(warning)
             ranking = scores.ranking()[:, :k]
