@@ -204,9 +204,10 @@ def replica_resources(options: ServeOptions, cpus: float, local: bool) -> tuple[
     """(CPUs reserved per model replica, engine threads per replica; None: the engine's default).
 
     `--threads` wins. Otherwise, on a local cluster: one replica keeps the engine's default threads (all cores, idle
-    threads spinning), which served the most images/s on 2 cores (benchmarks/results/serve_load.md); several
-    replicas split the cores, a share of threads each, none spinning on the others' cores. On a cluster each
-    replica reserves one CPU and keeps the engine's default."""
+    threads spinning): on 2 cores one image took 31-45 ms that way against 46 ms with one thread, and images/s at
+    concurrency 16 stayed within the run-to-run spread of 1 or 2 non-spinning threads (18-22 images/s each, ad-hoc
+    runs). Several replicas split the cores, a share of threads each, none spinning on the others' cores. On a
+    cluster each replica reserves one CPU and keeps the engine's default."""
     if not local:
         return 1.0, options.threads
     share = math.floor(100 * (cpus - INGRESS_CPUS) / options.replicas) / 100
