@@ -205,7 +205,7 @@ def replica_resources(options: ServeOptions, cpus: float, local: bool) -> tuple[
 
     `--threads` wins. Otherwise, on a local cluster: one replica keeps the engine's default threads (all cores, idle
     threads spinning): on 2 cores one image took 31-45 ms that way against 46 ms with one thread, and images/s at
-    concurrency 16 stayed within the run-to-run spread of 1 or 2 non-spinning threads (18-22 images/s each, ad-hoc
+    concurrency 16 stayed within the run-to-run spread of 1 or 2 non-spinning threads (18-26 against 19-22, ad-hoc
     runs). Several replicas split the cores, a share of threads each, none spinning on the others' cores. On a
     cluster each replica reserves one CPU and keeps the engine's default."""
     if not local:
