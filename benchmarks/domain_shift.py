@@ -489,7 +489,9 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> list[str]:
             cells.append(", ".join(f"{r['wall_minutes']:.1f}/{r.get('cpu_minutes', float('nan')):.1f}" for r in runs))
         lines.append(f"| {name} | {' | '.join(cells)} |")
     dd = out["drift_demo_held_out"]
-    lines += ["", "## Drift warning (shipped bundle, `noop_rt.load()`; window 100, binomial alarm)", "",
+    lines += ["", "## Drift warning (shipped bundle, `noop_rt.load()`; window 100, each input expected at its "
+              "predicted class's validation share, Poisson-binomial alarm: `noop_rt/runtime/drift.py`; test images in "
+              "index order)", "",
               "| images | warned | share below validation's 5th pct of top-1 prob | bundle accuracy |",
               "|---|---|---|---|",
               f"| demo's held-out digits ({dd['seen']}) | {'yes' if dd['warned'] else 'no'} | "
@@ -503,7 +505,9 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> list[str]:
                   f"{name} {k} shots {sum(bool(r['drift_warned_on_own_domain']) for r in runs)}/{len(runs)}"
                   for name, d in results.items() for k in shots
                   for runs in [d["rows"]["retrained"][str(k)]["runs"]]) + ".",
-              "", f"Wall time: {out['minutes']} min."]
+              "", f"Wall time of this invocation: {out['minutes']} min"
+              + (f" ({len(out.get('resumed_records', []))} measurements resumed from earlier invocations, "
+                 "their times in the tables above)." if out.get("resumed_records") else ".")]
     lines += protocol_lines(out["protocol"])
     return lines
 
