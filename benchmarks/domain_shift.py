@@ -63,6 +63,7 @@ from noop_rt.runtime.drift import ALARM_P, WINDOW
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LOSS = "l2"  # random-noise, baseline and pruned rows: the diffusion-classifier default (as noop_accuracy.py)
+DRIFT_RECORD = "drift-perclass"  # the drift records' name: a new one for each change of runtime/drift.py's alarm
 DOMAIN_DOC = "noop_rt/demo/domains.py (module docstring): generated in code, deterministic per (domain, split, index)"
 
 
@@ -256,7 +257,7 @@ def measure_domain(name: str, args: argparse.Namespace, ctx: dict[str, Any], rec
                                                                   strict=True)]))
         return drift
 
-    drift = records.get(f"{name}-{tag}-drift", shipped_drift)
+    drift = records.get(f"{name}-{tag}-{DRIFT_RECORD}", shipped_drift)
     print(f"[{name}] transferred {rows['transferred']['accuracy']:.4f}; drift warned {drift['warned']}",
           flush=True)
 
@@ -298,7 +299,7 @@ def measure_domain(name: str, args: argparse.Namespace, ctx: dict[str, Any], rec
                 return {"drift_warned_on_own_domain": after.get("warned"),
                         "drift_share_on_own_domain": after.get("share_below_val_p05_top1_prob")}
 
-            run = {**records.get(key, retrain), **records.get(f"{key}-drift", own_drift)}
+            run = {**records.get(key, retrain), **records.get(f"{key}-{DRIFT_RECORD}", own_drift)}
             runs.append(run)
             print(f"[{name}] {k} shots seed {seed}: test {run['accuracy']:.4f} (val {run['val_accuracy']:.4f}), "
                   f"{run['wall_minutes']:.1f} min wall, {run['cpu_minutes']:.1f} min CPU", flush=True)

@@ -52,8 +52,8 @@ LOAD = {"source": BUNDLE_DIR, "backend": "onnxruntime", "device": "cpu"}  # in p
 BATCH_SIZE = 16  # in-process batch's images per call (its CLI default)
 
 
-CPU_GROUPS = (("model replicas", "ServeReplica:noop-rt:Model"), ("ingress", "ServeReplica:noop-rt:Ingress"),
-              ("proxy", "ProxyActor"), ("other Ray", "ray"))
+CPU_GROUPS = (("model replicas", ("ServeReplica:noop-rt:Model",)), ("ingress", ("ServeReplica:noop-rt:Ingress",)),
+              ("proxy", ("ProxyActor",)), ("other Ray", ("ray::", "/ray/")))  # (role, command-line markers)
 
 
 def cpu_seconds() -> dict[str, float] | None:
@@ -72,8 +72,8 @@ def cpu_seconds() -> dict[str, float] | None:
             cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        for name, marker in CPU_GROUPS:
-            if marker in cmd:
+        for name, markers in CPU_GROUPS:
+            if any(m in cmd for m in markers):
                 out[name] += (int(fields[11]) + int(fields[12])) / tick
                 break
     mine = os.times()

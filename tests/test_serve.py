@@ -108,9 +108,10 @@ def test_options_are_checked() -> None:
 def test_replica_threads_follow_the_replicas_and_the_cluster() -> None:
     from noop_rt.serve.server import replica_resources
 
-    # one local replica: the engine's own threads (None); several: the cores split, at least one thread each
+    # one local replica: the engine's own threads (None); several: the cores but one split, at least one thread each
     assert replica_resources(ServeOptions(), 2.0, local=True) == (1.75, None)
-    assert replica_resources(ServeOptions(replicas=2), 4.0, local=True) == (1.87, 2)
+    assert replica_resources(ServeOptions(replicas=2), 4.0, local=True) == (1.87, 1)
+    assert replica_resources(ServeOptions(replicas=2), 9.0, local=True) == (4.37, 4)
     assert replica_resources(ServeOptions(replicas=3), 2.0, local=True)[1] == 1
     # --threads wins, locally and on a cluster (where a replica reserves one CPU)
     assert replica_resources(ServeOptions(threads=3), 2.0, local=True) == (1.75, 3)

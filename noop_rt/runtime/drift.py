@@ -16,9 +16,11 @@ bound, and each input in a window is expected below it at its predicted class's 
 standard error above that count's share (a class never below it in 30 is not trusted to be that easy: 3 %). The
 window's count is tested against the Poisson-binomial law of those rates. Profiles without the counts (older
 checkpoints and bundles) expect 5 % of every input. Measured on the demo bundle: silent on its held-out digits
-shuffled or sorted by class either way; loud on the printed, thick_affine and inverted_texture domains sorted by class
-(benchmarks/domain_shift.py's order). The best-error share is reported, not alarmed on: it moves with harmless changes
-too (11 % on the demo's held-out digits against 5 % on validation).
+shuffled or sorted by class either way; loud on the printed, thick_affine and inverted_texture domains, shuffled or
+sorted by class. The price: a window of inputs predicted as a hard class needs more below the bound to alarm (42 of 100
+at the demo's hardest class, against 17 at a flat 5 %), so a mild shift is caught later. The best-error share is
+reported, not alarmed on: it moves with harmless changes too (11 % on the demo's held-out digits against 5 % on
+validation).
 """
 
 from __future__ import annotations
@@ -97,19 +99,13 @@ class DriftMonitor:
         if not prof or "top1_prob_p05" not in prof or "best_error_p95" not in prof:
             return None
         rates = None
-        if prof.get("per_class_predicted") is not None and prof.get("per_class_below_p05") is not None:
-            rates = np.array([wilson_upper(int(b), int(n)) for b, n in
-                              zip(prof["per_class_below_p05"], prof["per_class_predicted"], strict=True)])
+        below, predicted = prof.get("per_class_below_p05"), prof.get("per_class_predicted")
+        if below is not None and predicted is not None and len(below) == len(predicted) > 0:
+            rates = np.array([wilson_upper(int(b), int(n)) for b, n in zip(below, predicted, strict=True)])
         return cls(float(prof["top1_prob_p05"]), float(prof["best_error_p95"]), rates)
 
-    def threshold(self) -> int:
-        """The smallest count of inputs below the probability bound in a full window that a stream at a flat 5 %
-        reaches with probability below `alarm_p` (17 of 100): the alarm of profiles without per-class counts."""
-        return next(k for k in range(self.window + 1) if binomial_tail(k, self.window, EXPECTED) < self.alarm_p)
-
     def _alarms(self, count: int, rates: np.ndarray) -> bool:
-        mean = float(rates.sum())
-        if count <= mean + 3.0 * math.sqrt(max(mean, 1.0)):  # far from the tail: skip the exact law
+        if count <= float(rates.sum()):  # at or below the expectation: never in the upper tail
             return False
         return poisson_binomial_tail(count, rates) < self.alarm_p
 
@@ -119,11 +115,11 @@ class DriftMonitor:
         window alarms."""
         low = np.asarray(top1_probs) < self.low_prob
         high = np.asarray(best_errors) > self.high_error
-        predicted = None if predicted is None else np.asarray(predicted, np.int64)
-        if self.class_rates is not None and predicted is not None and np.all(predicted < len(self.class_rates)):
-            expected = self.class_rates[predicted]
-        else:
-            expected = np.full(len(low), EXPECTED)
+        expected = np.full(len(low), EXPECTED)  # a class the profile does not count: the flat 5 %
+        if self.class_rates is not None and predicted is not None:
+            predicted = np.asarray(predicted, np.int64)
+            known = (predicted >= 0) & (predicted < len(self.class_rates))
+            expected[known] = self.class_rates[predicted[known]]
         warning = None
         for lo, hi, rate in zip(low.tolist(), high.tolist(), expected.tolist(), strict=True):
             self.seen += 1

@@ -206,7 +206,8 @@ def replica_resources(options: ServeOptions, cpus: float, local: bool) -> tuple[
     `--threads` wins. Otherwise, on a local cluster: one replica keeps the engine's default threads (all cores, idle
     threads spinning): on 2 cores one image took 31-45 ms that way against 46 ms with one thread, and images/s at
     concurrency 16 stayed within the run-to-run spread of 1 or 2 non-spinning threads (18-26 against 19-22, ad-hoc
-    runs). Several replicas split the cores, a share of threads each, none spinning on the others' cores. On a
+    runs). Several replicas split the cores but one (left to the HTTP side), a share of threads each, none
+    spinning on the others' cores. On a
     cluster each replica reserves one CPU and keeps the engine's default."""
     if not local:
         return 1.0, options.threads
@@ -216,7 +217,7 @@ def replica_resources(options: ServeOptions, cpus: float, local: bool) -> tuple[
                             "--replicas, or --ray ADDRESS for a cluster")
     if options.threads is not None:
         return share, options.threads
-    return share, None if options.replicas == 1 else max(1, int(cpus // options.replicas))
+    return share, None if options.replicas == 1 else max(1, int((cpus - 1) // options.replicas))
 
 
 def _start_serve(serve: Any, host: str, port: int) -> None:
