@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 WINDOW = 100  # inputs per decision
-ALARM_P = 1e-5  # binomial tail probability of the window's count if the inputs were like validation
+ALARM_P = 1e-5  # tail probability of the window's count (Poisson-binomial) if the inputs were like validation
 EXPECTED = 0.05  # share of validation inputs beyond each bound
 WILSON_Z = 1.0  # one standard error (one-sided 84 %): a class's rate below the bound is taken at this upper bound
 

@@ -207,8 +207,7 @@ def replica_resources(options: ServeOptions, cpus: float, local: bool) -> tuple[
     threads spinning): on 2 cores one image took 31-45 ms that way against 46 ms with one thread, and images/s at
     concurrency 16 stayed within the run-to-run spread of 1 or 2 non-spinning threads (18-26 against 19-22, ad-hoc
     runs). Several replicas split the cores but one (left to the HTTP side), a share of threads each, none
-    spinning on the others' cores. On a
-    cluster each replica reserves one CPU and keeps the engine's default."""
+    spinning on the others' cores. On a cluster each replica reserves one CPU and keeps the engine's default."""
     if not local:
         return 1.0, options.threads
     share = math.floor(100 * (cpus - INGRESS_CPUS) / options.replicas) / 100
@@ -237,8 +236,6 @@ def _start_serve(serve: Any, host: str, port: int) -> None:
 
 def _deploy_error(serve: Any, exc: Exception) -> NoopError:
     """The replicas' own error (a noop_rt error raised while opening the model) as one line, when there is one."""
-    found: list[tuple[str, str]] = []
-    message = str(exc)
     deadline = time.monotonic() + 10.0  # a replica's error can reach Serve's status after the failure surfaced here
     while True:
         message = str(exc)
