@@ -8,7 +8,9 @@ a constant JSON list, as `noop-rt serve` is laid out and as it could be:
 - `one deployment`: the FastAPI ingress answers itself (the model held inside the ingress replicas).
 
 For each, an asyncio + httpx client on the same machine sends the demo's 360 held-out PNGs at concurrency 1 and 16:
-requests/s and CPU time per request by process (read from /proc before and after, as serve_load.py does).
+requests/s and CPU time per request by process (read from /proc before and after, as serve_load.py does). Both
+layouts run twice, each time on a fresh local cluster: behind Serve's HTTP proxy (RAY_SERVE_THROUGHPUT_OPTIMIZED=0),
+and in Ray Serve's throughput-optimized mode with direct ingress, as `noop-rt serve` runs on its own local cluster.
 
     python benchmarks/serve_overhead.py [--out benchmarks/results]   # writes serve_overhead.{md,json}
 """
@@ -17,6 +19,8 @@ requests/s and CPU time per request by process (read from /proc before and after
 import argparse
 import asyncio
 import json
+import logging
+import os
 import sys
 import tempfile
 import time
@@ -31,7 +35,7 @@ from serve_load import cpu_seconds
 from noop_rt.bench import machine_info
 from noop_rt.demo.digits import write_image_folders
 from noop_rt.evaluation import command_line
-from noop_rt.serve.server import free_port
+from noop_rt.serve.server import free_port, throughput_optimized
 
 RESULTS = Path(__file__).resolve().parent / "results"
 APP = "noop-rt"  # the application name noop-rt serve uses, so that serve_load's process roles apply
@@ -51,8 +55,8 @@ def build(layout: str) -> Any:
     @serve.deployment(name="Ingress")
     @serve.ingress(api)
     class Ingress:
-        def __init__(self, model: Any = None) -> None:
-            self.model = model
+        def __init__(self, model: Any = None) -> None:  # a handle of this replica's settings, as noop-rt's Ingress
+            self.model = None if model is None else serve.get_deployment_handle(model.deployment_name, model.app_name)
 
         @api.post("/v1/classify")
         async def classify(self, request: Request) -> list[dict[str, Any]]:
@@ -85,32 +89,56 @@ async def level(url: str, bodies: list[bytes], concurrency: int) -> dict[str, An
             "cpu_ms_per_request": cpu, "cpu_ms_per_request_total": None if cpu is None else round(sum(cpu.values()), 2)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
+MODES = ("Serve's HTTP proxy", "throughput-optimized")
+
+
+def run_mode(mode: str, bodies: list[bytes]) -> list[dict[str, Any]]:
+    """Both layouts on a fresh local cluster started in `mode`: Serve's HTTP proxy in front of the ingress
+    (RAY_SERVE_THROUGHPUT_OPTIMIZED=0), or Ray Serve's throughput-optimized mode with its direct ingress, set up
+    exactly as `noop-rt serve` sets it up (`throughput_optimized`)."""
     import ray
     from ray import serve
 
-    with tempfile.TemporaryDirectory() as tmp:
-        write_image_folders(Path(tmp) / "digits")
-        bodies = [p.read_bytes() for p in sorted((Path(tmp) / "digits" / "test").rglob("*.png"))]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    saved = dict(os.environ)
     port = free_port("127.0.0.1")
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    if mode == MODES[0]:
+        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "0"
+        proxy_port = port
+    else:
+        os.environ.pop("RAY_SERVE_THROUGHPUT_OPTIMIZED", None)
+        if not throughput_optimized(port):
+            raise SystemExit("error: direct ingress is off in this environment (RAY_SERVE_ENABLE_DIRECT_INGRESS=0?)")
+        proxy_port = free_port("127.0.0.1")
     rows = []
     try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+        serve.start(http_options={"host": "127.0.0.1", "port": proxy_port})
         for layout in ("two deployments", "one deployment"):
             serve.run(build(layout), name=APP, route_prefix="/")
             for c in LEVELS:
-                row = {"layout": layout, **asyncio.run(level(f"http://127.0.0.1:{port}/v1/classify", bodies, c))}
+                row = {"mode": mode, "layout": layout,
+                       **asyncio.run(level(f"http://127.0.0.1:{port}/v1/classify", bodies, c))}
                 rows.append(row)
-                print(f"{layout}, concurrency {c}: {row['requests_per_s']:.0f} requests/s, CPU ms/request "
+                print(f"{mode}, {layout}, concurrency {c}: {row['requests_per_s']:.0f} requests/s, CPU ms/request "
                       f"{row['cpu_ms_per_request']}", flush=True)
             serve.delete(APP)
     finally:
         serve.shutdown()
         ray.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_image_folders(Path(tmp) / "digits")
+        bodies = [p.read_bytes() for p in sorted((Path(tmp) / "digits" / "test").rglob("*.png"))]
+    rows = [row for mode in MODES for row in run_mode(mode, bodies)]
     out = {"machine": machine_info(), "rows": rows, "command": command_line("serve_overhead.py")}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve_overhead.json").write_text(json.dumps(out, indent=2) + "\n")
@@ -120,12 +148,17 @@ def main() -> None:
              "run, client and server on the same machine (loopback). Both applications read the PNG body and answer "
              "a constant JSON list; *two deployments* calls a second deployment through a handle, as `noop-rt "
              "serve`'s ingress calls its model replicas; *one deployment* answers in the ingress. CPU time per "
-             "request by process role (ms, user + system from /proc; *model replicas* is the second deployment).",
-             "", "| layout | concurrency | requests/s | " + " | ".join(roles) + " | total CPU ms/request |",
-             "|---" * (len(roles) + 4) + "|"]
+             "request by process role (ms, user + system from /proc; *model replicas* is the second deployment).", "",
+             "Modes, each on a fresh local cluster: *Serve's HTTP proxy*: `RAY_SERVE_THROUGHPUT_OPTIMIZED=0`, HTTP "
+             "enters through Serve's proxy actor, deployments call each other as Ray actor tasks; "
+             "*throughput-optimized*: Ray Serve's `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` with its direct ingress (the "
+             "ingress replica listens itself, no proxy hop; gRPC between deployments), set up as `noop-rt serve` "
+             "does on its own local cluster (`noop_rt.serve.server.throughput_optimized`).", "",
+             "| mode | layout | concurrency | requests/s | " + " | ".join(roles) + " | total CPU ms/request |",
+             "|---" * (len(roles) + 5) + "|"]
     for r in rows:
         c = r["cpu_ms_per_request"] or {}
-        lines.append(f"| {r['layout']} | {r['concurrency']} | {r['requests_per_s']:.0f} | "
+        lines.append(f"| {r['mode']} | {r['layout']} | {r['concurrency']} | {r['requests_per_s']:.0f} | "
                      + " | ".join(f"{c.get(k, 0.0):.1f}" for k in roles) + f" | {r['cpu_ms_per_request_total']} |")
     (args.out / "serve_overhead.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -251,7 +251,9 @@ class Ingress:
     """HTTP in front of the model deployment."""
 
     def __init__(self, model: DeploymentHandle, options: ServeOptions) -> None:
-        self.model = model
+        # A handle made here takes this replica's Serve settings (gRPC to the model replicas in Serve's
+        # throughput-optimized mode); the one passed in keeps those of the process that built the application.
+        self.model = serve.get_deployment_handle(model.deployment_name, app_name=model.app_name)
         self.options = options
         self.draining = False
         self.inflight = 0
