@@ -4,17 +4,21 @@
     # writes DIR/serve_load.{md,json,png}
 
 1. In process (no server running): `noop-rt batch` (run_batch, batch 16) over the N images gives the images/s to
-   beat, and `classify` one image at a time gives the single-image latency; `classify` of every distinct image gives
-   the reference top-1. Both with the engine's default threads (as `noop-rt batch` runs) and again with the threads
-   a server replica gets (`replica_resources`), so that the serving overhead can be told from the thread setting.
-2. `noop-rt serve` in a child process (a local Ray cluster, --port 0), then for each concurrency level an asyncio +
-   httpx client keeps that many requests in flight (each a raw PNG body to POST /v1/classify) until all N are
-   answered: throughput, p50/p95/p99 latency (client wall time), errors (non-200 or no answer: must be 0), answers
-   whose top-1 differs from the in-process one (must be 0), and the mean batch size and queue time the server reports.
+   beat, and `classify` one image at a time gives the single-image latency; the first run also classifies every
+   distinct image for the reference top-1. Both with the engine's default threads (as `noop-rt batch` runs) and,
+   when they differ, with the threads a server replica gets (`replica_resources`), so that the serving overhead can
+   be told from the thread setting.
+2. For each concurrency level, a fresh `noop-rt serve` in a child process (a local Ray cluster, --port 0), and an
+   asyncio + httpx client that keeps that many requests in flight (each a raw PNG body to POST /v1/classify) until
+   all N are answered: throughput, p50/p95/p99 latency (client wall time), errors (non-200 or no answer: must be 0),
+   answers whose top-1 differs from the in-process one (must be 0), the mean batch size and queue time the server
+   reports, and the CPU time per request by process. Then the server is stopped (SIGTERM: it must exit 0) and step
+   1 runs again: each level is compared with the mean of the in-process runs right before and right after it, as
+   this machine's speed drifts by tens of percent between minutes.
 3. Overhead per image = 1000 / serve images/s - 1000 / batch images/s with the same engine threads (ms).
-   Targets (issue 19): no request lost or
-   wrong; at concurrency 16, >= 80 % of in-process batch images/s; p99 at concurrency 1 <= 2x the in-process
-   single-image latency (median). The exit code is 1 when a request was lost or wrong.
+   Targets (issue 19): no request lost or wrong; at concurrency 16, >= 80 % of in-process batch images/s; p99 at
+   concurrency 1 <= 2x the in-process single-image latency (median). The exit code is 1 when a request was lost or
+   wrong, or a server did not exit 0.
 
 `--quick` (40 images, concurrency 1 and 4) only proves the script runs end to end. DIR defaults to
 benchmarks/results.
@@ -85,14 +89,16 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
 
-def in_process(paths: list[str], listing: Path, tmp: Path, single_runs: int, threads: int | None) -> dict[str, Any]:
+def in_process(paths: list[str], listing: Path, tmp: Path, single_runs: int, threads: int | None,
+               reference: bool = False) -> dict[str, Any]:
     """In-process `batch` images/s and one-image-at-a-time `classify` latency with the engine's `threads` (None: its
-    default, as `noop-rt batch` / `classify` run), and the reference top-1 of every path."""
+    default, as `noop-rt batch` / `classify` run); with `reference`, also the top-1 of every distinct path."""
     load = {**LOAD, "threads": threads}
     with noop_rt.load(**load) as clf:
         distinct = sorted(set(paths))
-        results = clf.classify(distinct)
-        reference = {p: r.label for p, r in zip(distinct, results, strict=True)}
+        labels = {}
+        if reference:
+            labels = {p: r.label for p, r in zip(distinct, clf.classify(distinct), strict=True)}
         clf.classify(distinct[0])  # warm
         single = []
         for p in (distinct * (1 + single_runs // len(distinct)))[:single_runs]:
@@ -106,7 +112,7 @@ def in_process(paths: list[str], listing: Path, tmp: Path, single_runs: int, thr
     if report.classified != len(paths):
         raise SystemExit(f"error: in-process batch classified {report.classified} of {len(paths)} images "
                          f"({report.first_error})")
-    return {"threads": threads, "reference": reference, "batch_images_per_s": report.images_per_s,
+    return {"threads": threads, "reference": labels, "batch_images_per_s": report.images_per_s,
             "batch_seconds": report.seconds, "single_p50_ms": percentile(single, 50),
             "single_p99_ms": percentile(single, 99), "single_runs": len(single)}
 
@@ -156,7 +162,18 @@ async def load_level(url: str, bodies: list[tuple[str, bytes]], concurrency: int
     return {"records": records, "seconds": seconds, "cpu_s": cpu}
 
 
-def summarize(level: dict[str, Any], concurrency: int, reference: dict[str, str], batch_ips: float) -> dict[str, Any]:
+def bracket(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The in-process figures a level is compared with: the means of the runs right before and right after it."""
+    keys = ("batch_images_per_s", "single_p50_ms", "single_p99_ms")
+    return {"threads": before["threads"], **{k: (before[k] + after[k]) / 2 for k in keys},
+            "before": {k: before[k] for k in keys}, "after": {k: after[k] for k in keys}}
+
+
+def summarize(level: dict[str, Any], concurrency: int, reference: dict[str, str], base: dict[str, Any],
+              same: dict[str, Any]) -> dict[str, Any]:
+    """One level's figures against `base` (in-process, engine default threads) and `same` (a replica's threads),
+    each bracketing the level."""
+    batch_ips = base["batch_images_per_s"]
     records = level["records"]
     ok = [r for r in records if r["status"] == 200]
     latencies = [r["ms"] for r in records]
@@ -170,14 +187,17 @@ def summarize(level: dict[str, Any], concurrency: int, reference: dict[str, str]
             # where one request's time goes: the model (its whole batch), the server (ingress in to out), the client
             "p50_model_ms": percentile([r["model_ms"] for r in ok], 50) if ok else None,
             "p50_server_ms": percentile([r["server_ms"] for r in ok], 50) if ok else None,
-            "vs_batch": ips / batch_ips,
+            "in_process": base, "in_process_replica_threads": same, "vs_batch": ips / batch_ips,
+            "vs_batch_same_threads": ips / same["batch_images_per_s"],
+            "overhead_ms_per_image": 1e3 / ips - 1e3 / same["batch_images_per_s"],
+            "p99_vs_single_p50": percentile(latencies, 99) / base["single_p50_ms"],
             # CPU time per request by role (ms): where the cores went during the level
             "cpu_ms_per_request": None if level["cpu_s"] is None else
             {k: 1e3 * v / len(records) for k, v in level["cpu_s"].items()},
             "error_examples": sorted({str(r["status"]) for r in records if r["status"] != 200})[:5]}
 
 
-def plot(rows: list[dict[str, Any]], base: dict[str, Any], same: dict[str, Any], path: Path) -> None:
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,18 +207,22 @@ def plot(rows: list[dict[str, Any]], base: dict[str, Any], same: dict[str, Any],
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
     for key, label in (("p50_ms", "p50"), ("p95_ms", "p95"), ("p99_ms", "p99")):
         ax.plot(conc, [r[key] for r in rows], marker="o", label=label)
-    ax.axhline(base["single_p50_ms"], color="grey", linestyle="--", label="in process, 1 image (p50)")
+    ax.plot(conc, [r["in_process"]["single_p50_ms"] for r in rows], color="grey", linestyle="--", marker=".",
+            label="in process, 1 image (p50)")
     ax.set(xscale="log", yscale="log", xlabel="concurrent requests", ylabel="latency (ms)",
            title="noop-rt serve: latency vs concurrency")
     ax.set_xticks(conc, [str(c) for c in conc])
     ax.minorticks_off()
     ax.legend()
     bx.plot(conc, [r["images_per_s"] for r in rows], marker="o", label="serve")
-    bx.axhline(base["batch_images_per_s"], color="grey", linestyle="--", label=f"in-process batch ({BATCH_SIZE})")
-    if same is not base:
-        bx.axhline(same["batch_images_per_s"], color="grey", linestyle=":",
-                   label=f"in-process batch, {same['threads']} thread(s)")
-    bx.set(xscale="log", xlabel="concurrent requests", ylabel="images/s", title="throughput")
+    bx.plot(conc, [r["in_process"]["batch_images_per_s"] for r in rows], color="grey", linestyle="--", marker=".",
+            label=f"in-process batch ({BATCH_SIZE})")
+    if rows and rows[0]["in_process_replica_threads"] is not rows[0]["in_process"]:
+        bx.plot(conc, [r["in_process_replica_threads"]["batch_images_per_s"] for r in rows], color="grey",
+                linestyle=":", marker=".", label=f"in-process batch, {rows[0]['in_process_replica_threads']['threads']}"
+                " thread(s)")
+    bx.set(xscale="log", xlabel="concurrent requests", ylabel="images/s", title="throughput (in process: around "
+           "each level)")
     bx.set_xticks(conc, [str(c) for c in conc])
     bx.minorticks_off()
     bx.set_ylim(bottom=0)
@@ -249,94 +273,116 @@ def main() -> None:
                                  "batch": {"model": "bundle", **strategy_protocol(clf), "batch_size": BATCH_SIZE}}}
         _, replica_threads = replica_resources(ServeOptions(replicas=args.replicas, threads=args.threads),
                                                float(os.cpu_count() or 1), local=True)
-        base = in_process(paths, listing, tmp, min(100, args.images), None)
-        same = base if replica_threads is None else in_process(paths, listing, tmp, min(100, args.images),
-                                                               replica_threads)
-        for name, m in (("in process, engine default threads", base),
-                        (f"in process, {replica_threads} thread(s) like a replica", same))[:1 if same is base else 2]:
-            print(f"{name}: batch {m['batch_images_per_s']:.1f} images/s, single image p50 "
-                  f"{m['single_p50_ms']:.1f} ms", flush=True)
+        single_runs = min(100, args.images)
+
+        def measure(first: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+            """In process, no server running: engine default threads, and a replica's threads when they differ."""
+            base = in_process(paths, listing, tmp, single_runs, None, reference=first)
+            same = base if replica_threads is None else in_process(paths, listing, tmp, single_runs, replica_threads)
+            for name, m in (("engine default threads", base), (f"{replica_threads} thread(s) like a replica", same)
+                            )[:1 if same is base else 2]:
+                print(f"in process, {name}: batch {m['batch_images_per_s']:.1f} images/s, single image p50 "
+                      f"{m['single_p50_ms']:.1f} ms", flush=True)
+            return base, same
+
+        slots = [measure(first=True)]  # one before each level, one after the last
+        reference = slots[0][0]["reference"]
         bodies = [(p, Path(p).read_bytes()) for p in paths]
-        rows = []
-        with ServerProcess(server_args) as server:
-            print(f"server at {server.url}", flush=True)
-            for c in levels:
+        rows, exit_codes = [], []
+        for c in levels:
+            with ServerProcess(server_args) as server:
                 level = asyncio.run(load_level(server.url, bodies, c))
-                rows.append(summarize(level, c, base["reference"], base["batch_images_per_s"]))
-                r = rows[-1]
-                print(f"  concurrency {c}: {r['images_per_s']:.1f} images/s, p50 {r['p50_ms']:.1f} ms, p99 "
-                      f"{r['p99_ms']:.1f} ms, errors {r['errors']}, wrong {r['wrong']}, mean batch "
-                      f"{r['mean_batch_size']}", flush=True)
-            exit_code = server.stop()
+                exit_codes.append(server.stop())
+            slots.append(measure())
+            (b0, s0), (b1, s1) = slots[-2], slots[-1]
+            base = bracket(b0, b1)
+            same = base if replica_threads is None else bracket(s0, s1)
+            rows.append(summarize(level, c, reference, base, same))
+            r = rows[-1]
+            print(f"  concurrency {c}: {r['images_per_s']:.1f} images/s ({100 * r['vs_batch']:.0f} % of in-process "
+                  f"batch {base['batch_images_per_s']:.1f}), p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms "
+                  f"({r['p99_vs_single_p50']:.2f}x in-process single p50 {base['single_p50_ms']:.1f} ms), errors "
+                  f"{r['errors']}, wrong {r['wrong']}, mean batch {r['mean_batch_size']}", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    base.pop("reference")
-    same.pop("reference", None)
-    for r in rows:  # the serving overhead: against in-process batch with the same engine threads
-        r["vs_batch_same_threads"] = r["images_per_s"] / same["batch_images_per_s"]
-        r["overhead_ms_per_image"] = 1e3 / r["images_per_s"] - 1e3 / same["batch_images_per_s"]
-    targets = targets_met(rows, base)
-    out = {"machine": machine_info(), "in_process": base, "in_process_replica_threads": same, "rows": rows,
-           "targets": targets,
-           "server_exit_code": exit_code, "protocol": protocol}
+    for base, same in slots:
+        base.pop("reference", None)
+        same.pop("reference", None)
+    targets = targets_met(rows)
+    out = {"machine": machine_info(), "in_process_runs": [{"default_threads": b, "replica_threads": s_}
+                                                          for b, s_ in slots],
+           "rows": rows, "targets": targets, "server_exit_codes": exit_codes, "protocol": protocol}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve_load.json").write_text(json.dumps(out, indent=2) + "\n")
-    plot(rows, base, same, args.out / "serve_load.png")
+    plot(rows, args.out / "serve_load.png")
     threads_text = "the engine's default threads" if replica_threads is None else f"{replica_threads} engine thread(s)"
     lines = [f"# `noop-rt serve` under load ({args.images} requests per level, demo bundle, onnxruntime CPU)", "",
              f"Produced by `{command_line('serve_load.py')}` on {out['machine']['cpu']} "
              f"({out['machine']['cpu_count']} cores), client and server on the same machine (loopback), "
-             f"{args.replicas} replica(s) with {threads_text}. In process (`noop-rt batch`, "
-             f"batch {BATCH_SIZE}, engine default threads): {base['batch_images_per_s']:.1f} images/s; one image at a "
-             f"time p50 {base['single_p50_ms']:.1f} ms, p99 {base['single_p99_ms']:.1f} ms."
-             + ("" if same is base else f" With a replica's {replica_threads} thread(s): "
-                f"{same['batch_images_per_s']:.1f} images/s; one image p50 {same['single_p50_ms']:.1f} ms."), "",
+             f"{args.replicas} replica(s) with {threads_text}, a fresh server per level. Each level is compared "
+             f"with in-process runs on the same images, no server running, right before and right after it (their "
+             f"mean): `noop-rt batch` (batch {BATCH_SIZE}, engine default threads) and `classify` one image at a "
+             "time. This machine's speed drifts between runs; the bracket keeps each comparison to the same minutes."
+             + ("" if replica_threads is None else f" *same threads*: in-process batch with a replica's "
+                f"{replica_threads} thread(s)."), "",
+             "| in process, around level | batch images/s (before, after) | single image p50 ms (before, after) |",
+             "|---|---|---|"]
+    for r in rows:
+        before, after = r["in_process"]["before"], r["in_process"]["after"]
+        lines.append(f"| {r['concurrency']} | {before['batch_images_per_s']:.1f}, {after['batch_images_per_s']:.1f} | "
+                     f"{before['single_p50_ms']:.1f}, {after['single_p50_ms']:.1f} |")
+    lines += ["",
              "Per request, p50: *model* = the batch it rode in, in the replica; *server* = the ingress, body in to "
-             "answer out (decoding, the hop to the replica, the batch wait); the rest of the latency is the client, "
-             "HTTP and Ray Serve's proxy.", "",
+             "answer out (decoding, the hop to the replica, the batch wait); the rest of the latency is the client and "
+             "HTTP (with Serve's HTTP proxy in between when Serve's throughput-optimized mode is off).", "",
              "| concurrency | images/s | vs batch | vs batch, same threads | overhead (ms/image, same threads) | "
-             "p50 ms | p95 ms | p99 ms | p50 server ms | p50 model ms | errors | wrong | mean batch | mean queue ms |",
-             "|---" * 14 + "|"]
+             "p50 ms | p95 ms | p99 ms | p99 / in-process single p50 | p50 server ms | p50 model ms | errors | wrong | "
+             "mean batch | mean queue ms |",
+             "|---" * 15 + "|"]
     lines += [f"| {r['concurrency']} | {r['images_per_s']:.1f} | {100 * r['vs_batch']:.0f} % | "
               f"{100 * r['vs_batch_same_threads']:.0f} % | {r['overhead_ms_per_image']:.1f} | {r['p50_ms']:.1f} | "
-              f"{r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {_fmt(r['p50_server_ms'])} | {_fmt(r['p50_model_ms'])} | "
+              f"{r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['p99_vs_single_p50']:.2f}x | {_fmt(r['p50_server_ms'])} | "
+              f"{_fmt(r['p50_model_ms'])} | "
               f"{r['errors']} | {r['wrong']} | {_fmt(r['mean_batch_size'])} | {_fmt(r['mean_queue_ms'])} |"
               for r in rows]
     cpu_rows = [r for r in rows if r.get("cpu_ms_per_request")]
     if cpu_rows:
         roles = [name for name, _ in CPU_GROUPS] + ["client"]
         lines += ["", "Where the cores went: CPU time per request (ms, user + system, read from /proc before and after "
-                  "each level). The in-process batch spends "
-                  f"{1e3 * out['machine']['cpu_count'] / base['batch_images_per_s']:.1f} ms of CPU per image at most "
-                  "(all cores for its whole run).", "",
-                  "| concurrency | " + " | ".join(roles) + " | total | cores busy |", "|---" * (len(roles) + 3) + "|"]
+                  "each level). *in-process batch* = the most CPU per image the in-process batch around the level "
+                  "can have spent (all cores for its whole run).", "",
+                  "| concurrency | " + " | ".join(roles) + " | total | cores busy | in-process batch |",
+                  "|---" * (len(roles) + 4) + "|"]
         for r in cpu_rows:
             c = r["cpu_ms_per_request"]
             total = sum(c.values())
             lines.append(f"| {r['concurrency']} | " + " | ".join(f"{c.get(k, 0.0):.1f}" for k in roles)
-                         + f" | {total:.1f} | {total * r['images_per_s'] / 1e3:.2f} |")
+                         + f" | {total:.1f} | {total * r['images_per_s'] / 1e3:.2f} | "
+                         f"{1e3 * out['machine']['cpu_count'] / r['in_process']['batch_images_per_s']:.1f} |")
     lines += ["", "Targets (issue 19), measured in this run:", ""]
     lines += [f"- {t['target']}: {t['value']} -> {'met' if t['met'] else 'NOT met'}" for t in targets]
     lines += ["", "![latency and throughput vs concurrency](serve_load.png)"]
     lines += protocol_lines(protocol)
     (args.out / "serve_load.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[:len(rows) + 12]))
-    if any(r["errors"] or r["wrong"] for r in rows):
+    if any(r["errors"] or r["wrong"] for r in rows) or any(exit_codes):
         sys.exit(1)
 
 
-def targets_met(rows: list[dict[str, Any]], base: dict[str, Any]) -> list[dict[str, Any]]:
+def targets_met(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = [{"target": "no request lost or wrong", "value": f"{sum(r['errors'] for r in rows)} errors, "
             f"{sum(r['wrong'] for r in rows)} wrong", "met": not any(r["errors"] or r["wrong"] for r in rows)}]
     by = {r["concurrency"]: r for r in rows}
     if 16 in by:
+        r = by[16]
         out.append({"target": "concurrency 16: >= 80 % of in-process batch images/s",
-                    "value": f"{100 * by[16]['vs_batch']:.0f} %", "met": by[16]["vs_batch"] >= 0.8})
+                    "value": f"{100 * r['vs_batch']:.0f} % ({r['images_per_s']:.1f} of "
+                             f"{r['in_process']['batch_images_per_s']:.1f})", "met": r["vs_batch"] >= 0.8})
     if 1 in by:
-        ratio = by[1]["p99_ms"] / base["single_p50_ms"]
+        r = by[1]
         out.append({"target": "concurrency 1: p99 <= 2x in-process single-image latency (p50)",
-                    "value": f"{by[1]['p99_ms']:.1f} ms = {ratio:.2f}x {base['single_p50_ms']:.1f} ms",
-                    "met": ratio <= 2.0})
+                    "value": f"{r['p99_ms']:.1f} ms = {r['p99_vs_single_p50']:.2f}x "
+                             f"{r['in_process']['single_p50_ms']:.1f} ms", "met": r["p99_vs_single_p50"] <= 2.0})
     return out
 
 

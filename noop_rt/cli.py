@@ -617,11 +617,13 @@ def serve(
                                       "port; the printed URL says which).")] = 8000,
     replicas: Annotated[int, typer.Option("--replicas", min=1, help="Model replicas (one classifier each).")] = 1,
     gpus_per_replica: Annotated[float, typer.Option("--gpus-per-replica", min=0.0, help="GPUs per replica.")] = 0.0,
-    threads: Annotated[int | None, typer.Option("--threads", min=1, help="Engine threads per replica (default: the "
-                                                "engine's own with one local replica, the cores split between "
-                                                "several).")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="Engine threads per replica (default: all "
+                                                "cores with one local replica, the cores split between several, "
+                                                "the engine's own on a cluster).")] = None,
     max_batch_size: Annotated[int, typer.Option("--max-batch-size", min=1, help="Images gathered into one "
                                                 "B*C UNet batch.")] = 8,
+    concurrent_batches: Annotated[int | None, typer.Option("--concurrent-batches", min=1, help="Batches a replica "
+                                                           "runs at once (default: 2 on onnxruntime, else 1).")] = None,
     batch_wait_ms: Annotated[float, typer.Option("--batch-wait-ms", min=0.0, help="Longest wait for a batch to "
                                                  "fill while the model is idle (requests that arrive while it "
                                                  "is busy are batched anyway).")] = ServeOptions.batch_wait_ms,
@@ -640,7 +642,8 @@ def serve(
         load = _load_kwargs(bundle, ckpt, model, backend, device, method, classes, prompts, template, max_batch,
                             engines, _strategy(noises, stages, loss, seed, False), lora, lora_scale)
         run_server(load, ServeOptions(host=host, port=port, replicas=replicas, gpus_per_replica=gpus_per_replica,
-                                      threads=threads, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
+                                      threads=threads, max_batch_size=max_batch_size,
+                                      concurrent_batches=concurrent_batches, batch_wait_ms=batch_wait_ms,
                                       max_upload_mb=max_upload_mb, ray_address=ray_address, top_k=top_k))
 
     _run(go)

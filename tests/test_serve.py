@@ -108,8 +108,11 @@ def test_options_are_checked() -> None:
 def test_replica_threads_follow_the_replicas_and_the_cluster() -> None:
     from noop_rt.serve.server import replica_resources
 
-    # one local replica: the engine's own threads (None); several: the cores but one split, at least one thread each
-    assert replica_resources(ServeOptions(), 2.0, local=True) == (1.75, None)
+    # one local replica: a thread per core, given (so onnxruntime's do not spin); several: the cores but one split,
+    # at least one thread each
+    assert replica_resources(ServeOptions(), 2.0, local=True) == (1.75, 2)
+    assert replica_resources(ServeOptions(), 16.0, local=True) == (15.75, 16)
+    assert replica_resources(ServeOptions(concurrent_batches=1), 2.0, local=True) == (1.75, None)  # engine default
     assert replica_resources(ServeOptions(replicas=2), 4.0, local=True) == (1.87, 1)
     assert replica_resources(ServeOptions(replicas=2), 9.0, local=True) == (4.37, 4)
     assert replica_resources(ServeOptions(replicas=3), 2.0, local=True)[1] == 1
@@ -119,6 +122,18 @@ def test_replica_threads_follow_the_replicas_and_the_cluster() -> None:
     assert replica_resources(ServeOptions(), 64.0, local=False) == (1.0, None)
     with pytest.raises(BadInputError, match="do not fit"):
         replica_resources(ServeOptions(replicas=200), 2.0, local=True)
+
+
+@needs_serve
+def test_concurrent_batches_only_where_the_engine_runs_calls_at_once() -> None:
+    from noop_rt.serve.app import concurrent_batches
+
+    assert concurrent_batches(ServeOptions(), "onnxruntime") == 2
+    for backend in ("openvino", "tensorrt", "torch"):
+        assert concurrent_batches(ServeOptions(), backend) == 1
+    assert concurrent_batches(ServeOptions(concurrent_batches=3), "openvino") == 3
+    with pytest.raises(BadInputError, match="--concurrent-batches"):
+        ServeOptions(concurrent_batches=0)
 
 
 @needs_serve

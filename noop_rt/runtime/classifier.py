@@ -6,6 +6,7 @@ artifact's own (its loss, t*, tau) < call arguments.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -120,6 +121,7 @@ class Classifier:
         model.prepare(self.method)
         self.drift = DriftMonitor.from_profile(model.info.drift)  # None: no validation profile to compare with
         self.on_drift: Callable[[str], None] = _log_warning  # where a drift warning goes (the CLI prints it)
+        self._drift_lock = threading.Lock()  # predict may run in several threads at once (a server's batches)
 
     # ------------------------------------------------------------------------------------------ what it is
     @property
@@ -214,7 +216,8 @@ class Classifier:
             tau = self.model.info.tau if calibrated else scoring.uncalibrated_tau(scores.errors)
             probs = scores.probabilities(tau)
             if calibrated and self.drift is not None:  # the profile holds for the calibrated NoOp path only
-                warning = self.drift.update(probs.max(axis=1), scores.errors.min(axis=1), probs.argmax(axis=1))
+                with self._drift_lock:
+                    warning = self.drift.update(probs.max(axis=1), scores.errors.min(axis=1), probs.argmax(axis=1))
                 if warning is not None:
                     self.on_drift(warning)
             ranking = scores.ranking()[:, :k]

@@ -30,6 +30,7 @@ class ServeOptions:
     gpus_per_replica: float = 0.0
     threads: int | None = None  # engine threads per replica (None: see server.replica_resources)
     max_batch_size: int = 8  # images gathered into one B*C UNet batch
+    concurrent_batches: int | None = None  # batches a replica runs at once (None: app.concurrent_batches)
     batch_wait_ms: float = 2.0  # longest wait for a batch to fill (requests that arrive while the model is busy
     # are held and batched anyway: the wait only matters when it is idle, where it is pure latency)
     max_upload_mb: float = 10.0  # largest request body
@@ -43,6 +44,8 @@ class ServeOptions:
     def __post_init__(self) -> None:
         checks = [(self.replicas >= 1, "--replicas must be at least 1"),
                   (self.max_batch_size >= 1, "--max-batch-size must be at least 1"),
+                  (self.concurrent_batches is None or self.concurrent_batches >= 1,
+                   "--concurrent-batches must be at least 1"),
                   (self.batch_wait_ms >= 0, "--batch-wait-ms must not be negative"),
                   (self.max_upload_mb >= 0, "--max-upload-mb must not be negative"),
                   (self.gpus_per_replica >= 0, "--gpus-per-replica must not be negative"),

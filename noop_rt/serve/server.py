@@ -235,11 +235,12 @@ def _serve_running(serve: Any) -> bool:
 def replica_resources(options: ServeOptions, cpus: float, local: bool) -> tuple[float, int | None]:
     """(CPUs reserved per model replica, engine threads per replica; None: the engine's default).
 
-    `--threads` wins. Otherwise, on a local cluster: one replica keeps the engine's default threads (all cores, idle
-    threads spinning): on 2 cores one image took 31-45 ms that way against 46 ms with one thread, and images/s at
-    concurrency 16 stayed within the run-to-run spread of 1 or 2 non-spinning threads (18-26 against 19-22, ad-hoc
-    runs). Several replicas split the cores but one (left to the HTTP side), a share of threads each, none
-    spinning on the others' cores. On a cluster each replica reserves one CPU and keeps the engine's default."""
+    `--threads` wins. Otherwise, on a local cluster: one replica gets a thread per core, given explicitly, so that
+    onnxruntime's threads wait without spinning: the replica runs two batches at once (`app.concurrent_batches`),
+    and the HTTP side shares the cores. With `--concurrent-batches 1` it keeps the engine's default instead
+    (onnxruntime's threads spin between its kernels: the lowest latency for one request at a time). Several
+    replicas split the cores but one (left to the HTTP side), a share of threads each. On a cluster each replica
+    reserves one CPU and keeps the engine's default."""
     if not local:
         return 1.0, options.threads
     share = math.floor(100 * (cpus - INGRESS_CPUS) / options.replicas) / 100
@@ -248,7 +249,9 @@ def replica_resources(options: ServeOptions, cpus: float, local: bool) -> tuple[
                             "--replicas, or --ray ADDRESS for a cluster")
     if options.threads is not None:
         return share, options.threads
-    return share, None if options.replicas == 1 else max(1, int((cpus - 1) // options.replicas))
+    if options.replicas == 1:
+        return share, None if options.concurrent_batches == 1 else max(1, int(cpus))
+    return share, max(1, int((cpus - 1) // options.replicas))
 
 
 def _start_serve(serve: Any, host: str, port: int) -> None:
