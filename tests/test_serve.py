@@ -334,6 +334,18 @@ def test_start_ready_and_describe(server: Any) -> None:
 
 
 @needs_serve
+def test_the_ingress_replica_itself_listens_on_the_url(server: Any) -> None:
+    """Serve's direct ingress on the local cluster: the ingress replica, not Serve's HTTP proxy, owns the port."""
+    import psutil
+
+    port = int(server.url.rsplit(":", 1)[1])
+    owners = {c.pid for c in psutil.net_connections("tcp")
+              if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid}
+    titles = [" ".join(psutil.Process(pid).cmdline()) for pid in owners]
+    assert titles and all("ServeReplica:noop-rt:Ingress" in t for t in titles), titles
+
+
+@needs_serve
 def test_classify_raw_and_multipart(server: Any, reference: dict[str, dict[str, Any]]) -> None:
     import httpx
 

@@ -2,7 +2,8 @@
 
 - `Model` replicas: each opens one classifier with `noop_rt.load`, runs one warm-up pass, then answers `classify`
   calls of ONE preprocessed image each; `@serve.batch` gathers the calls that arrive together into one
-  `Classifier.predict` over (B, 3, R, R): one B*C UNet batch (chunked to the model's max batch).
+  `Classifier.predict` over (B, 3, R, R): one B*C UNet batch (chunked to the model's max batch), up to
+  `concurrent_batches` of them at once.
 - `Ingress` (one replica): HTTP. Reads bodies under the upload limit, refuses non-images (415), bombs (400, from the
   header) and empty bodies (400) before the model sees them, decodes and preprocesses in threads, sends each image to
   the model deployment and assembles the answers: `/v1/classify`, `/v1/model`, the KServe v2 protocol, `/healthz`,

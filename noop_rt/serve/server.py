@@ -27,6 +27,9 @@ from noop_rt import errors
 from noop_rt.errors import BadInputError, MissingDependencyError, NoopError
 from noop_rt.serve import APP_NAME, INSTALL_HINT, ServeOptions
 
+DIRECT_INGRESS_SETTINGS = ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_DIRECT_INGRESS",
+                           "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT",
+                           "RAY_SERVE_PORT_QUARANTINE_S", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S")
 READY_TIMEOUT_S = 120.0  # after the deployment is up, the longest wait for the URL to answer /readyz
 INGRESS_CPUS = 0.25
 
@@ -183,11 +186,16 @@ def throughput_optimized(port: int) -> bool:
     `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` (Ray Serve's own switch, on unless set otherwise) carries requests between
     deployments over gRPC instead of Ray actor calls, runs user code on the replica's event loop and buffers the
     access log. Its direct ingress lets the ingress replica answer HTTP itself: no hop through Serve's HTTP proxy
-    actor. On 2 cores this cut Ray Serve's own CPU per request from 22-27 ms to 3-4 ms
-    (benchmarks/serve_overhead.py). The ingress replica then listens on a port from a pool
-    (RAY_SERVE_DIRECT_INGRESS_MIN/MAX_HTTP_PORT), set here to `port` alone, and a replaced replica gets it back at
-    once (no quarantine). noop-rt's own drain (readiness false until no request is in flight) replaces Serve's
-    30 s minimum draining period. Set RAY_SERVE_THROUGHPUT_OPTIMIZED=0 for Serve's classic HTTP proxy."""
+    actor. On 2 cores this cut Ray Serve's own CPU per request from 22-32 ms to 4.5-6 ms
+    (benchmarks/serve_overhead.py, an ingress calling a second deployment). The ingress replica then listens on a
+    port from a pool (RAY_SERVE_DIRECT_INGRESS_MIN/MAX_HTTP_PORT), set here to `port` alone, and a replaced replica
+    gets it back at once (no quarantine). noop-rt's own drain (readiness false until no request is in flight)
+    replaces Serve's 30 s minimum draining period. RAY_SERVE_THROUGHPUT_OPTIMIZED=0 brings back Serve's classic HTTP
+    proxy, which is also what a Ray without these settings (before 2.55) runs."""
+    from ray.serve._private import constants  # a probe of this Ray's settings, not a use of its internals
+
+    if not all(hasattr(constants, name) for name in DIRECT_INGRESS_SETTINGS):
+        return False
     env = os.environ
     optimized = env.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1") == "1"
     if env.get("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1" if optimized else "0") != "1":
