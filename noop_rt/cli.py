@@ -617,16 +617,18 @@ def serve(
                                       "port; the printed URL says which).")] = 8000,
     replicas: Annotated[int, typer.Option("--replicas", min=1, help="Model replicas (one classifier each).")] = 1,
     gpus_per_replica: Annotated[float, typer.Option("--gpus-per-replica", min=0.0, help="GPUs per replica.")] = 0.0,
-    threads: Annotated[int | None, typer.Option("--threads", min=1, help="Engine threads per replica (default: all "
-                                                "cores with one local replica, the cores split between several, "
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="Engine threads per replica (default: one "
+                                                "per core with one local replica, or the engine's own with "
+                                                "--concurrent-batches 1; the cores split between several replicas; "
                                                 "the engine's own on a cluster).")] = None,
     max_batch_size: Annotated[int, typer.Option("--max-batch-size", min=1, help="Images gathered into one "
                                                 "B*C UNet batch.")] = 8,
     concurrent_batches: Annotated[int | None, typer.Option("--concurrent-batches", min=1, help="Batches a replica "
                                                            "runs at once (default: 2 on onnxruntime, else 1).")] = None,
     batch_wait_ms: Annotated[float, typer.Option("--batch-wait-ms", min=0.0, help="Longest wait for a batch to "
-                                                 "fill while the model is idle (requests that arrive while it "
-                                                 "is busy are batched anyway).")] = ServeOptions.batch_wait_ms,
+                                                 "fill when one can start at once (requests that arrive while all "
+                                                 "of a replica's batches run are batched anyway).")]
+    = ServeOptions.batch_wait_ms,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.0, help="Largest request body (0: no "
                                                  "limit).")] = 10.0,
     ray_address: Annotated[str | None, typer.Option("--ray", metavar="ADDRESS", help="An existing Ray cluster "

@@ -131,7 +131,10 @@ def test_concurrent_batches_only_where_the_engine_runs_calls_at_once() -> None:
     assert concurrent_batches(ServeOptions(), "onnxruntime") == 2
     for backend in ("openvino", "tensorrt", "torch"):
         assert concurrent_batches(ServeOptions(), backend) == 1
-    assert concurrent_batches(ServeOptions(concurrent_batches=3), "openvino") == 3
+    assert concurrent_batches(ServeOptions(concurrent_batches=3), "onnxruntime") == 3
+    assert concurrent_batches(ServeOptions(concurrent_batches=1), "tensorrt") == 1
+    with pytest.raises(BadInputError, match="needs the onnxruntime backend"):
+        concurrent_batches(ServeOptions(concurrent_batches=2), "openvino")
     with pytest.raises(BadInputError, match="--concurrent-batches"):
         ServeOptions(concurrent_batches=0)
 
@@ -333,10 +336,60 @@ def test_start_ready_and_describe(server: Any) -> None:
     assert not any(ref in page.text for ref in ('src="http', 'href="http', 'src="//', 'href="//'))  # no CDN
 
 
+def no_direct_ingress_in_ray() -> str | None:
+    """Why this Ray has no throughput-optimized mode with direct ingress, or None when it has."""
+    import ray
+    from ray.serve._private import constants
+
+    from noop_rt.serve.server import DIRECT_INGRESS_SETTINGS
+
+    if all(hasattr(constants, name) for name in DIRECT_INGRESS_SETTINGS):
+        return None
+    return f"this Ray ({ray.__version__}) has no throughput-optimized mode; Serve's proxy serves the port"
+
+
+def direct_ingress_expected() -> str | None:
+    """Why the test server cannot be in Serve's direct-ingress mode here, or None when it must be."""
+    if os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1") != "1" or \
+            os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1") != "1":
+        return "the environment turns Serve's throughput-optimized mode or its direct ingress off"
+    return no_direct_ingress_in_ray()
+
+
+@needs_serve
+def test_throughput_optimized_pins_the_port_and_respects_an_opt_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    from noop_rt.serve.server import DIRECT_INGRESS_SETTINGS, throughput_optimized
+
+    why_not = no_direct_ingress_in_ray()
+    if why_not is not None:
+        pytest.skip(why_not)
+    for name in DIRECT_INGRESS_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "30000")  # a user's pool: replaced by the port
+    monkeypatch.setenv("RAY_SERVE_PORT_QUARANTINE_S", "7")  # a user's own choice: kept
+    assert throughput_optimized(8123) is True
+    assert os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    pool = (os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"])
+    assert pool == ("8123", "8124")
+    assert os.environ["RAY_SERVE_PORT_QUARANTINE_S"] == "7"
+    assert os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "0"
+    for opt_out in ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}, {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}):
+        for name in DIRECT_INGRESS_SETTINGS:
+            monkeypatch.delenv(name, raising=False)
+        for name, value in opt_out.items():
+            monkeypatch.setenv(name, value)
+        assert throughput_optimized(8123) is False
+        assert "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT" not in os.environ
+
+
 @needs_serve
 def test_the_ingress_replica_itself_listens_on_the_url(server: Any) -> None:
     """Serve's direct ingress on the local cluster: the ingress replica, not Serve's HTTP proxy, owns the port."""
     import psutil
+
+    why_not = direct_ingress_expected()
+    if why_not is not None:
+        pytest.skip(why_not)
 
     port = int(server.url.rsplit(":", 1)[1])
     owners = {c.pid for c in psutil.net_connections("tcp")

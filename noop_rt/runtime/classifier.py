@@ -123,6 +123,13 @@ class Classifier:
         self.on_drift: Callable[[str], None] = _log_warning  # where a drift warning goes (the CLI prints it)
         self._drift_lock = threading.Lock()  # predict may run in several threads at once (a server's batches)
 
+    def drift_report(self) -> dict[str, Any] | None:
+        """The drift monitor's report (None without a validation profile), consistent while other threads predict."""
+        if self.drift is None:
+            return None
+        with self._drift_lock:
+            return self.drift.report()
+
     # ------------------------------------------------------------------------------------------ what it is
     @property
     def classes(self) -> list[str]:

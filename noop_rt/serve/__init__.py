@@ -31,8 +31,8 @@ class ServeOptions:
     threads: int | None = None  # engine threads per replica (None: see server.replica_resources)
     max_batch_size: int = 8  # images gathered into one B*C UNet batch
     concurrent_batches: int | None = None  # batches a replica runs at once (None: app.concurrent_batches)
-    batch_wait_ms: float = 2.0  # longest wait for a batch to fill (requests that arrive while the model is busy
-    # are held and batched anyway: the wait only matters when it is idle, where it is pure latency)
+    batch_wait_ms: float = 2.0  # longest wait for a batch to fill (requests that arrive while all of a replica's
+    # concurrent batches run are held and batched anyway: the wait only matters when one can start at once)
     max_upload_mb: float = 10.0  # largest request body
     ray_address: str | None = None  # an existing cluster (else RAY_ADDRESS, else a local one)
     top_k: int = 5  # classes per answer unless the request asks (?top_k=)

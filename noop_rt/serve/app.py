@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from importlib.resources import files
 from typing import Any, cast
 
+import grpc
 import numpy as np
 import ray
 from fastapi import FastAPI, Query, Request
@@ -157,14 +158,19 @@ def _families(text: str, prefixes: tuple[str, ...]) -> str:
 
 
 def concurrent_batches(options: ServeOptions, backend: str) -> int:
-    """Batches one replica runs at once: `--concurrent-batches`, else 2 on onnxruntime (its sessions run calls
-    concurrently) and 1 on the engines that hold one inference request per shape (OpenVINO, TensorRT) or whose
-    kernels already fill the device. Two batches at once keep every core busy with useful work when the HTTP side
-    takes a share of them, where one batch's threads would wait for each other (on 2 cores: 2 single-thread calls at
-    once ran 38 images/s against 25-29 for one 2-thread call at a time, ad-hoc, in process)."""
-    if options.concurrent_batches is not None:
-        return options.concurrent_batches
-    return 2 if backend == "onnxruntime" else 1
+    """Batches one replica runs at once: `--concurrent-batches`, else 2 on onnxruntime, whose sessions run calls
+    concurrently; always 1 on the other engines, which hold one inference request (OpenVINO), one execution context
+    and its buffers (TensorRT) or static CUDA-graph buffers (torch) per shape. Two batches at once keep every core
+    busy with useful work when the HTTP side takes a share of them, where one batch's threads would wait for each
+    other (on 2 cores: 2 single-thread calls at once ran 38 images/s against 25-29 for one 2-thread call at a time,
+    ad-hoc, in process)."""
+    wanted = options.concurrent_batches
+    if backend != "onnxruntime":
+        if wanted is not None and wanted > 1:
+            raise BadInputError(f"--concurrent-batches {wanted} needs the onnxruntime backend; {backend} runs one "
+                                "batch at a time (leave --concurrent-batches unset, or use --replicas)")
+        return 1
+    return 2 if wanted is None else wanted
 
 
 # ---------------------------------------------------------------------------------------------- model replicas
@@ -214,7 +220,7 @@ class ModelReplica:
                 "device": clf.device, "resolution": clf.resolution, "source": info.source,
                 "location": info.location, "calibrated": clf.calibrated(clf.method, clf.config()),
                 "threads": self.threads, "concurrent_batches": self.concurrent, "notes": clf.notes,
-                "drift": clf.drift.report() if clf.drift is not None else None, "manifest": summary}
+                "drift": clf.drift_report(), "manifest": summary}
 
     def ready(self) -> bool:
         return True  # answering at all means the constructor (open + warm-up) finished
@@ -243,8 +249,9 @@ class ModelReplica:
         model_ms = 1e3 * (time.perf_counter() - start)
         self.batch_ms.observe(model_ms)
         self.images.inc(len(images))
-        if self.classifier.drift is not None and self.classifier.drift.seen:
-            self.drift_share.set(self.classifier.drift.report()["share_below_val_p05_top1_prob"])
+        drift = self.classifier.drift_report()
+        if drift is not None and drift["seen"]:
+            self.drift_share.set(drift["share_below_val_p05_top1_prob"])
         index = {c: i for i, c in enumerate(self.classifier.classes)}
         out = []
         for result, k, t in zip(results, top_ks, arrived, strict=True):
@@ -267,7 +274,7 @@ class Ingress:
     def __init__(self, model: DeploymentHandle, options: ServeOptions) -> None:
         # A handle made here takes this replica's Serve settings (gRPC to the model replicas in Serve's
         # throughput-optimized mode); the one passed in keeps those of the process that built the application.
-        self.model = serve.get_deployment_handle(model.deployment_name, app_name=model.app_name)
+        self.model = serve.get_deployment_handle(model.deployment_name, app_name=model.app_name, _check_exists=False)
         self.options = options
         self.draining = False
         self.inflight = 0
@@ -379,7 +386,8 @@ class Ingress:
                 out = await self.model.classify.remote(image, top_k)
             except BadInputError as exc:  # raised inside the replica (its RayTaskError is also a BadInputError)
                 raise RequestError(400, str(getattr(exc, "cause", None) or exc)) from None
-            except (ray.exceptions.RayActorError, RayServeException) as exc:
+            except (ray.exceptions.RayActorError, RayServeException, grpc.aio.AioRpcError) as exc:  # gRPC: Serve's
+                # throughput-optimized transport, whose errors from a replica dying mid-call are not all actor errors
                 if attempt == 2:
                     raise RequestError(503, f"model replica unavailable: {type(exc).__name__}; retry") from None
                 continue

@@ -27,6 +27,7 @@ from noop_rt import errors
 from noop_rt.errors import BadInputError, MissingDependencyError, NoopError
 from noop_rt.serve import APP_NAME, INSTALL_HINT, ServeOptions
 
+ROUTER_LOOP = "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"
 DIRECT_INGRESS_SETTINGS = ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_DIRECT_INGRESS",
                            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT",
                            "RAY_SERVE_PORT_QUARANTINE_S", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S")
@@ -72,6 +73,10 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _imports() -> tuple[Any, Any]:
+    # This process calls the ingress through a handle from plain threads (the drain): its handles must route on a
+    # loop of their own, whatever Serve mode is exported for the cluster (read once, when ray.serve is imported).
+    saved = os.environ.get(ROUTER_LOOP)
+    os.environ[ROUTER_LOOP] = "1"
     try:
         import fastapi  # noqa: F401
         import ray
@@ -79,6 +84,11 @@ def _imports() -> tuple[Any, Any]:
     except ImportError as exc:
         raise MissingDependencyError(f"noop-rt serve needs Ray Serve ({exc.name or exc} is not installed): "
                                      f"{INSTALL_HINT}") from None
+    finally:
+        if saved is None:
+            os.environ.pop(ROUTER_LOOP, None)
+        else:
+            os.environ[ROUTER_LOOP] = saved
     if not any(importlib.util.find_spec(m) for m in ("python_multipart", "multipart")):
         raise MissingDependencyError(f"noop-rt serve needs python-multipart (FastAPI's form parser): {INSTALL_HINT}")
     return ray, serve
@@ -126,6 +136,7 @@ def serve_forever(load: dict[str, Any], options: ServeOptions) -> None:
     own_serve = started_serve = False
     # The local cluster's processes inherit this environment; this process's own Serve client read its settings
     # when ray.serve was imported, and keeps Serve's defaults (its handle calls the ingress outside any event loop).
+    saved_env = {name: os.environ.get(name) for name in DIRECT_INGRESS_SETTINGS}
     direct = own_ray and address is None and throughput_optimized(port)
     try:
         if own_ray:
@@ -164,7 +175,11 @@ def serve_forever(load: dict[str, Any], options: ServeOptions) -> None:
             # constructor raised while the deployment was still being watched: the replicas' own message either way
             raise _deploy_error(serve, exc) from None
         url = url_for(options.host, port)
-        _wait_ready(url)
+        try:
+            _wait_ready(url)
+        except NoopError as exc:
+            why = _deployment_message(serve, "Ingress") if direct else ""
+            raise NoopError(f"{exc}{f'; the ingress replica says: {why}' if why else ''}") from None
         info = _get_json(f"{url}/v1/model")
         signals.ready = True
         print(url, flush=True)
@@ -175,6 +190,11 @@ def serve_forever(load: dict[str, Any], options: ServeOptions) -> None:
         _drain(handle, options, signals)
     finally:
         signals.restore()
+        for name, value in saved_env.items():  # this process's environment as it was (run_server is an API too)
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         _stop(ray, serve if started_serve else None, own_ray=own_ray, own_serve=own_serve,
               local=own_ray and not address)
 
@@ -245,7 +265,8 @@ def replica_resources(options: ServeOptions, cpus: float, local: bool) -> tuple[
 
     `--threads` wins. Otherwise, on a local cluster: one replica gets a thread per core, given explicitly, so that
     onnxruntime's threads wait without spinning: the replica runs two batches at once (`app.concurrent_batches`),
-    and the HTTP side shares the cores. With `--concurrent-batches 1` it keeps the engine's default instead
+    and the HTTP side shares the cores (the backend is not known here; on the others a thread per core is their
+    own default anyway). With `--concurrent-batches 1` it keeps the engine's default instead
     (onnxruntime's threads spin between its kernels: the lowest latency for one request at a time). Several
     replicas split the cores but one (left to the HTTP side), a share of threads each. On a cluster each replica
     reserves one CPU and keeps the engine's default."""
@@ -339,6 +360,16 @@ def _drain(handle: Any, options: ServeOptions, signals: _Signals) -> None:
              f"drain timeout ({options.drain_timeout_s:g} s): stopping with requests in flight")
     except Exception as exc:  # the ingress is gone: nothing left to drain
         _log(f"drain: {_first_line(exc)}")
+
+
+def _deployment_message(serve: Any, deployment: str) -> str:
+    """What Serve's status says of one of the application's deployments ('' when it says nothing)."""
+    try:
+        status = serve.status().applications[APP_NAME].deployments[deployment]
+    except Exception:
+        return ""
+    lines = [ln.strip() for ln in str(status.message or "").splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
 
 
 def _stop(ray: Any, serve: Any | None, *, own_ray: bool, own_serve: bool, local: bool) -> None:
