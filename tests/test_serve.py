@@ -339,11 +339,10 @@ def test_start_ready_and_describe(server: Any) -> None:
 def no_direct_ingress_in_ray() -> str | None:
     """Why this Ray has no throughput-optimized mode with direct ingress, or None when it has."""
     import ray
-    from ray.serve._private import constants
 
-    from noop_rt.serve.server import DIRECT_INGRESS_SETTINGS
+    from noop_rt.serve.server import ray_has_direct_ingress
 
-    if all(hasattr(constants, name) for name in DIRECT_INGRESS_SETTINGS):
+    if ray_has_direct_ingress():
         return None
     return f"this Ray ({ray.__version__}) has no throughput-optimized mode; Serve's proxy serves the port"
 

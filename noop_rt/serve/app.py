@@ -157,6 +157,9 @@ def _families(text: str, prefixes: tuple[str, ...]) -> str:
     return "\n".join(keep) + "\n"
 
 
+ONNXRUNTIME_CONCURRENT_BATCHES = 2  # a replica's batches at once on onnxruntime unless --concurrent-batches says
+
+
 def concurrent_batches(options: ServeOptions, backend: str) -> int:
     """Batches one replica runs at once: `--concurrent-batches`, else 2 on onnxruntime, whose sessions run calls
     concurrently; always 1 on the other engines, which hold one inference request (OpenVINO), one execution context
@@ -170,7 +173,7 @@ def concurrent_batches(options: ServeOptions, backend: str) -> int:
             raise BadInputError(f"--concurrent-batches {wanted} needs the onnxruntime backend; {backend} runs one "
                                 "batch at a time (leave --concurrent-batches unset, or use --replicas)")
         return 1
-    return 2 if wanted is None else wanted
+    return ONNXRUNTIME_CONCURRENT_BATCHES if wanted is None else wanted
 
 
 # ---------------------------------------------------------------------------------------------- model replicas
@@ -530,7 +533,8 @@ def build_app(load: dict[str, Any], options: ServeOptions, *, model_cpus: float,
         num_replicas=options.replicas,
         # requests queue in the replica (held while a batch runs, then batched together), not in Serve's router,
         # whose retries with backoff when replicas are at capacity collapsed throughput at concurrency 64
-        max_ongoing_requests=max(16 * options.max_batch_size * (options.concurrent_batches or 2), 128),
+        max_ongoing_requests=max(16 * options.max_batch_size
+                                 * (options.concurrent_batches or ONNXRUNTIME_CONCURRENT_BATCHES), 128),
         ray_actor_options={"num_cpus": model_cpus, "num_gpus": options.gpus_per_replica},
     ).bind(load, options, threads)
     return Ingress.options(

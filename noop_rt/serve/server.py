@@ -135,7 +135,7 @@ def serve_forever(load: dict[str, Any], options: ServeOptions) -> None:
     own_ray = not ray.is_initialized()
     own_serve = started_serve = False
     # The local cluster's processes inherit this environment; this process's own Serve client read its settings
-    # when ray.serve was imported, and keeps Serve's defaults (its handle calls the ingress outside any event loop).
+    # when ray.serve was imported (`_imports`).
     saved_env = {name: os.environ.get(name) for name in DIRECT_INGRESS_SETTINGS}
     direct = own_ray and address is None and throughput_optimized(port)
     try:
@@ -178,7 +178,7 @@ def serve_forever(load: dict[str, Any], options: ServeOptions) -> None:
         try:
             _wait_ready(url)
         except NoopError as exc:
-            why = _deployment_message(serve, "Ingress") if direct else ""
+            why = _last_line(_deployment_messages(serve).get("Ingress", "")) if direct else ""
             raise NoopError(f"{exc}{f'; the ingress replica says: {why}' if why else ''}") from None
         info = _get_json(f"{url}/v1/model")
         signals.ready = True
@@ -199,6 +199,13 @@ def serve_forever(load: dict[str, Any], options: ServeOptions) -> None:
               local=own_ray and not address)
 
 
+def ray_has_direct_ingress() -> bool:
+    """Whether this Ray knows every setting `throughput_optimized` uses (Ray Serve 2.55 and later)."""
+    from ray.serve._private import constants  # a probe of this Ray's settings, not a use of its internals
+
+    return all(hasattr(constants, name) for name in DIRECT_INGRESS_SETTINGS)
+
+
 def throughput_optimized(port: int) -> bool:
     """Ray Serve's throughput-optimized mode for the local cluster this server starts; True when its direct
     ingress is on, pinned to `port`.
@@ -212,9 +219,7 @@ def throughput_optimized(port: int) -> bool:
     gets it back at once (no quarantine). noop-rt's own drain (readiness false until no request is in flight)
     replaces Serve's 30 s minimum draining period. RAY_SERVE_THROUGHPUT_OPTIMIZED=0 brings back Serve's classic HTTP
     proxy, which is also what a Ray without these settings (before 2.55) runs."""
-    from ray.serve._private import constants  # a probe of this Ray's settings, not a use of its internals
-
-    if not all(hasattr(constants, name) for name in DIRECT_INGRESS_SETTINGS):
+    if not ray_has_direct_ingress():
         return False
     env = os.environ
     optimized = env.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1") == "1"
@@ -302,12 +307,7 @@ def _deploy_error(serve: Any, exc: Exception) -> NoopError:
     """The replicas' own error (a noop_rt error raised while opening the model) as one line, when there is one."""
     deadline = time.monotonic() + 10.0  # a replica's error can reach Serve's status after the failure surfaced here
     while True:
-        message = str(exc)
-        try:
-            for dep in serve.status().applications[APP_NAME].deployments.values():
-                message += "\n" + str(dep.message)
-        except Exception:
-            pass
+        message = "\n".join([str(exc), *_deployment_messages(serve).values()])
         found = re.findall(r"noop_rt\.errors\.(\w+): (.+)", message)
         if found or time.monotonic() > deadline:
             break
@@ -316,8 +316,7 @@ def _deploy_error(serve: Any, exc: Exception) -> NoopError:
         name, text = found[-1]
         cls = getattr(errors, name, NoopError)
         return cls(text.strip()) if isinstance(cls, type) and issubclass(cls, NoopError) else NoopError(text)
-    lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
-    return NoopError(f"the model replicas failed to start: {lines[-1] if lines else exc}")
+    return NoopError(f"the model replicas failed to start: {_last_line(message) or exc}")
 
 
 def _get_json(url: str, timeout: float = 10.0) -> dict[str, Any]:
@@ -362,13 +361,17 @@ def _drain(handle: Any, options: ServeOptions, signals: _Signals) -> None:
         _log(f"drain: {_first_line(exc)}")
 
 
-def _deployment_message(serve: Any, deployment: str) -> str:
-    """What Serve's status says of one of the application's deployments ('' when it says nothing)."""
+def _deployment_messages(serve: Any) -> dict[str, str]:
+    """What Serve's status says of each of the application's deployments (empty when it cannot say)."""
     try:
-        status = serve.status().applications[APP_NAME].deployments[deployment]
+        deployments = serve.status().applications[APP_NAME].deployments
     except Exception:
-        return ""
-    lines = [ln.strip() for ln in str(status.message or "").splitlines() if ln.strip()]
+        return {}
+    return {name: str(dep.message or "") for name, dep in deployments.items()}
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return lines[-1] if lines else ""
 
 
