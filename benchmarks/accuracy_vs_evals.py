@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from noop_rt.evaluation import (
+from noop_rt.jobs.accuracy import (
     accuracy,
     command_line,
     demo_backbone,

@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 
 import noop_rt
-from noop_rt.batch import BatchOptions, run_batch
-from noop_rt.bench import machine_info
 from noop_rt.demo import BUNDLE_DIR
 from noop_rt.demo.digits import write_image_folders
-from noop_rt.evaluation import command_line, model_protocol, protocol_lines, strategy_protocol
+from noop_rt.jobs.accuracy import command_line, model_protocol, protocol_lines, strategy_protocol
+from noop_rt.jobs.batch import BatchOptions, run_batch
+from noop_rt.jobs.bench import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LOAD = {"source": BUNDLE_DIR, "backend": "onnxruntime", "device": "cpu"}  # noop_rt.load arguments of every mode

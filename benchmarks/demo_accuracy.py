@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from noop_rt.evaluation import (
+from noop_rt.jobs.accuracy import (
     accuracy,
     command_line,
     demo_backbone,

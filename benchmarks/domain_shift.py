@@ -38,10 +38,9 @@ from typing import Any
 import numpy as np
 
 import noop_rt
-from noop_rt.configs import DIGIT_NAMES
-from noop_rt.demo import CKPT_PATH
+from noop_rt.demo import CKPT_PATH, DIGIT_NAMES
 from noop_rt.demo.domains import DOMAINS, TRAIN_POOL, VAL_PER_CLASS, domain_arrays, write_domain
-from noop_rt.evaluation import (
+from noop_rt.jobs.accuracy import (
     LabelledSet,
     accuracy,
     command_line,
@@ -57,7 +56,7 @@ from noop_rt.evaluation import (
     strategy_protocol,
     targets,
 )
-from noop_rt.runtime.backend import installed
+from noop_rt.runtime.backends.base import installed
 from noop_rt.runtime.classifier import Classifier
 from noop_rt.runtime.drift import ALARM_P, WINDOW
 
@@ -377,7 +376,7 @@ def main() -> None:
     shipped = noop_classifier()  # the shipped checkpoint on the torch backend: transferred accuracy
     bundle = noop_rt.load()  # the shipped demo bundle, as `noop-rt classify` runs it: drift
     t_star = int(shipped.model.info.t_star)
-    from noop_rt.checkpoint import load_checkpoint
+    from noop_rt.train.checkpoint import load_checkpoint
 
     shipped_options = load_checkpoint(CKPT_PATH).train.get("options", {})
     pruned_cfg = {"loss": LOSS, **({"max_pairs": 4, "round_size": 2} if args.quick else {})}

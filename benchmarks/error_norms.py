@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from noop_rt.evaluation import (
+from noop_rt.jobs.accuracy import (
     accuracy,
     command_line,
     demo_backbone,

@@ -25,8 +25,9 @@ import onnxruntime
 import torch
 
 import noop_rt
+from noop_rt.build.export import ExportOptions, export_bundle
 from noop_rt.demo import CKPT_PATH
-from noop_rt.evaluation import (
+from noop_rt.jobs.accuracy import (
     command_line,
     demo_test_set,
     model_protocol,
@@ -34,9 +35,8 @@ from noop_rt.evaluation import (
     protocol_lines,
     strategy_protocol,
 )
-from noop_rt.export import ExportOptions, export_bundle
 from noop_rt.runtime.classifier import Classifier
-from noop_rt.runtime.graphs import CLASSIFIER
+from noop_rt.runtime.graph_specs import CLASSIFIER
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

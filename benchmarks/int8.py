@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 
 import noop_rt
-from noop_rt.bench import machine_info
+from noop_rt.build.export import ExportOptions, export_bundle
 from noop_rt.demo import BUNDLE_DIR, CKPT_PATH, DIGIT_NAMES
 from noop_rt.demo.digits import split_tensors
-from noop_rt.export import ExportOptions, export_bundle
+from noop_rt.jobs.bench import machine_info
 
 
 def p50_ms(clf: noop_rt.Classifier, x: np.ndarray, runs: int) -> float:

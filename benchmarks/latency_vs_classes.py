@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 
 import noop_rt
-from noop_rt.bench import _percentile, machine_info, time_single
-from noop_rt.data import load_image
 from noop_rt.demo import BUNDLE_DIR, CKPT_PATH, EXAMPLES_DIR
-from noop_rt.evaluation import command_line, model_protocol, protocol_lines, strategy_protocol
+from noop_rt.jobs.accuracy import command_line, model_protocol, protocol_lines, strategy_protocol
+from noop_rt.jobs.bench import _percentile, machine_info, time_single
+from noop_rt.runtime.images import load_image
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COUNTS = (1, 2, 5, 10, 20, 50, 100)
@@ -52,7 +52,7 @@ def main() -> None:
         "data": {"set": f"the demo's {len(paths)} example PNGs (noop_rt/demo/examples), cycled", "images": len(paths)},
         "classes": "'class 0' ... 'class C-1' through the model's template (zero-shot prompts, embedded by the text "
                    "encoder; models below are recorded at the largest C)",
-        "timing": f"noop_rt.bench.time_single: {WARMUP} untimed one-image Classifier.predict calls (top_k 1), then "
+        "timing": f"noop_rt.jobs.bench.time_single: {WARMUP} untimed one-image Classifier.predict calls (top_k 1), then "
                   f"{args.runs} timed ones; p50/p95 of their wall time; max UNet batch raised to C (one call per "
                   "image)",
         "models": {}, "runs": {}}

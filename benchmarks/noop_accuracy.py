@@ -23,12 +23,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from noop_rt.backbone import load_backbone
-from noop_rt.checkpoint import save_checkpoint
-from noop_rt.configs import DEMO_TEMPLATE
-from noop_rt.defaults import SHOTS, VAL_SHOTS
+from noop_rt.demo import DEMO_TEMPLATE, SHOTS, VAL_SHOTS
 from noop_rt.demo.digits import write_image_folders
-from noop_rt.evaluation import (
+from noop_rt.jobs.accuracy import (
     accuracy,
     command_line,
     demo_backbone,
@@ -44,8 +41,10 @@ from noop_rt.evaluation import (
     strategy_protocol,
     targets,
 )
-from noop_rt.noop import TrainConfig
-from noop_rt.training import fewshot_split, train_checkpoint
+from noop_rt.train.backbones import load_backbone
+from noop_rt.train.checkpoint import save_checkpoint
+from noop_rt.train.noop import TrainConfig
+from noop_rt.train.trainer import fewshot_split, train_checkpoint
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LOSS = "l2"  # random-noise and baseline rows: the diffusion-classifier default

@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 
 import noop_rt
-from noop_rt.bench import count_gflop, machine_info, matmul_gflops, matmul_peak_gflops, time_single
 from noop_rt.demo import BUNDLE_DIR, DIGIT_NAMES
 from noop_rt.demo.digits import split_tensors
-from noop_rt.runtime.openvino_backend import PRECISION_ENV
+from noop_rt.jobs.bench import count_gflop, machine_info, matmul_gflops, matmul_peak_gflops, time_single
+from noop_rt.runtime.backends.openvino_runner import PRECISION_ENV
 
 
 def bf16_matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float | None:

@@ -4,7 +4,7 @@ and without RDC likelihood maximisation (`--robust`).
     python benchmarks/robust.py [--images 100] [--attacks pgd,bpda,full,full_smooth] [--quick] [--out DIR]
     # writes DIR/robust.{md,json}
 
-Every attack is L_inf PGD (`noop_rt.robust.pgd`): eps = 8/255 of the [0, 1] range, 10 signed steps of 2/255, random
+Every attack is L_inf PGD (`noop_rt.train.robust.pgd`): eps = 8/255 of the [0, 1] range, 10 signed steps of 2/255, random
 start, maximising the margin err_true - min_{c != true} err_c of the NoOp errors (Carlini-Wagner style on the errors:
 the cross-entropy of softmax(-tau * err) saturates at the large fitted tau and masks the gradient). The attacked
 model is the torch backend's `classifier` graph module (encoder, meta-net noise, UNet at t*: what `export` traces),
@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from noop_rt.evaluation import (
+from noop_rt.jobs.accuracy import (
     accuracy,
     command_line,
     demo_test_set,
@@ -48,8 +48,8 @@ from noop_rt.evaluation import (
     strategy_protocol,
     targets,
 )
-from noop_rt.robust import AttackConfig, RobustConfig, bpda, likelihood_maximisation, margin, pgd, smooth_sign
-from noop_rt.runtime.graphs import CLASSIFIER
+from noop_rt.runtime.graph_specs import CLASSIFIER
+from noop_rt.train.robust import AttackConfig, RobustConfig, bpda, likelihood_maximisation, margin, pgd, smooth_sign
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

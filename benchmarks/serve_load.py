@@ -42,11 +42,11 @@ from typing import Any
 import numpy as np
 
 import noop_rt
-from noop_rt.batch import BatchOptions, run_batch
-from noop_rt.bench import machine_info
 from noop_rt.demo import BUNDLE_DIR
 from noop_rt.demo.digits import write_image_folders
-from noop_rt.evaluation import command_line, model_protocol, protocol_lines, strategy_protocol
+from noop_rt.jobs.accuracy import command_line, model_protocol, protocol_lines, strategy_protocol
+from noop_rt.jobs.batch import BatchOptions, run_batch
+from noop_rt.jobs.bench import machine_info
 from noop_rt.serve import ServeOptions
 from noop_rt.serve.launch import ServerProcess
 from noop_rt.serve.server import replica_resources

@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fastapi import FastAPI, Request  # no `from __future__ import annotations`: the replicas resolve these types
 from serve_load import cpu_seconds
 
-from noop_rt.bench import machine_info
 from noop_rt.demo.digits import write_image_folders
-from noop_rt.evaluation import command_line
+from noop_rt.jobs.accuracy import command_line
+from noop_rt.jobs.bench import machine_info
 from noop_rt.serve.server import free_port, throughput_optimized
 
 RESULTS = Path(__file__).resolve().parent / "results"

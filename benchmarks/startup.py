@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from noop_rt.bench import STARTUP_RUNS, machine_info, measure_startup
 from noop_rt.demo import EXAMPLES_DIR
-from noop_rt.errors import NoopError
+from noop_rt.jobs.bench import STARTUP_RUNS, machine_info, measure_startup
 from noop_rt.runtime.bundle import write_json_atomic
+from noop_rt.runtime.errors import NoopError
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

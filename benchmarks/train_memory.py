@@ -60,13 +60,13 @@ def reset_peak(device: str) -> None:
 def child(model: str, device: str, fp16: bool, batch: int, max_batch: int, checkpointing: bool) -> None:
     import torch
 
-    from noop_rt.backbone import load_backbone
-    from noop_rt.checkpoint import backbone_fingerprint
-    from noop_rt.data import make_prompts
     from noop_rt.demo.digits import write_image_folders
-    from noop_rt.noop import TrainConfig, train_noop
-    from noop_rt.runtime.torch_backend import pick_device
-    from noop_rt.training import encode_split, fewshot_split
+    from noop_rt.runtime.backends.torch_runner import pick_device
+    from noop_rt.runtime.classes import make_prompts
+    from noop_rt.train.backbones import load_backbone
+    from noop_rt.train.checkpoint import backbone_fingerprint
+    from noop_rt.train.noop import TrainConfig, train_noop
+    from noop_rt.train.trainer import encode_split, fewshot_split
 
     dev = pick_device(device)
     backbone = load_backbone(model, dtype=torch.float16 if fp16 else torch.float32, device=dev)
@@ -116,7 +116,7 @@ def main() -> None:
         child(args.model, args.device, args.fp16, int(args.child[0]), int(args.child[1]), args.child[2] == "1")
         return
     if args.model is None:
-        from noop_rt.bench import sd15_shape_model
+        from noop_rt.jobs.bench import sd15_shape_model
 
         args.model = str(sd15_shape_model(args.cache_dir.expanduser()))
     rows, protocols = {}, {}
@@ -134,7 +134,7 @@ def main() -> None:
         print(f"  {rows[name]}", file=sys.stderr, flush=True)
     import torch
 
-    from noop_rt.evaluation import command_line, protocol_lines
+    from noop_rt.jobs.accuracy import command_line, protocol_lines
 
     protocol = {"model": args.model, "fp16": args.fp16, "device": args.device,
                 "measurement": "one fresh child process per configuration: load + encode, reset the peak, then "

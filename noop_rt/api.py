@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from noop_rt.runtime.classifier import Classifier, ClassScore, Result, Timings
-from noop_rt.runtime.open import LoadOptions, open_classifier
+from noop_rt.runtime.opener import LoadOptions, open_classifier
 
 __all__ = ["ClassScore", "Classifier", "LoadOptions", "Result", "Timings", "load"]
 
@@ -36,7 +36,7 @@ def load(source: str | Path | None = None, *, classes: list[str] | str | None = 
     new place of the one a checkpoint was trained with; lora_scale: its strength (default 1, or the checkpoint's);
     strategy options: loss, pairs, stages, seed, alpha, round_size, robust (a RobustConfig; torch backend).
     """
-    from noop_rt.data import parse_class_list, read_prompts_file
+    from noop_rt.runtime.classes import parse_class_list, read_prompts_file
 
     if isinstance(classes, str):
         classes = parse_class_list(classes)

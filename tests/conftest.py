@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from noop_rt.configs import TINY_SD, random_components, save_components
+from noop_rt.train.architectures import TINY_SD, random_components, save_components
 
 TINY_WORDS = ("red", "green", "blue", "square", "circle")
 
@@ -60,10 +60,10 @@ def _deterministic() -> None:
 @pytest.fixture(scope="session")
 def tiny_ckpt(tiny_sd, shape_images, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A NoOp checkpoint trained briefly on the tiny SD model (eps_D + meta-net)."""
-    from noop_rt.backbone import load_backbone
-    from noop_rt.checkpoint import save_checkpoint
-    from noop_rt.noop import TrainConfig
-    from noop_rt.training import fewshot_split, train_checkpoint
+    from noop_rt.train.backbones import load_backbone
+    from noop_rt.train.checkpoint import save_checkpoint
+    from noop_rt.train.noop import TrainConfig
+    from noop_rt.train.trainer import fewshot_split, train_checkpoint
 
     backbone = load_backbone(tiny_sd)
     split = fewshot_split(shape_images, shots=2, val_shots=1, seed=0)
@@ -77,7 +77,7 @@ def tiny_bundle(tiny_ckpt, shape_images, tmp_path_factory: pytest.TempPathFactor
     """The tiny checkpoint exported to an fp32 ONNX bundle (validated on the shape images)."""
     import io
 
-    from noop_rt.export import ExportOptions, collect_images, export_bundle
+    from noop_rt.build.export import ExportOptions, collect_images, export_bundle
 
     out = tmp_path_factory.mktemp("export") / "tiny"
     options = ExportOptions(validate_images=collect_images(shape_images), images_per_batch=3)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from noop_rt.backbone import load_backbone
-from noop_rt.errors import BackboneError
+from noop_rt.runtime.errors import BackboneError
+from noop_rt.train.backbones import load_backbone
 
 
 def test_latent_sd_folder_loads_with_its_geometry(tiny_sd) -> None:

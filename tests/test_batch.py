@@ -20,11 +20,11 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from noop_rt.batch import BatchOptions, expand_inputs, parts_dir, read_rows, run_batch
 from noop_rt.cli import app
 from noop_rt.demo import BUNDLE_DIR, EXAMPLES_DIR
-from noop_rt.errors import BadInputError
+from noop_rt.jobs.batch import BatchOptions, expand_inputs, parts_dir, read_rows, run_batch
 from noop_rt.runtime.classifier import Classifier
+from noop_rt.runtime.errors import BadInputError
 
 runner = CliRunner()
 HAVE_RAY = importlib.util.find_spec("ray") is not None
@@ -220,7 +220,7 @@ def test_a_bundle_batch_never_imports_torch(images: Path, tmp_path: Path) -> Non
         for name in BLOCKED:
             sys.modules[name] = None  # `import torch` now fails
         from pathlib import Path
-        from noop_rt.batch import BatchOptions, run_batch
+        from noop_rt.jobs.batch import BatchOptions, run_batch
         load = {{"source": {str(BUNDLE_DIR)!r}, "backend": "auto", "device": "cpu", "method": None,
                  "classes": None, "prompts": None, "template": None, "max_batch": 256, "engines": None, "seed": 0}}
         report = run_batch([{str(images)!r}], Path({str(out)!r}), load, BatchOptions(batch_size=4),

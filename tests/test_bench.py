@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from noop_rt.bench import BenchOptions, _percentile, bench_command, resolve_sources, startup_line, stats
 from noop_rt.cli import app
 from noop_rt.demo import BUNDLE_DIR, CKPT_PATH, DIGIT_NAMES, EXAMPLES_DIR
-from noop_rt.errors import BadInputError, UsageError
+from noop_rt.jobs.bench import BenchOptions, _percentile, bench_command, resolve_sources, startup_line, stats
+from noop_rt.runtime.errors import BadInputError, UsageError
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CLASSES = len(DIGIT_NAMES)  # 10 digits
@@ -138,7 +138,7 @@ import json, sys
 for name in ("torch", "diffusers", "transformers"):
     sys.modules[name] = None  # importing them now fails, as where they are not installed
 from pathlib import Path
-from noop_rt.bench import BenchOptions, bench_command
+from noop_rt.jobs.bench import BenchOptions, bench_command
 options = BenchOptions(backends=["torch", "onnxruntime"], baseline_noises=2, baseline_measured_pairs=1, runs=1,
                        warmup=1, startup=False)
 report, _ = bench_command(options, images=Path(sys.argv[1]))
@@ -148,7 +148,7 @@ print(json.dumps({"backends": sorted(report["backends"]), "skipped": report["ski
 
 
 def test_bench_module_and_its_bundle_path_run_without_torch(two_images: Path) -> None:
-    probe = subprocess.run([sys.executable, "-c", "import sys, noop_rt.bench; print('torch' in sys.modules)"],
+    probe = subprocess.run([sys.executable, "-c", "import sys, noop_rt.jobs.bench; print('torch' in sys.modules)"],
                            capture_output=True, text=True, cwd=REPO, check=True)
     assert probe.stdout.strip() == "False"
     run = subprocess.run([sys.executable, "-c", textwrap.dedent(TORCH_FREE), str(two_images)], capture_output=True,
@@ -182,7 +182,7 @@ def test_startup_script_reports_runs_memory_breakdown_and_torch(tmp_path: Path) 
 
 
 def test_startup_failure_is_one_line_error(tmp_path: Path) -> None:
-    from noop_rt.bench import measure_startup
+    from noop_rt.jobs.bench import measure_startup
 
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")

@@ -213,7 +213,7 @@ def test_long_classify_runs_show_a_progress_bar(tmp_path) -> None:
 
 
 def test_train_takes_li_et_al_prompt_files(tiny_sd, shape_images, tmp_path) -> None:
-    from noop_rt.checkpoint import load_checkpoint
+    from noop_rt.train.checkpoint import load_checkpoint
 
     prompts = tmp_path / "prompts.csv"
     prompts.write_text("prompt,classname,classidx\n\"a red square, a shape\",red square,0\n"

@@ -6,19 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from noop_rt.data import (
-    ImageFolder,
-    as_model_input,
-    crop_offsets,
-    load_image,
-    make_prompts,
-    open_rgb,
-    parse_class_list,
-    read_prompts_file,
-    resized_size,
-    to_model_input,
-)
-from noop_rt.errors import BadInputError
+from noop_rt.runtime.classes import ImageFolder, make_prompts, parse_class_list, read_prompts_file
+from noop_rt.runtime.errors import BadInputError
+from noop_rt.runtime.images import as_model_input, crop_offsets, load_image, open_rgb, resized_size, to_model_input
 
 
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "LA", "I;16", "RGB"])

@@ -32,7 +32,7 @@ def test_shipped_model_loads_offline() -> None:
         "import socket\n"
         "def refuse(*a, **k):\n    raise OSError('network use during demo load')\n"
         "socket.socket.connect = refuse\nsocket.create_connection = refuse\n"
-        "from noop_rt.backbone import load_backbone\n"
+        "from noop_rt.train.backbones import load_backbone\n"
         "bb = load_backbone('demo')\n"
         "print(bb.kind, bb.resolution, bb.source)\n"
     )
@@ -98,8 +98,8 @@ def test_fp16_bundle_agrees_with_fp32_torch_on_held_out_digits(tmp_path) -> None
     import numpy as np
 
     import noop_rt
+    from noop_rt.build.export import ExportOptions, export_bundle
     from noop_rt.demo.digits import split_tensors
-    from noop_rt.export import ExportOptions, export_bundle
 
     export_bundle(CKPT_PATH, tmp_path / "half", ExportOptions(precision="fp16", validate_images=EXAMPLES),
                   log=io.StringIO())

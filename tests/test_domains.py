@@ -11,10 +11,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from noop_rt.cli import app
-from noop_rt.configs import DIGIT_NAMES
-from noop_rt.data import ImageFolder, as_model_input
-from noop_rt.demo import domains
+from noop_rt.demo import DIGIT_NAMES, domains
 from noop_rt.demo.digits import digit_images, split_indices
+from noop_rt.runtime.classes import ImageFolder
+from noop_rt.runtime.images import as_model_input
 
 
 @pytest.mark.parametrize("name", list(domains.DOMAINS))

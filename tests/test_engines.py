@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from noop_rt.build.engines import builder_flags, datatype_of, is_half_engine, network_profile, precision_report
 from noop_rt.cli import app
 from noop_rt.demo import BUNDLE_DIR, EXAMPLES_DIR
-from noop_rt.engines import builder_flags, datatype_of, is_half_engine, network_profile, precision_report
-from noop_rt.errors import EngineError, MissingDependencyError
-from noop_rt.runtime import tensorrt_backend as trtb
-from noop_rt.runtime.backend import installed, nvidia_gpus
+from noop_rt.runtime.backends import tensorrt_runner as trtb
+from noop_rt.runtime.backends.base import installed, nvidia_gpus
 from noop_rt.runtime.bundle import Bundle
-from noop_rt.runtime.graphs import GraphSpec, graph_specs
+from noop_rt.runtime.errors import EngineError, MissingDependencyError
+from noop_rt.runtime.graph_specs import GraphSpec, graph_specs
 
 NO_TRT = "TensorRT is not installed (cannot be installed on this project's machines)"
 ENV = {"tensorrt": "10.13.0", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
@@ -430,10 +430,10 @@ def test_build_and_run_fp16_engines(tmp_path) -> None:  # pragma: no cover - nee
 
     if not nvidia_gpus():
         pytest.skip("no NVIDIA GPU")
+    from noop_rt.build.engines import BuildOptions, build_engines
+    from noop_rt.build.export import ExportOptions, export_bundle
     from noop_rt.demo import CKPT_PATH
-    from noop_rt.engines import BuildOptions, build_engines
-    from noop_rt.export import ExportOptions, export_bundle
-    from noop_rt.runtime.onnxruntime_backend import OnnxRuntimeRunner
+    from noop_rt.runtime.backends.onnxruntime_runner import OnnxRuntimeRunner
 
     bundle_dir = tmp_path / "b"
     export_bundle(CKPT_PATH, bundle_dir, ExportOptions(precision="fp16"), log=io.StringIO())

@@ -1,4 +1,4 @@
-"""Benchmark helpers (noop_rt/evaluation.py) on the demo model: labels follow class names whatever the classifier's
+"""Benchmark helpers (noop_rt/jobs/accuracy.py) on the demo model: labels follow class names whatever the classifier's
 column order, ONE random noise agrees with the baseline strategy's single pair, and the protocol records what was
 asked for."""
 
@@ -10,11 +10,9 @@ import statistics
 import numpy as np
 import pytest
 
-from noop_rt import scoring
 from noop_rt.demo import DIGIT_NAMES
 from noop_rt.demo.digits import split_tensors
-from noop_rt.errors import BadInputError
-from noop_rt.evaluation import (
+from noop_rt.jobs.accuracy import (
     accuracy,
     demo_backbone,
     demo_test_set,
@@ -29,6 +27,8 @@ from noop_rt.evaluation import (
     strategy_protocol,
     targets,
 )
+from noop_rt.runtime import strategies
+from noop_rt.runtime.errors import BadInputError
 
 
 @pytest.fixture(scope="module")
@@ -127,5 +127,5 @@ def test_mean_std_is_the_sample_std() -> None:
 
 def test_accuracy_counts_argmin_hits() -> None:
     errors = np.array([[0.1, 0.2], [0.3, 0.1], [0.2, 0.4]])
-    s = scoring.Scores(errors, np.ones((3, 2), np.int64), np.full(3, 2, np.int64))
+    s = strategies.Scores(errors, np.ones((3, 2), np.int64), np.full(3, 2, np.int64))
     assert accuracy(s, np.array([0, 1, 1])) == pytest.approx(2 / 3)

@@ -16,13 +16,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from noop_rt.backbone import load_backbone
-from noop_rt.checkpoint import load_checkpoint
+from noop_rt.build.export import ExportOptions, collect_images, export_bundle
 from noop_rt.cli import app
-from noop_rt.errors import BadInputError
-from noop_rt.export import ExportOptions, collect_images, export_bundle
+from noop_rt.runtime.backends.onnxruntime_runner import OnnxRuntimeRunner
 from noop_rt.runtime.bundle import Bundle
-from noop_rt.runtime.onnxruntime_backend import OnnxRuntimeRunner
+from noop_rt.runtime.errors import BadInputError
+from noop_rt.train.backbones import load_backbone
+from noop_rt.train.checkpoint import load_checkpoint
 
 runner = CliRunner()
 GRAPHS = ("classifier", "scorer", "vae_encoder", "noise", "text_encoder")
@@ -147,9 +147,9 @@ def test_bundle_classifies_like_the_checkpoint(tiny_bundle, tiny_ckpt, shape_ima
 def test_v_prediction_through_the_onnxruntime_graphs(tiny_sd_v, shape_images, tmp_path) -> None:
     """A v-prediction backbone: the exported scorer converts v to eps as the torch module does, and differs from
     treating v as eps (the raw output)."""
-    from noop_rt.checkpoint import save_checkpoint
-    from noop_rt.noop import TrainConfig
-    from noop_rt.training import fewshot_split, train_checkpoint
+    from noop_rt.train.checkpoint import save_checkpoint
+    from noop_rt.train.noop import TrainConfig
+    from noop_rt.train.trainer import fewshot_split, train_checkpoint
 
     bb = load_backbone(tiny_sd_v)
     split = fewshot_split(shape_images, shots=1, val_shots=1, seed=0)
@@ -239,7 +239,7 @@ def test_object_array_embeddings_are_refused_naming_the_file(tiny_bundle, shape_
 
 
 def test_interrupted_export_leaves_nothing_behind(tiny_ckpt, tmp_path, monkeypatch) -> None:
-    import noop_rt.export as export_mod
+    import noop_rt.build.export as export_mod
 
     real = export_mod.export_graph
     calls = {"n": 0}
@@ -328,7 +328,7 @@ def test_int8_classifier_is_quantized_and_gated_on_agreement(tiny_ckpt, tmp_path
     ops = {n.op_type for n in onnx.load(str(out / "classifier.onnx"), load_external_data=False).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     ckpt = load_checkpoint(tiny_ckpt)
-    from noop_rt.data import load_image
+    from noop_rt.runtime.images import load_image
 
     val = np.stack([load_image(p, 32) for p in ckpt.train["images"]["val"]])
     import noop_rt

@@ -14,14 +14,14 @@ import torch
 
 import noop_rt
 from noop_rt.demo import CKPT_PATH, DEMO_DIR
-from noop_rt.errors import BadInputError
-from noop_rt.runtime import onnxruntime_backend as ortb
-from noop_rt.runtime import tensorrt_backend as trtb
-from noop_rt.runtime.backend import env_flag
+from noop_rt.runtime.backends import onnxruntime_runner as ortb
+from noop_rt.runtime.backends import tensorrt_runner as trtb
+from noop_rt.runtime.backends.base import env_flag
+from noop_rt.runtime.backends.shape_cache import ShapeCache, host_array, signature
+from noop_rt.runtime.backends.torch_cuda_graph import CudaGraphed, static_eager
 from noop_rt.runtime.bundle import Bundle
-from noop_rt.runtime.graphs import CLASSES, CLASSIFIER, ENCODER, NOISE, SCORER, TEXT_ENCODER
-from noop_rt.runtime.shape_cache import ShapeCache, host_array, signature
-from noop_rt.runtime.torch_cuda_graph import CudaGraphed, static_eager
+from noop_rt.runtime.errors import BadInputError
+from noop_rt.runtime.graph_specs import CLASSES, CLASSIFIER, ENCODER, NOISE, SCORER, TEXT_ENCODER
 
 NO_GPU = "needs an NVIDIA GPU (not run here)"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
@@ -252,14 +252,14 @@ def test_cuda_graphed_falls_back_to_eager() -> None:
 
 @pytest.fixture(scope="module")
 def demo_ckpt():
-    from noop_rt.runtime.torch_backend import open_checkpoint
+    from noop_rt.runtime.backends.torch_runner import open_checkpoint
 
     return open_checkpoint(CKPT_PATH, None, "cpu", False, 40)
 
 
 @torch.no_grad()
 def test_torch_runner_classifier_through_static_buffers(demo_ckpt, monkeypatch) -> None:
-    from noop_rt.runtime.torch_backend import CUDA_GRAPH_ENV, TorchRunner
+    from noop_rt.runtime.backends.torch_runner import CUDA_GRAPH_ENV, TorchRunner
 
     eager, _, _ = demo_ckpt
     monkeypatch.setenv(CUDA_GRAPH_ENV, "1")
@@ -324,7 +324,7 @@ def test_cuda_graph_capture_matches_eager(dtype) -> None:  # pragma: no cover - 
 @torch.no_grad()
 @pytest.mark.parametrize("fp16", [False, True])
 def test_torch_runner_cuda_graphs_match_eager_on_the_demo(fp16: bool) -> None:  # pragma: no cover - needs a GPU
-    from noop_rt.runtime.torch_backend import TorchRunner, open_checkpoint
+    from noop_rt.runtime.backends.torch_runner import TorchRunner, open_checkpoint
 
     eager, _, _ = open_checkpoint(CKPT_PATH, None, "cuda", fp16, 40)
     graphed = TorchRunner(eager.backbone, eager.ckpt, fp16, cuda_graph=True)  # the same networks, graphed

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from noop_rt.backbone import load_backbone
-from noop_rt.errors import BackboneError, MissingDependencyError
+from noop_rt.runtime.errors import BackboneError, MissingDependencyError
+from noop_rt.train.backbones import load_backbone
 
 pytest.importorskip("peft", reason="LoRA loading goes through peft (pip install peft)")
 
@@ -161,7 +161,7 @@ def test_a_bad_lora_file_is_a_one_line_backbone_error(base, tiny_sd, tmp_path, c
 
 
 def test_lora_without_peft_says_what_to_install(base, tiny_sd, tmp_path, monkeypatch) -> None:
-    import noop_rt.runtime.backend as backend
+    import noop_rt.runtime.backends.base as backend
 
     path, _ = make_lora(base, tmp_path)
     real = backend.installed
@@ -181,9 +181,10 @@ def test_lora_through_train_export_and_classify(base, tiny_sd, shape_images, tmp
     from typer.testing import CliRunner
 
     import noop_rt
-    from noop_rt.checkpoint import load_checkpoint
     from noop_rt.cli import app
-    from noop_rt.data import ImageFolder, load_image
+    from noop_rt.runtime.classes import ImageFolder
+    from noop_rt.runtime.images import load_image
+    from noop_rt.train.checkpoint import load_checkpoint
 
     def invoke(*args):
         return CliRunner().invoke(app, [str(a) for a in args])
@@ -209,7 +210,7 @@ def test_lora_through_train_export_and_classify(base, tiny_sd, shape_images, tmp
     errors_torch = noop_rt.load(ckpt, backend="torch").score(images)[0].errors
     np.testing.assert_allclose(errors_bundle, errors_torch, rtol=1e-4, atol=1e-6)
     # the same checkpoint's noise over the plain backbone scores otherwise: the bundle did not drop the LoRA
-    from noop_rt.runtime.torch_backend import TorchRunner
+    from noop_rt.runtime.backends.torch_runner import TorchRunner
 
     plain = TorchRunner(load_backbone(tiny_sd), load_checkpoint(ckpt))
     errors_plain = plain.run("classifier", {"image": images}, ["errors"])[0]

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 from typer.testing import CliRunner
 
-from noop_rt.backbone import load_backbone
-from noop_rt.checkpoint import load_checkpoint, save_checkpoint
 from noop_rt.cli import app
-from noop_rt.errors import BadInputError, CheckpointError
-from noop_rt.noop import (
+from noop_rt.runtime.errors import BadInputError, CheckpointError
+from noop_rt.train.backbones import load_backbone
+from noop_rt.train.checkpoint import load_checkpoint, save_checkpoint
+from noop_rt.train.noop import (
     MetaNet,
     MetaNetConfig,
     NoiseModel,
@@ -28,7 +28,7 @@ from noop_rt.noop import (
     loss_and_backward,
     train_noop,
 )
-from noop_rt.training import fewshot_split
+from noop_rt.train.trainer import fewshot_split
 
 runner = CliRunner()
 
@@ -276,7 +276,7 @@ def test_bad_checkpoints_are_clear_errors(tiny_ckpt, tmp_path) -> None:
 
 
 def test_checkpoint_from_another_backbone_is_refused(tiny_ckpt, tiny_sd, tiny_sd_v) -> None:
-    from noop_rt.runtime.torch_backend import open_checkpoint
+    from noop_rt.runtime.backends.torch_runner import open_checkpoint
 
     with pytest.raises(CheckpointError, match=r"another backbone .*: prediction_type differs"):
         open_checkpoint(tiny_ckpt, str(tiny_sd_v), "cpu", False, 256)
@@ -286,7 +286,7 @@ def test_checkpoint_from_another_backbone_is_refused(tiny_ckpt, tiny_sd, tiny_sd
 
 
 def test_class_folders_must_match_the_trained_classes(tiny_ckpt, tmp_path, shape_images) -> None:
-    from noop_rt.runtime.open import LoadOptions, open_classifier
+    from noop_rt.runtime.opener import LoadOptions, open_classifier
 
     def options(classes: list[str], **kw) -> LoadOptions:
         return LoadOptions(backend="torch", device="cpu", classes=classes, **kw)

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from noop_rt.backbone import load_backbone
-from noop_rt.errors import NoopError
-from noop_rt.robust import RobustConfig, likelihood_maximisation, unconditional_loss
-from noop_rt.scoring import evenly_spaced_timesteps
+from noop_rt.runtime.errors import NoopError
+from noop_rt.runtime.strategies import evenly_spaced_timesteps
+from noop_rt.train.backbones import load_backbone
+from noop_rt.train.robust import RobustConfig, likelihood_maximisation, unconditional_loss
 
 
 def test_likelihood_maximisation_under_no_grad_stays_in_the_ball_and_the_image_range(tiny_sd) -> None:
@@ -74,7 +74,7 @@ def test_unconditional_loss_is_the_empty_prompt_error_averaged_over_pairs(tiny_s
 
 def test_robust_option_purifies_before_scoring_on_torch(tiny_ckpt, shape_images) -> None:
     import noop_rt
-    from noop_rt.data import as_model_input
+    from noop_rt.runtime.images import as_model_input
 
     clf = noop_rt.load(tiny_ckpt, backend="torch", device="cpu")
     paths = sorted((shape_images / "red_square").iterdir())[:2]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from noop_rt.backbone import load_backbone
-from noop_rt.robust import (
+from noop_rt.train.backbones import load_backbone
+from noop_rt.train.robust import (
     AttackConfig,
     RobustConfig,
     bpda,

@@ -15,15 +15,15 @@ from PIL import Image
 
 import noop_rt
 from noop_rt.demo import BUNDLE_DIR, CKPT_PATH, EXAMPLES_DIR
-from noop_rt.errors import BadInputError, BundleError, UsageError
+from noop_rt.runtime.errors import BadInputError, BundleError, UsageError
 
 EXAMPLES = sorted(EXAMPLES_DIR.glob("*.png"))
 SEVEN = EXAMPLES_DIR / "seven.png"
 RUNTIME = Path(noop_rt.__file__).parent / "runtime"
-TORCH_SIDE = {"noop_rt.backbone", "noop_rt.noop", "noop_rt.checkpoint", "noop_rt.configs", "noop_rt.robust",
-              "noop_rt.export", "noop_rt.graphs", "noop_rt.engines", "noop_rt.scorer", "noop_rt.training",
-              "noop_rt.calibration", "noop_rt.evaluation", "noop_rt.demo.train_backbone", "noop_rt.demo.digits",
-              "noop_rt.shared_weights", "torch", "diffusers", "transformers", "onnx"}
+TORCH_SIDE = {"noop_rt.train.backbones", "noop_rt.train.noop", "noop_rt.train.checkpoint", "noop_rt.train.architectures", "noop_rt.train.robust",
+              "noop_rt.build.export", "noop_rt.train.graph_modules", "noop_rt.build.engines", "noop_rt.train.diffusion_error", "noop_rt.train.trainer",
+              "noop_rt.train.calibration", "noop_rt.jobs.accuracy", "noop_rt.train.demo_backbone", "noop_rt.demo.digits",
+              "noop_rt.build.shared_weights", "torch", "diffusers", "transformers", "onnx"}
 BLOCK_TORCH = ("import sys\n"
                "for m in ('torch', 'diffusers', 'transformers', 'accelerate'):\n"
                "    sys.modules[m] = None  # any import of them now raises ImportError\n")
@@ -60,7 +60,7 @@ def test_runtime_modules_never_import_the_torch_side() -> None:
         if bad:
             offenders[path.name] = sorted(bad)
     assert offenders == {}
-    assert not imports_of(RUNTIME / "torch_backend.py") & {"noop_rt.runtime.open", "noop_rt.api"}  # no cycle
+    assert not imports_of(RUNTIME / "torch_backend.py") & {"noop_rt.runtime.opener", "noop_rt.api"}  # no cycle
 
 
 def test_the_demo_classifies_with_torch_unimportable() -> None:
@@ -180,8 +180,8 @@ def test_openvino_precision_is_said_and_can_be_held_to_f32(monkeypatch) -> None:
     a note says it, NOOP_RT_OPENVINO_PRECISION=f32 compiles the layers in f32 (read from OpenVINO's runtime graph,
     with errors closer to onnxruntime's), and a wrong value is a one-line error."""
     ov_module = pytest.importorskip("openvino", reason="the openvino extra is not installed")
-    from noop_rt.errors import BadInputError
-    from noop_rt.runtime.openvino_backend import PRECISION_ENV
+    from noop_rt.runtime.backends.openvino_runner import PRECISION_ENV
+    from noop_rt.runtime.errors import BadInputError
 
     default = ov_module.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
     clf = noop_rt.load(backend="openvino")
@@ -191,7 +191,7 @@ def test_openvino_precision_is_said_and_can_be_held_to_f32(monkeypatch) -> None:
     held = noop_rt.load(backend="openvino")
     assert held.model.runner.execution_precision == "f32" and not any("runs this fp32" in n for n in held.notes)
     x = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in EXAMPLES[:2]])
-    from noop_rt.data import as_model_input
+    from noop_rt.runtime.images import as_model_input
 
     x = np.stack([as_model_input(i, clf.resolution) for i in x])
     held.score(x)
@@ -211,7 +211,7 @@ def test_scorer_path_equals_the_classifier_graph() -> None:
     """NoOp through encoder + noise + scorer graphs (used for another loss or engine) equals the one graph."""
     clf = noop_rt.load()
     images = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in EXAMPLES])
-    from noop_rt.data import as_model_input
+    from noop_rt.runtime.images import as_model_input
 
     x = np.stack([as_model_input(i, clf.resolution) for i in images])
     direct = clf.model.noop_errors(x, clf.info.loss)
@@ -367,10 +367,10 @@ def test_an_overflowing_fp16_graph_is_refused_naming_it(tmp_path) -> None:
     import onnx
     from onnx import TensorProto, helper
 
-    from noop_rt.errors import NonFiniteError
+    from noop_rt.runtime.backends.onnxruntime_runner import OnnxRuntimeRunner
     from noop_rt.runtime.bundle import Bundle
-    from noop_rt.runtime.model import GraphModel, ModelInfo
-    from noop_rt.runtime.onnxruntime_backend import OnnxRuntimeRunner
+    from noop_rt.runtime.errors import NonFiniteError
+    from noop_rt.runtime.graph_model import GraphModel, ModelInfo
 
     big = helper.make_tensor("big", TensorProto.FLOAT, [], [1e30])
     nodes = [helper.make_node("ReduceMean", ["image"], ["m"], axes=[2, 3], keepdims=0),
@@ -409,7 +409,7 @@ def test_adaptive_and_pruned_give_the_same_errors_on_torch_and_onnxruntime() -> 
 
 
 def test_devices_are_checked_and_the_gpu_index_is_honoured() -> None:
-    from noop_rt.runtime.onnxruntime_backend import providers
+    from noop_rt.runtime.backends.onnxruntime_runner import providers
 
     assert providers("cuda:3") == [("CUDAExecutionProvider", {"device_id": 3}), "CPUExecutionProvider"]
     assert providers("cuda") == [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]

@@ -1,7 +1,7 @@
 """The diffusion-classifier math, checked against formulas written here and against the reference code's arithmetic.
 
-Torch side (`noop_rt/scorer.py`): noising, v -> eps, error norms, the class broadcast of `ClassErrors`, chunking.
-Numpy side (`noop_rt/scoring.py`): Li et al.'s grid and adaptive stages, Clark & Jaini's pruning (p-values against
+Torch side (`noop_rt/train/diffusion_error.py`): noising, v -> eps, error norms, the class broadcast of `ClassErrors`, chunking.
+Numpy side (`noop_rt/runtime/strategies.py`): Li et al.'s grid and adaptive stages, Clark & Jaini's pruning (p-values against
 scipy), the `Scores` semantics, stage parsing and the noise bank. Expected values never come from the code under test.
 """
 
@@ -15,8 +15,8 @@ import torch
 from scipy.stats import ttest_rel
 from torch import nn
 
-from noop_rt import scoring
-from noop_rt.scorer import ClassErrors, NoopClassifier, class_errors, error_norm, noised, v_to_eps
+from noop_rt.runtime import strategies
+from noop_rt.train.diffusion_error import ClassErrors, NoopClassifier, class_errors, error_norm, noised, v_to_eps
 
 ABAR = torch.linspace(0.9999, 0.005, 1000)  # any decreasing schedule will do for the stand-in UNets
 
@@ -179,7 +179,7 @@ def test_per_row_class_errors_keep_the_batch_limit_when_a_row_does_not_fit() -> 
 
 
 def test_noop_classifier_is_one_pass_at_t_star_with_the_learned_noise() -> None:
-    from noop_rt.noop import NoiseModel
+    from noop_rt.train.noop import NoiseModel
 
     eps_d = torch.randn(3, 4, 4)
     unet = RecordingUNet()
@@ -217,7 +217,7 @@ def scheduler_alphas(folder) -> torch.Tensor:
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 def test_class_errors_of_a_tiny_sd_equal_errors_computed_by_hand(prediction, tiny_sd, tiny_sd_v) -> None:
-    from noop_rt.backbone import load_backbone
+    from noop_rt.train.backbones import load_backbone
 
     folder = tiny_sd if prediction == "epsilon" else tiny_sd_v
     bb = load_backbone(folder)
@@ -240,7 +240,7 @@ def test_class_errors_of_a_tiny_sd_equal_errors_computed_by_hand(prediction, tin
 
 
 def test_temperature_recovers_a_known_tau_and_stays_finite_when_separable() -> None:
-    from noop_rt.calibration import fit_temperature
+    from noop_rt.train.calibration import fit_temperature
 
     gen = torch.Generator().manual_seed(0)
     errors = torch.rand((4000, 5), generator=gen)
@@ -258,44 +258,44 @@ def test_temperature_recovers_a_known_tau_and_stays_finite_when_separable() -> N
 @pytest.mark.parametrize(("n", "total"), [(n, 1000) for n in (1, 3, 7, 10, 25, 50, 100, 250, 1000)]
                          + [(n, 50) for n in (1, 3, 7, 10, 25, 50)])
 def test_evenly_spaced_timesteps_are_li_et_als_grid(n: int, total: int) -> None:
-    ts = scoring.evenly_spaced_timesteps(n, total)
+    ts = strategies.evenly_spaced_timesteps(n, total)
     assert ts.dtype == np.int64
     assert ts.tolist() == list(range(total // n // 2, total, total // n))[:n]  # their eval_prob_adaptive.py
     assert len(ts) == n
 
 
 def test_published_grid_values() -> None:
-    assert scoring.evenly_spaced_timesteps(1).tolist() == [500]
-    assert scoring.evenly_spaced_timesteps(4).tolist() == [125, 375, 625, 875]
-    assert scoring.evenly_spaced_timesteps(250)[:3].tolist() == [2, 6, 10]
+    assert strategies.evenly_spaced_timesteps(1).tolist() == [500]
+    assert strategies.evenly_spaced_timesteps(4).tolist() == [125, 375, 625, 875]
+    assert strategies.evenly_spaced_timesteps(250)[:3].tolist() == [2, 6, 10]
 
 
 def test_noise_bank_is_reproducible_by_seed() -> None:
-    a = scoring.noise_bank(6, (2, 3, 3), seed=7)
+    a = strategies.noise_bank(6, (2, 3, 3), seed=7)
     assert a.shape == (6, 2, 3, 3) and a.dtype == np.float32
-    assert np.array_equal(a, scoring.noise_bank(6, (2, 3, 3), seed=7))
-    assert not np.allclose(a, scoring.noise_bank(6, (2, 3, 3), seed=8))
-    big = scoring.noise_bank(4000, (2, 3, 3), seed=0)
+    assert np.array_equal(a, strategies.noise_bank(6, (2, 3, 3), seed=7))
+    assert not np.allclose(a, strategies.noise_bank(6, (2, 3, 3), seed=8))
+    big = strategies.noise_bank(4000, (2, 3, 3), seed=0)
     assert abs(float(big.mean())) < 0.02 and abs(float(big.std()) - 1) < 0.02  # standard normal
 
 
 def test_parse_stages() -> None:
-    assert scoring.parse_stages("25:5,250:1") == ((25, 5), (250, 1))
-    assert scoring.parse_stages(" 20:20, 50:10 ,100:5,500:1 ") == ((20, 20), (50, 10), (100, 5), (500, 1))
-    assert scoring.parse_stages("pets") == ((25, 5), (250, 1))  # Li et al.'s commands.md
-    assert scoring.parse_stages(" Food ") == ((20, 20), (50, 10), (100, 5), (500, 1))
-    assert scoring.parse_stages("imagenet") == ((50, 500), (100, 50), (500, 10), (1000, 1))
+    assert strategies.parse_stages("25:5,250:1") == ((25, 5), (250, 1))
+    assert strategies.parse_stages(" 20:20, 50:10 ,100:5,500:1 ") == ((20, 20), (50, 10), (100, 5), (500, 1))
+    assert strategies.parse_stages("pets") == ((25, 5), (250, 1))  # Li et al.'s commands.md
+    assert strategies.parse_stages(" Food ") == ((20, 20), (50, 10), (100, 5), (500, 1))
+    assert strategies.parse_stages("imagenet") == ((50, 500), (100, 50), (500, 10), (1000, 1))
     for bad in ("25", "25:5,", "a:1", "25:x", "25:5:1", "250:5,25:1", "0:1", "25:0", "", "-5:1", "pet"):
         with pytest.raises(ValueError, match="stage"):
-            scoring.parse_stages(bad)
+            strategies.parse_stages(bad)
 
 
 def test_make_config_takes_its_own_options_and_ignores_none() -> None:
-    cfg = scoring.make_config("adaptive", stages=((5, 2), (10, 1)), pairs=99, alpha=0.5, loss=None, seed=3)
-    assert cfg == scoring.AdaptiveConfig(stages=((5, 2), (10, 1)), seed=3)
-    assert scoring.make_config("pruned", max_pairs=20, round_size=4) == scoring.PrunedConfig(max_pairs=20,
+    cfg = strategies.make_config("adaptive", stages=((5, 2), (10, 1)), pairs=99, alpha=0.5, loss=None, seed=3)
+    assert cfg == strategies.AdaptiveConfig(stages=((5, 2), (10, 1)), seed=3)
+    assert strategies.make_config("pruned", max_pairs=20, round_size=4) == strategies.PrunedConfig(max_pairs=20,
                                                                                              round_size=4)
-    assert set(scoring.STRATEGIES) == set(scoring.METHODS)
+    assert set(strategies.STRATEGIES) == set(strategies.METHODS)
 
 
 # ================================================================================================ numpy: strategies
@@ -373,7 +373,7 @@ def test_baseline_scores_every_class_on_the_same_pairs() -> None:
     model = Oracle(margins_with_best([2, 0], 4))
     bank = np.random.default_rng(5).standard_normal((6, *SHAPE)).astype(np.float32)
     ticks: list[int] = []
-    scores = scoring.baseline(model, model.images(), scoring.BaselineConfig(pairs=6, loss="l1", noises=bank),
+    scores = strategies.baseline(model, model.images(), strategies.BaselineConfig(pairs=6, loss="l1", noises=bank),
                               ticks.append)
     grid = np.array(list(range(1000 // 6 // 2, 1000, 1000 // 6))[:6])  # 83, 249, ..., 913
     rows = {k: np.concatenate([c[k] for c in model.calls]) for k in ("img", "t", "eps")}
@@ -391,13 +391,13 @@ def test_baseline_scores_every_class_on_the_same_pairs() -> None:
 
 def test_baseline_seeded_bank_and_a_bad_bank() -> None:
     model = Oracle(margins_with_best([1], 3))
-    scoring.baseline(model, model.images(), scoring.BaselineConfig(pairs=4, seed=11, loss="l2"))
-    assert np.array_equal(np.concatenate([c["eps"] for c in model.calls]), scoring.noise_bank(4, SHAPE, 11))
+    strategies.baseline(model, model.images(), strategies.BaselineConfig(pairs=4, seed=11, loss="l2"))
+    assert np.array_equal(np.concatenate([c["eps"] for c in model.calls]), strategies.noise_bank(4, SHAPE, 11))
     with pytest.raises(ValueError, match="noise bank"):
-        scoring.baseline(model, model.images(), scoring.BaselineConfig(pairs=4, loss="l2",
+        strategies.baseline(model, model.images(), strategies.BaselineConfig(pairs=4, loss="l2",
                                                                         noises=np.zeros((3, *SHAPE))))
     with pytest.raises(ValueError, match="unknown loss"):
-        scoring.baseline(model, model.images(), scoring.BaselineConfig(pairs=4))  # no loss chosen
+        strategies.baseline(model, model.images(), strategies.BaselineConfig(pairs=4))  # no loss chosen
 
 
 # Li et al.'s grid for 50 pairs is t = 10, 30, ..., 990 (slots 0..49). Stage (5, keep 3) takes every 10th slot from
@@ -415,7 +415,7 @@ def test_adaptive_follows_li_et_als_schedule_and_noise_indexing(stages, evals, s
     model = Oracle(margins_with_best([5], 8))
     n = stages[-1][0]
     bank = np.random.default_rng(9).standard_normal((n, *SHAPE)).astype(np.float32)
-    scores = scoring.adaptive(model, model.images(), scoring.AdaptiveConfig(stages=stages, loss="l2", noises=bank))
+    scores = strategies.adaptive(model, model.images(), strategies.AdaptiveConfig(stages=stages, loss="l2", noises=bank))
     assert scores.unet_evals.tolist() == [evals]
     assert sum(len(c["img"]) * len(c["classes"]) for c in model.calls) == evals
     assert scores.predictions().tolist() == [5]
@@ -443,10 +443,10 @@ def test_adaptive_follows_li_et_als_schedule_and_noise_indexing(stages, evals, s
 
 def test_adaptive_picks_each_images_class_and_uses_the_seeded_bank() -> None:
     model = Oracle(margins_with_best([5, 1], 8))
-    scores = scoring.adaptive(model, model.images(), scoring.AdaptiveConfig(stages=((5, 3), (50, 1)), seed=4,
+    scores = strategies.adaptive(model, model.images(), strategies.AdaptiveConfig(stages=((5, 3), (50, 1)), seed=4,
                                                                             loss="huber"))
     assert scores.predictions().tolist() == [5, 1]
-    bank = scoring.noise_bank(50, SHAPE, 4)
+    bank = strategies.noise_bank(50, SHAPE, 4)
     for i in range(2):
         eps = np.concatenate([c["eps"] for c in model.calls if c["img"][0] == i])
         assert np.array_equal(eps, bank)
@@ -456,8 +456,8 @@ def test_adaptive_picks_each_images_class_and_uses_the_seeded_bank() -> None:
 
 def test_pruned_picks_the_class_for_fewer_evaluations_than_baseline() -> None:
     model = Oracle(margins_with_best([5], 8))
-    base = scoring.baseline(Oracle(model.margins), model.images(), scoring.BaselineConfig(pairs=50, loss="l2"))
-    pruned = scoring.pruned(model, model.images(), scoring.PrunedConfig(max_pairs=50, round_size=5, loss="l2"))
+    base = strategies.baseline(Oracle(model.margins), model.images(), strategies.BaselineConfig(pairs=50, loss="l2"))
+    pruned = strategies.pruned(model, model.images(), strategies.PrunedConfig(max_pairs=50, round_size=5, loss="l2"))
     assert base.predictions().tolist() == pruned.predictions().tolist() == [5]
     assert base.unet_evals.tolist() == [50 * 8]
     assert pruned.unet_evals[0] < base.unet_evals[0]
@@ -472,7 +472,7 @@ def test_pruned_drops_exactly_the_classes_scipys_paired_t_test_rejects() -> None
     margins = np.array([[0.0, 0.02, 0.05, 0.1, 0.15, 0.3, 0.6, 1.0]])  # some classes survive a few rounds
     model = Oracle(margins, jitter=0.2)
     alpha = 0.05
-    scores = scoring.pruned(model, model.images(), scoring.PrunedConfig(max_pairs=60, round_size=4, alpha=alpha,
+    scores = strategies.pruned(model, model.images(), strategies.PrunedConfig(max_pairs=60, round_size=4, alpha=alpha,
                                                                         loss="l2"))
     grid = list(range(1000 // 60 // 2, 1000, 1000 // 60))[:60]
     per_pair = {c: [] for c in range(8)}
@@ -500,7 +500,7 @@ def test_pruned_drops_exactly_the_classes_scipys_paired_t_test_rejects() -> None
 
 def test_pruned_keeps_indistinguishable_classes_until_the_budget() -> None:
     model = Oracle(np.zeros((1, 3)), jitter=0.0)  # every class identical: no test can reject, all pairs get spent
-    scores = scoring.pruned(model, model.images(), scoring.PrunedConfig(max_pairs=20, round_size=5, loss="l2"))
+    scores = strategies.pruned(model, model.images(), strategies.PrunedConfig(max_pairs=20, round_size=5, loss="l2"))
     assert scores.unet_evals.tolist() == [20 * 3]
     assert scores.survivors.all()
     assert sorted(np.concatenate([c["t"] for c in model.calls]).tolist()) == \
@@ -513,7 +513,7 @@ def test_paired_t_pvalues_match_scipy() -> None:
         per_pair = rng.normal(size=(n, 1)) + rng.normal(0.3, 0.5, size=(n, k))
         per_pair[:, 1] -= 0.5  # a clear best
         best = int(per_pair.mean(axis=0).argmin())
-        p = scoring.paired_t_pvalues(per_pair, best)
+        p = strategies.paired_t_pvalues(per_pair, best)
         for c in range(k):
             if c != best:
                 assert p[c] == pytest.approx(ttest_rel(per_pair[:, c], per_pair[:, best],
@@ -526,13 +526,13 @@ def test_paired_t_pvalue_of_a_constant_worse_class_matches_scipy() -> None:
     best = np.array([1.0, 2.0, 3.0, 4.0])
     per_pair = np.stack([best, best + 0.5], axis=1)
     expected = ttest_rel(per_pair[:, 1], per_pair[:, 0], alternative="greater").pvalue
-    assert scoring.paired_t_pvalues(per_pair, 0)[1] == pytest.approx(expected)
+    assert strategies.paired_t_pvalues(per_pair, 0)[1] == pytest.approx(expected)
 
 
 def test_noop_strategy_spends_c_evaluations_per_image() -> None:
     model = Oracle(margins_with_best([3, 0, 2], 5))
     ticks: list[int] = []
-    scores = scoring.noop(model, model.images(), scoring.NoopConfig(loss="l1"), ticks.append)
+    scores = strategies.noop(model, model.images(), strategies.NoopConfig(loss="l1"), ticks.append)
     assert model.calls == [{"noop": True, "loss": "l1", "n": 3}]
     assert scores.unet_evals.tolist() == [5, 5, 5] and sum(ticks) == 15
     assert scores.predictions().tolist() == [3, 0, 2]
@@ -541,7 +541,7 @@ def test_noop_strategy_spends_c_evaluations_per_image() -> None:
 
 # ================================================================================================ numpy: Scores
 def test_scores_semantics_with_eliminated_classes() -> None:
-    scores = scoring.Scores(
+    scores = strategies.Scores(
         errors=np.array([[0.5, 0.1, 0.3, 0.2], [0.1, 0.3, 0.2, 0.4]]),
         pairs_scored=np.array([[10, 2, 10, 10], [2, 10, 10, 10]]),
         unet_evals=np.array([32, 32]),
@@ -562,17 +562,17 @@ def test_scores_semantics_with_eliminated_classes() -> None:
     assert scores.ranking().tolist() == [[3, 2, 0, 1], [2, 1, 3, 0]]
     assert scores.survivors.tolist() == scores.alive.tolist()
     # a class eliminated on as many pairs as the survivors (the last round of `pruned`) still ranks after them
-    last_round = scoring.Scores(np.array([[0.1, 0.2, 0.3]]), np.full((1, 3), 10), np.array([30]),
+    last_round = strategies.Scores(np.array([[0.1, 0.2, 0.3]]), np.full((1, 3), 10), np.array([30]),
                                 alive=np.array([[True, False, True]]))
     assert last_round.ranking().tolist() == [[0, 2, 1]]
 
 
 def test_scores_without_eliminations_and_concat() -> None:
-    a = scoring.Scores(np.array([[0.3, 0.1]]), np.ones((1, 2), np.int64), np.array([2]))
+    a = strategies.Scores(np.array([[0.3, 0.1]]), np.ones((1, 2), np.int64), np.array([2]))
     assert a.survivors.all() and a.predictions().tolist() == [1] and a.ranking().tolist() == [[1, 0]]
-    b = scoring.Scores(np.array([[0.1, 0.3]]), np.ones((1, 2), np.int64), np.array([2]),
+    b = strategies.Scores(np.array([[0.1, 0.3]]), np.ones((1, 2), np.int64), np.array([2]),
                        alive=np.array([[False, True]]))
-    both = scoring.Scores.concat([a, b])
+    both = strategies.Scores.concat([a, b])
     assert both.predictions().tolist() == [1, 1]
     assert both.survivors.tolist() == [[True, True], [False, True]]
-    assert scoring.Scores.concat([a, a]).alive is None
+    assert strategies.Scores.concat([a, a]).alive is None

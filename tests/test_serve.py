@@ -32,9 +32,9 @@ import pytest
 from PIL import Image, ImageFile
 from typer.testing import CliRunner
 
-from noop_rt.data import load_image
 from noop_rt.demo import EXAMPLES_DIR
-from noop_rt.errors import BadInputError, MissingDependencyError
+from noop_rt.runtime.errors import BadInputError, MissingDependencyError
+from noop_rt.runtime.images import load_image
 from noop_rt.serve import ServeOptions, kserve
 from noop_rt.serve.uploads import RequestError, decode_image, inflate, read_body
 

@@ -10,13 +10,15 @@ Fixed split (documented in the model card):
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
-from noop_rt.configs import DIGIT_NAMES
-from noop_rt.defaults import SHOTS, VAL_SHOTS
+from noop_rt.demo import DIGIT_NAMES, SHOTS, VAL_SHOTS
+
+if TYPE_CHECKING:
+    import torch
 
 RESOLUTION = 16
 TEST_SIZE = 360
@@ -75,7 +77,9 @@ def write_image_folders(out: Path, shots: int = SHOTS, val_shots: int = VAL_SHOT
 
 def split_tensors(name: str, shots: int = SHOTS, val_shots: int = VAL_SHOTS) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (N, 3, 16, 16) in [-1, 1] (exactly what loading the written PNGs gives) and labels (N,) of a split:
-    'train', 'test', 'fewshot' or 'val'."""
+    'train', 'test', 'fewshot' or 'val'. Needs torch (the train extra)."""
+    import torch
+
     images, labels = digit_images()
     splits = split_indices(labels)
     if name in ("fewshot", "val"):

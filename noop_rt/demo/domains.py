@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from noop_rt.configs import DIGIT_NAMES
+from noop_rt.demo import DIGIT_NAMES
 
 RESOLUTION = 16
 CANVAS = 64  # render / transform at 4x, then area-average down to 16x16

@@ -1,2 +1,2 @@
-"""The torch-free runtime: open a source on a backend (open.py), run strategies over its graphs (model.py,
-classifier.py). Only torch_backend.py reaches the torch side, and only when the torch backend is chosen."""
+"""The runtime: opens a source (opener.py), runs the strategies over its graphs, returns typed results; numpy and
+ONNX engines only. May import: noop_rt.demo. Never torch, except the torch backend's one lazy door to noop_rt.train."""

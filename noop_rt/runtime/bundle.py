@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from noop_rt.errors import BundleError
-from noop_rt.runtime.graphs import CLASSIFIER, GraphSpec
+from noop_rt.runtime.errors import BundleError
+from noop_rt.runtime.graph_specs import CLASSIFIER, GraphSpec
 
 FORMAT = "noop-rt.bundle"
 VERSION = 2

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from noop_rt import scoring
-from noop_rt.errors import BadInputError, UsageError
+from noop_rt.runtime import strategies
 from noop_rt.runtime.drift import DriftMonitor
-from noop_rt.runtime.model import GraphModel
+from noop_rt.runtime.errors import BadInputError, UsageError
+from noop_rt.runtime.graph_model import GraphModel
 from noop_rt.runtime.suggest import suggest
 
 
@@ -155,40 +155,40 @@ class Classifier:
         return "noop" if self.model.info.has_noise else "baseline"
 
     def check_method(self, method: str) -> None:
-        if method not in scoring.STRATEGIES:
-            raise suggest(method, scoring.METHODS, "method")
+        if method not in strategies.STRATEGIES:
+            raise suggest(method, strategies.METHODS, "method")
         if method == "noop" and not self.model.info.has_noise:
             raise UsageError("method 'noop' needs a learned noise: load a NoOp checkpoint (NAME.pt) or bundle; "
                              f"{self.model.info.location} is a plain diffusion model (use baseline, adaptive or "
                              "pruned)")
 
-    def config(self, method: str | None = None, **options: Any) -> scoring.StrategyConfig:
+    def config(self, method: str | None = None, **options: Any) -> strategies.StrategyConfig:
         """The strategy config: the classifier's options < call options; the loss defaults to the model's own."""
         method = method or self.method
         self.check_method(method)
         merged = {**self.options, **{k: v for k, v in options.items() if v is not None}}
         merged.setdefault("loss", self.model.info.loss)
-        if merged["loss"] not in scoring.LOSSES:
-            raise suggest(str(merged["loss"]), scoring.LOSSES, "loss")
+        if merged["loss"] not in strategies.LOSSES:
+            raise suggest(str(merged["loss"]), strategies.LOSSES, "loss")
         if method == "pruned" and "pairs" in merged:
             merged.setdefault("max_pairs", merged["pairs"])
         if method == "adaptive" and "stages" not in merged and "pairs" in merged:  # scaled Pets schedule
             n = int(merged["pairs"])
             merged["stages"] = ((max(1, n // 10), min(5, len(self.classes))), (n, 1))
         try:
-            return scoring.make_config(method, **merged)
+            return strategies.make_config(method, **merged)
         except (TypeError, ValueError) as exc:
             raise BadInputError(str(exc)) from None
 
-    def calibrated(self, method: str, config: scoring.StrategyConfig) -> bool:
+    def calibrated(self, method: str, config: strategies.StrategyConfig) -> bool:
         """The fitted tau applies: NoOp, the trained classes and prompts, the loss it was fitted with."""
         info = self.model.info
         return (method == "noop" and info.tau is not None and self.class_set.trained
                 and getattr(config, "loss", None) == info.loss)
 
     # ------------------------------------------------------------------------------------------ running
-    def score(self, images: np.ndarray, method: str | None = None, progress: scoring.Progress = None,
-              **options: Any) -> tuple[scoring.Scores, float]:
+    def score(self, images: np.ndarray, method: str | None = None, progress: strategies.Progress = None,
+              **options: Any) -> tuple[strategies.Scores, float]:
         """Scores for preprocessed images (B, 3, R, R) in [-1, 1], and the seconds spent in the model."""
         method = method or self.method
         config = self.config(method, **options)
@@ -200,7 +200,7 @@ class Classifier:
                 raise BadInputError(f"--robust needs the torch backend (it takes gradients through the model); the "
                                     f"{self.backend} graphs are forward-only: load the checkpoint (NAME.pt)")
             images = purify(images, robust)
-        scores = scoring.STRATEGIES[method].fn(self.model, images, config, progress)
+        scores = strategies.STRATEGIES[method].fn(self.model, images, config, progress)
         sync = getattr(self.model.runner, "synchronize", None)
         if sync is not None:
             sync()
@@ -220,7 +220,7 @@ class Classifier:
             chunk = images[s:s + step]
             scores, model_s = self.score(chunk, method, **options)
             t0 = time.perf_counter()
-            tau = self.model.info.tau if calibrated else scoring.uncalibrated_tau(scores.errors)
+            tau = self.model.info.tau if calibrated else strategies.uncalibrated_tau(scores.errors)
             probs = scores.probabilities(tau)
             if calibrated and self.drift is not None:  # the profile holds for the calibrated NoOp path only
                 with self._drift_lock:
@@ -253,7 +253,7 @@ class Classifier:
     def run(self, items: Sequence[ImageLike], *, top_k: int = 5, method: str | None = None,
             progress: Callable[[int], None] | None = None, **options: Any) -> tuple[list[Result], Timings]:
         """`classify` that also returns the summed timings (for speed lines and benchmarks)."""
-        from noop_rt.data import as_model_input
+        from noop_rt.runtime.images import as_model_input
 
         method = method or self.method
         step = max(1, self.model.images_per_call()) if method == "noop" else 1

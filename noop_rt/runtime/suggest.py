@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Sequence
 
-from noop_rt.errors import UsageError
+from noop_rt.runtime.errors import UsageError
 
 
 def suggest(value: str, choices: Sequence[str], what: str) -> UsageError:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from noop_rt.errors import BundleError
+from noop_rt.runtime.errors import BundleError
 
 
 class PromptTokenizer:

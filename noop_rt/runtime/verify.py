@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from noop_rt.errors import BundleError
 from noop_rt.runtime.bundle import Bundle
+from noop_rt.runtime.errors import BundleError
 
 
 def verify_bundle(root: str | Path) -> dict[str, Any]:

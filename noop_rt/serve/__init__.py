@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from noop_rt.errors import BadInputError
+from noop_rt.runtime.errors import BadInputError
 
 __all__ = ["APP_NAME", "ServeOptions", "run_server"]
 

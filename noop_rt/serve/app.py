@@ -39,7 +39,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from noop_rt import __version__
-from noop_rt.errors import BadInputError
+from noop_rt.runtime.errors import BadInputError
 from noop_rt.serve import ServeOptions, kserve
 from noop_rt.serve.uploads import (
     RequestError,

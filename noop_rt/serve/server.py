@@ -23,8 +23,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from noop_rt import errors
-from noop_rt.errors import BadInputError, MissingDependencyError, NoopError
+from noop_rt.runtime import errors
+from noop_rt.runtime.errors import BadInputError, MissingDependencyError, NoopError
 from noop_rt.serve import APP_NAME, INSTALL_HINT, ServeOptions
 
 ROUTER_LOOP = "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"
@@ -249,7 +249,7 @@ def _connect(ray: Any, address: str) -> None:
 
 def _check_source(load: dict[str, Any]) -> None:
     """A mistyped path is one line now, not three failed replica starts later."""
-    from noop_rt.runtime.open import source_kind
+    from noop_rt.runtime.opener import source_kind
 
     source, kind = load.get("source"), load.get("kind")
     if kind is None:

@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from noop_rt.data import decode_rgb, to_model_input
-from noop_rt.errors import BadInputError
+from noop_rt.runtime.errors import BadInputError
+from noop_rt.runtime.images import decode_rgb, to_model_input
 
 # Formats a server decodes. Never EPS/PS (Pillow runs Ghostscript for them) nor the exotic plugins.
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "PPM")

@@ -2,7 +2,7 @@
 progress, ONE random noise at t (the unstable classifier NoOp fixes), and the protocol record each result carries.
 
 Models are `noop_rt.load(...)` classifiers on the torch backend: `classifier.model` is the numpy `ScoringModel` the
-strategies of `scoring.py` run on, over the very torch modules (`scorer.py`) that training runs and `export` traces.
+strategies of `runtime/strategies.py` run on, over the very torch modules (`train/diffusion_error.py`) that training runs and `export` traces.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from noop_rt import evaluate, scoring
-from noop_rt.errors import BadInputError
+from noop_rt.jobs import evaluate
+from noop_rt.runtime import strategies
 from noop_rt.runtime.classifier import Classifier
+from noop_rt.runtime.errors import BadInputError
 
 DEMO_TEST = ("noop_rt.demo.digits.split_tensors('test'): the held-out sklearn digits (stratified 20 %, seed 0), "
              "8x8 scans bilinear-resized to 16x16 grey, replicated to RGB, scaled to [-1, 1] (exactly what loading "
@@ -80,30 +81,30 @@ def targets(classifier: Classifier, names: Sequence[str]) -> np.ndarray:
     return np.array([index[n] for n in names], dtype=np.int64)
 
 
-def accuracy(scores: scoring.Scores, target: np.ndarray) -> float:
+def accuracy(scores: strategies.Scores, target: np.ndarray) -> float:
     """Top-1 accuracy; `target` are column indices (see `targets`)."""
     return float((scores.predictions() == target).mean())
 
 
 def score_set(classifier: Classifier, images: np.ndarray, method: str | None = None, chunk: int = 16,
-              desc: str | None = None, **options: Any) -> scoring.Scores:
+              desc: str | None = None, **options: Any) -> strategies.Scores:
     """`classifier.score` over `images` in chunks of `chunk` images (a progress bar on stderr when `desc` is given);
     options (pairs, stages, seed, loss, ...) override the classifier's own."""
     parts = []
     for i in tqdm(range(0, len(images), chunk), desc=desc, file=sys.stderr, disable=desc is None, leave=False):
         scores, _ = classifier.score(images[i:i + chunk], method, **options)
         parts.append(scores)
-    return scoring.Scores.concat(parts)
+    return strategies.Scores.concat(parts)
 
 
-def single_noise(classifier: Classifier, z0: np.ndarray, t: int, seed: int, loss: str = "l2") -> scoring.Scores:
-    """ONE random (t, eps) pair shared by every image and class, eps = scoring.noise_bank(1, ..., seed); z0 from
+def single_noise(classifier: Classifier, z0: np.ndarray, t: int, seed: int, loss: str = "l2") -> strategies.Scores:
+    """ONE random (t, eps) pair shared by every image and class, eps = strategies.noise_bank(1, ..., seed); z0 from
     `classifier.model.encode`."""
     model = classifier.model
-    eps = scoring.noise_bank(1, tuple(model.latent_shape), seed)  # (1, c, h, w)
+    eps = strategies.noise_bank(1, tuple(model.latent_shape), seed)  # (1, c, h, w)
     errors = model.class_errors(z0, np.broadcast_to(eps, z0.shape), np.full(len(z0), t, np.int64), None, loss)
     b, c = errors.shape
-    return scoring.Scores(errors.astype(np.float64), np.ones((b, c), np.int64), np.full(b, c, np.int64))
+    return strategies.Scores(errors.astype(np.float64), np.ones((b, c), np.int64), np.full(b, c, np.int64))
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -127,14 +128,14 @@ def strategy_protocol(classifier: Classifier, method: str | None = None, **optio
     model's): method, its settings, loss, seed, timestep grid, noise source."""
     method = method or classifier.method
     info = classifier.model.info
-    return _plain(scoring.protocol(method, classifier.config(method, **options), info.num_train_timesteps,
+    return _plain(strategies.protocol(method, classifier.config(method, **options), info.num_train_timesteps,
                                    info.t_star))
 
 
 def single_noise_protocol(classifier: Classifier, t: int, seeds: Sequence[int], loss: str) -> dict[str, Any]:
     shape = ", ".join(map(str, classifier.model.latent_shape))
     return {"method": "one random noise", "t": t, "loss": loss, "seeds": list(seeds), "timesteps": [t],
-            "noise": f"scoring.noise_bank(1, ({shape}), seed): numpy default_rng(seed).standard_normal float32, the "
+            "noise": f"strategies.noise_bank(1, ({shape}), seed): numpy default_rng(seed).standard_normal float32, the "
                      "same eps for every image and class"}
 
 

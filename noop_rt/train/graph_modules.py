@@ -9,9 +9,7 @@ from copy import deepcopy
 import torch
 from torch import nn
 
-from noop_rt.backbone import Backbone
-from noop_rt.checkpoint import NoopCheckpoint
-from noop_rt.runtime.graphs import (
+from noop_rt.runtime.graph_specs import (
     BATCH,
     CLASSES,
     CLASSIFIER,
@@ -23,8 +21,10 @@ from noop_rt.runtime.graphs import (
     GraphSpec,
     graph_specs,
 )
-from noop_rt.scorer import ClassErrors, Float32Graph, NoopClassifier, TextEncoderGraph
-from noop_rt.scoring import LOSSES
+from noop_rt.runtime.strategies import LOSSES
+from noop_rt.train.backbones import Backbone
+from noop_rt.train.checkpoint import NoopCheckpoint
+from noop_rt.train.diffusion_error import ClassErrors, Float32Graph, NoopClassifier, TextEncoderGraph
 
 
 def backbone_specs(backbone: Backbone) -> dict[str, GraphSpec]:

@@ -30,17 +30,17 @@ import torch
 from torch import nn
 
 from noop_rt import __version__
-from noop_rt.checkpoint import NoopCheckpoint, checkpoint_backbone, load_checkpoint
-from noop_rt.data import IMAGE_SUFFIXES, load_image
+from noop_rt.build.shared_weights import share_weights
 from noop_rt.demo import model_name
-from noop_rt.errors import BadInputError, ValidationFailedError
-from noop_rt.graphs import TRACE_DIMS, backbone_specs, graph_modules, sample_inputs
+from noop_rt.runtime.backends.torch_runner import TorchRunner
 from noop_rt.runtime.bundle import FORMAT, MANIFEST, VERSION, Bundle, sha256_file, write_json_atomic
-from noop_rt.runtime.graphs import CLASSIFIER, ENCODER, GRAPH_NAMES, NOISE, SCORER, TEXT_ENCODER, GraphSpec
-from noop_rt.runtime.model import default_preprocessing
-from noop_rt.runtime.torch_backend import TorchRunner
-from noop_rt.scoring import LOSSES
-from noop_rt.shared_weights import share_weights
+from noop_rt.runtime.errors import BadInputError, ValidationFailedError
+from noop_rt.runtime.graph_model import default_preprocessing
+from noop_rt.runtime.graph_specs import CLASSIFIER, ENCODER, GRAPH_NAMES, NOISE, SCORER, TEXT_ENCODER, GraphSpec
+from noop_rt.runtime.images import IMAGE_SUFFIXES, load_image
+from noop_rt.runtime.strategies import LOSSES
+from noop_rt.train.checkpoint import NoopCheckpoint, checkpoint_backbone, load_checkpoint
+from noop_rt.train.graph_modules import TRACE_DIMS, backbone_specs, graph_modules, sample_inputs
 
 # Max relative error (max |onnx - torch| / max |torch|) allowed per graph, and the top-1 agreement required.
 TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2, "int8": 1e-3}
@@ -154,7 +154,7 @@ def _validation_images(options: ExportOptions, ckpt: NoopCheckpoint, resolution:
     paths = list(options.validate_images)
     what = "given images"
     if options.precision == "int8":  # the validation split decides whether INT8 holds
-        from noop_rt.quantize import checkpoint_images
+        from noop_rt.build.quantize import checkpoint_images
 
         return checkpoint_images(ckpt, resolution, ("val",), paths)
     if not paths and ckpt.backbone_source == "demo" and options.precision == "fp16":
@@ -184,7 +184,7 @@ def validate_bundle(bundle_dir: Path, reference: TorchRunner, images: np.ndarray
     """Every graph on onnxruntime (CPU) vs the fp32 torch modules it was exported from, on real inputs, at the
     bundle's batch sizes; top-1 agreement of the classifier graph with the torch classifier on `images`; and the
     classifier graph vs the same NoOp pass through the encoder, noise and scorer graphs."""
-    from noop_rt.runtime.onnxruntime_backend import OnnxRuntimeRunner
+    from noop_rt.runtime.backends.onnxruntime_runner import OnnxRuntimeRunner
 
     bundle = Bundle.open(bundle_dir, verify="none")
     m = bundle.manifest
@@ -310,7 +310,7 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, options: ExportOptions
             print(f"  exported {specs[graph].file} in {time.perf_counter() - t0:.1f} s", file=log)
         int8 = None
         if options.precision == "int8":
-            from noop_rt.quantize import checkpoint_images, quantize_classifier
+            from noop_rt.build.quantize import checkpoint_images, quantize_classifier
 
             t0 = time.perf_counter()
             calibration, int8 = checkpoint_images(ckpt, backbone.resolution, ("fewshot",),

@@ -12,8 +12,8 @@ from typing import Annotated, Any
 
 import typer
 
-from noop_rt.defaults import SHOTS, VAL_SHOTS
-from noop_rt.errors import BadInputError, NoopError
+from noop_rt.demo import SHOTS, VAL_SHOTS
+from noop_rt.runtime.errors import BadInputError, NoopError
 from noop_rt.serve import ServeOptions
 
 
@@ -154,14 +154,14 @@ def _strategy(noises: int | None, stages: str | None, loss: str | None, seed: in
     if loss is not None:
         options["loss"] = loss
     if stages is not None:
-        from noop_rt.scoring import parse_stages
+        from noop_rt.runtime.strategies import parse_stages
 
         try:
             options["stages"] = parse_stages(stages)
         except ValueError as exc:
             raise BadInputError(f"--stages: {exc}") from None
     if robust:
-        from noop_rt.robust import RobustConfig
+        from noop_rt.train.robust import RobustConfig
 
         options["robust"] = RobustConfig(seed=seed)
     return options
@@ -171,8 +171,8 @@ def _load(source: tuple[Any, str | None], *, backend: str, device: str, method: 
           prompts: Path | None, template: str | None, strategy: dict[str, Any], max_batch: int | None = None,
           fp16: bool = False, engines: Path | None = None, classes_from: str | None = None,
           class_list: list[str] | None = None, lora: Path | None = None, lora_scale: float | None = None) -> Any:
-    from noop_rt.data import parse_class_list, read_prompts_file
-    from noop_rt.runtime.open import LoadOptions, open_classifier
+    from noop_rt.runtime.classes import parse_class_list, read_prompts_file
+    from noop_rt.runtime.opener import LoadOptions, open_classifier
 
     names = class_list if class_list is not None else (parse_class_list(classes) if classes is not None else None)
     table = read_prompts_file(prompts) if prompts is not None else None
@@ -194,7 +194,7 @@ def _load_kwargs(bundle: Path | None, ckpt: Path | None, model: str | None, back
                  max_batch: int | None, engines: Path | None, strategy: dict[str, Any], lora: Path | None = None,
                  lora_scale: float | None = None) -> dict[str, Any]:
     """Keyword arguments of `noop_rt.load` for jobs that open the classifier themselves (batch workers, replicas)."""
-    from noop_rt.data import parse_class_list, read_prompts_file
+    from noop_rt.runtime.classes import parse_class_list, read_prompts_file
 
     source, kind = _source(bundle, ckpt, model)
     return {"source": source, "kind": kind, "backend": backend, "device": device, "method": method,
@@ -204,7 +204,7 @@ def _load_kwargs(bundle: Path | None, ckpt: Path | None, model: str | None, back
 
 
 def _check_images(images: list[Path]) -> None:
-    from noop_rt.data import is_uri
+    from noop_rt.runtime.images import is_uri
 
     if not images:
         raise BadInputError("no images given")
@@ -270,7 +270,7 @@ def classify(
 ) -> None:
     """Classify images. No --bundle/--ckpt/--model: the built-in demo (handwritten digits)."""
     def go() -> None:
-        from noop_rt.data import ImageFolder
+        from noop_rt.runtime.classes import ImageFolder
 
         _check_choices(backend, method, loss)
         _check_images(images)
@@ -298,8 +298,8 @@ def eval_command(
 ) -> None:
     """Accuracy, per-class accuracy and confusion matrix on a labelled image folder; --json records the protocol."""
     def go() -> None:
-        from noop_rt.data import ImageFolder
-        from noop_rt.evaluate import evaluate_folder
+        from noop_rt.jobs.evaluate import evaluate_folder
+        from noop_rt.runtime.classes import ImageFolder
 
         _check_choices(backend, method, loss)
         dataset = ImageFolder.scan(data)
@@ -367,8 +367,8 @@ def train(
     cli_options = {k: str(v) for k, v in locals().items()}
 
     def go() -> None:
-        from noop_rt.data import read_prompts_file
-        from noop_rt.runtime.open import TRAIN_HINT
+        from noop_rt.runtime.classes import read_prompts_file
+        from noop_rt.runtime.opener import TRAIN_HINT
         from noop_rt.runtime.suggest import suggest
 
         if loss not in LOSS_NAMES:
@@ -376,7 +376,7 @@ def train(
         if out.suffix != ".pt":
             raise BadInputError(f"--out must name a .pt file, got {out}")
         _need_train_extra("train", TRAIN_HINT)
-        from noop_rt.training import train_command
+        from noop_rt.train.trainer import train_command
 
         summary = train_command(data=data, out=out, model=model, shots=shots, val_shots=val_shots, timestep=timestep,
                                 meta_net=meta_net, prompt_tuning=prompt_tuning, epochs=epochs, batch_size=batch_size,
@@ -403,8 +403,8 @@ def train(
 
 
 def _need_train_extra(command: str, hint: str) -> None:
-    from noop_rt.errors import MissingDependencyError
-    from noop_rt.runtime.backend import installed
+    from noop_rt.runtime.backends.base import installed
+    from noop_rt.runtime.errors import MissingDependencyError
 
     missing = [m for m in ("torch", "diffusers", "transformers") if not installed(m)]
     if missing:
@@ -440,10 +440,10 @@ def export(
     """Export a checkpoint to an ONNX bundle (the classifier graph and the scorer, encoder, noise and text-encoder
     graphs, weights stored once), validated against PyTorch."""
     def go() -> None:
-        from noop_rt.runtime.open import TRAIN_HINT
+        from noop_rt.runtime.opener import TRAIN_HINT
 
         _need_train_extra("export", TRAIN_HINT)
-        from noop_rt.export import ExportOptions, collect_images, export_bundle
+        from noop_rt.build.export import ExportOptions, collect_images, export_bundle
 
         if fp16 and int8:
             raise BadInputError("choose one of --fp16 and --int8")
@@ -501,7 +501,7 @@ def build(
 ) -> None:
     """Build TensorRT FP16 engines for a bundle (needs TensorRT and an NVIDIA GPU)."""
     def go() -> None:
-        from noop_rt.engines import BuildOptions, build_engines
+        from noop_rt.build.engines import BuildOptions, build_engines
 
         record = build_engines(bundle, BuildOptions(out=out, timing_cache=timing_cache,
                                                     optimization_level=optimization_level, force=force))
@@ -532,7 +532,7 @@ def batch(
 ) -> None:
     """Classify many images into a parquet/jsonl file, in process or on a Ray cluster; resumable."""
     def go() -> None:
-        from noop_rt.batch import BatchOptions, run_batch
+        from noop_rt.jobs.batch import BatchOptions, run_batch
 
         _check_choices(backend, method, loss)
         load = _load_kwargs(bundle, ckpt, model, backend, device, method, classes, prompts, template, max_batch,
@@ -586,7 +586,7 @@ def bench(
 ) -> None:
     """Latency/throughput of NoOp vs the N-noise baseline per backend, measured in one run."""
     def go() -> None:
-        from noop_rt.bench import BenchOptions, bench_command
+        from noop_rt.jobs.bench import BenchOptions, bench_command
 
         options = BenchOptions(backends=[b.strip() for b in backends.split(",") if b.strip()],
                                baseline_noises=baseline_noises, baseline_measured_pairs=measured_pairs, runs=runs,
@@ -600,7 +600,7 @@ def bench(
             json_file.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(json_file, report)
         if plot_file is not None:
-            from noop_rt.bench import plot
+            from noop_rt.jobs.bench import plot
 
             plot(report, plot_file)
 

@@ -1,4 +1,4 @@
-"""The torch backend: the very modules that training runs and `export` traces (`noop_rt/graphs.py`), eager, fp32 or
+"""The torch backend: the very modules that training runs and `export` traces (`noop_rt/train/graph_modules.py`), eager, fp32 or
 fp16, CPU or CUDA, behind the same graph-runner interface as the engines. It is the only runtime module that
 reaches the torch side (backbone, checkpoint, NoOp), and `open.py` imports it only when it is chosen. It runs
 checkpoints and diffusers folders, and robust mode (which takes gradients through the model).
@@ -18,16 +18,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from noop_rt.backbone import DEMO_SOURCE, Backbone, load_backbone
-from noop_rt.checkpoint import NoopCheckpoint, backbone_fingerprint, checkpoint_backbone, load_checkpoint
 from noop_rt.demo import model_name
-from noop_rt.errors import BadInputError
-from noop_rt.graphs import backbone_specs, graph_modules
-from noop_rt.runtime.backend import env_flag
+from noop_rt.runtime.backends.base import env_flag
+from noop_rt.runtime.backends.torch_cuda_graph import Capture, CudaGraphed
 from noop_rt.runtime.bundle import sha256_file
-from noop_rt.runtime.graphs import CLASSIFIER
-from noop_rt.runtime.model import ModelInfo, default_preprocessing
-from noop_rt.runtime.torch_cuda_graph import Capture, CudaGraphed
+from noop_rt.runtime.errors import BadInputError
+from noop_rt.runtime.graph_model import ModelInfo, default_preprocessing
+from noop_rt.runtime.graph_specs import CLASSIFIER
+from noop_rt.train.backbones import DEMO_SOURCE, Backbone, load_backbone
+from noop_rt.train.checkpoint import NoopCheckpoint, backbone_fingerprint, checkpoint_backbone, load_checkpoint
+from noop_rt.train.graph_modules import backbone_specs, graph_modules
 
 CUDA_GRAPH_ENV = "NOOP_RT_TORCH_CUDA_GRAPH"  # 1: the classifier module through CUDA graphs (CUDA only; default off)
 
@@ -100,7 +100,7 @@ class TorchRunner:
 
     def purify(self, images: np.ndarray, config: Any) -> np.ndarray:
         """RDC likelihood maximisation (robust.py) on images (B, 3, H, W)."""
-        from noop_rt.robust import likelihood_maximisation
+        from noop_rt.train.robust import likelihood_maximisation
 
         return likelihood_maximisation(self.backbone, torch.from_numpy(images), config).cpu().numpy()
 

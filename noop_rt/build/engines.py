@@ -18,10 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from noop_rt.errors import EngineError, MissingDependencyError, ValidationFailedError
-from noop_rt.runtime.backend import cuda_index, installed, nvidia_gpus
-from noop_rt.runtime.bundle import MANIFEST, Bundle, sha256_file, write_json_atomic
-from noop_rt.runtime.tensorrt_backend import (
+from noop_rt.runtime.backends.base import cuda_index, installed, nvidia_gpus
+from noop_rt.runtime.backends.tensorrt_runner import (
     BUILD_JSON,
     FORMAT,
     TRT_HINT,
@@ -41,6 +39,8 @@ from noop_rt.runtime.tensorrt_backend import (
     spec_file,
     weights_sha256,
 )
+from noop_rt.runtime.bundle import MANIFEST, Bundle, sha256_file, write_json_atomic
+from noop_rt.runtime.errors import EngineError, MissingDependencyError, ValidationFailedError
 
 __all__ = ["BUILD_JSON", "FORMAT", "VERSION", "BuildOptions", "axis_ranges", "build_engines", "builder_flags",
            "datatype_of", "decide", "engine_cache_key", "graph_profile", "is_half_engine", "network_profile",

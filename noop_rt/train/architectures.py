@@ -13,8 +13,8 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from noop_rt.demo import DEMO_TEMPLATE, DIGIT_NAMES  # noqa: F401 - re-exported
-from noop_rt.vocab import build_clip_tokenizer
+from noop_rt.demo import DIGIT_NAMES
+from noop_rt.train.vocab import build_clip_tokenizer
 
 COMMON_WORDS = ("a", "an", "the", "photo", "of", "picture", "handwritten", "digit", "type", "pet", "cat", "dog")
 

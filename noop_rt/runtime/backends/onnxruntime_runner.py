@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from noop_rt.errors import BundleError, MissingDependencyError
-from noop_rt.runtime.backend import cuda_index, env_flag, installed, nvidia_gpus
+from noop_rt.runtime.backends.base import cuda_index, env_flag, installed, nvidia_gpus
+from noop_rt.runtime.backends.shape_cache import ShapeCache, host_array, signature
 from noop_rt.runtime.bundle import Bundle
-from noop_rt.runtime.graphs import CLASSES, CLASSIFIER, GraphSpec
-from noop_rt.runtime.shape_cache import ShapeCache, host_array, signature
+from noop_rt.runtime.errors import BundleError, MissingDependencyError
+from noop_rt.runtime.graph_specs import CLASSES, CLASSIFIER, GraphSpec
 
 IOBINDING_ENV = "NOOP_RT_ORT_IOBINDING"  # 1: bind inputs/outputs once per shape (the default on CUDA); 0: session.run
 CUDA_GRAPH_ENV = "NOOP_RT_ORT_CUDA_GRAPH"  # 1: the classifier graph through CUDA graphs (CUDA only; default off)

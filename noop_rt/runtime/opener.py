@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from noop_rt.data import DEFAULT_TEMPLATE, make_prompts
-from noop_rt.errors import BadInputError, MissingDependencyError, UsageError
-from noop_rt.runtime.backend import BACKENDS, installed, nvidia_gpus
+from noop_rt.runtime.backends.base import BACKENDS, installed, nvidia_gpus
+from noop_rt.runtime.classes import DEFAULT_TEMPLATE, make_prompts
 from noop_rt.runtime.classifier import Classifier, ClassSet
-from noop_rt.runtime.model import GraphModel, ModelInfo
+from noop_rt.runtime.errors import BadInputError, MissingDependencyError, UsageError
+from noop_rt.runtime.graph_model import GraphModel, ModelInfo
 from noop_rt.runtime.suggest import close_match, suggest
 
 TORCH_MAX_BATCH = 256
@@ -178,32 +178,32 @@ def _bundle_runner(bundle: Any, options: LoadOptions, notes: list[str]) -> Any:
 
 def _why_not(name: str, bundle: Any, options: LoadOptions) -> str | None:
     if name == "tensorrt":
-        from noop_rt.runtime import tensorrt_backend
+        from noop_rt.runtime.backends import tensorrt_runner
 
-        return tensorrt_backend.unavailable(bundle, options.engines, options.device)
+        return tensorrt_runner.unavailable(bundle, options.engines, options.device)
     if name == "onnxruntime-cuda":
-        from noop_rt.runtime import onnxruntime_backend
+        from noop_rt.runtime.backends import onnxruntime_runner
 
-        return onnxruntime_backend.cuda_unavailable() if nvidia_gpus() or options.device.startswith("cuda") \
+        return onnxruntime_runner.cuda_unavailable() if nvidia_gpus() or options.device.startswith("cuda") \
             else "no NVIDIA GPU"
     if name == "openvino":
         return None if installed("openvino") else "openvino is not installed (pip install 'noop-rt[openvino]')"
-    from noop_rt.runtime import onnxruntime_backend
+    from noop_rt.runtime.backends import onnxruntime_runner
 
-    return onnxruntime_backend.unavailable()
+    return onnxruntime_runner.unavailable()
 
 
 def _make_runner(name: str, bundle: Any, options: LoadOptions) -> Any:
     device = options.device if options.device.startswith("cuda") else "cuda:0"
     if name == "tensorrt":
-        from noop_rt.runtime.tensorrt_backend import TensorRTRunner
+        from noop_rt.runtime.backends.tensorrt_runner import TensorRTRunner
 
         return TensorRTRunner(bundle, options.engines, device)
     if name == "openvino":
-        from noop_rt.runtime.openvino_backend import OpenVinoRunner
+        from noop_rt.runtime.backends.openvino_runner import OpenVinoRunner
 
         return OpenVinoRunner(bundle, threads=options.threads)
-    from noop_rt.runtime.onnxruntime_backend import OnnxRuntimeRunner
+    from noop_rt.runtime.backends.onnxruntime_runner import OnnxRuntimeRunner
 
     return OnnxRuntimeRunner(bundle, device if name == "onnxruntime-cuda" else "cpu", options.threads)
 
@@ -218,19 +218,19 @@ def _open_torch(kind: str, path: Path | None, options: LoadOptions) -> tuple[Gra
     if missing:
         raise MissingDependencyError(f"a {kind} runs on the torch backend, which needs {', '.join(missing)}: "
                                      f"{TRAIN_HINT} (or export it to a bundle on a machine that has them)")
-    from noop_rt.runtime import torch_backend
+    from noop_rt.runtime.backends import torch_runner
 
-    torch_backend.set_threads(options.threads)
+    torch_runner.set_threads(options.threads)
 
     if kind == "checkpoint":
-        runner, info, emb = torch_backend.open_checkpoint(path, None, options.device, options.fp16,
+        runner, info, emb = torch_runner.open_checkpoint(path, None, options.device, options.fp16,
                                                           options.max_batch or TORCH_MAX_BATCH, options.lora,
                                                           options.lora_scale)
-        return GraphModel(runner, info, torch_backend.tokenizer_of(runner.backbone)), emb
-    runner, info = torch_backend.open_diffusers(str(path), options.device, options.fp16,
+        return GraphModel(runner, info, torch_runner.tokenizer_of(runner.backbone)), emb
+    runner, info = torch_runner.open_diffusers(str(path), options.device, options.fp16,
                                                 options.max_batch or TORCH_MAX_BATCH, options.lora,
                                                 options.lora_scale)
-    return GraphModel(runner, info, torch_backend.tokenizer_of(runner.backbone)), None
+    return GraphModel(runner, info, torch_runner.tokenizer_of(runner.backbone)), None
 
 
 # ---------------------------------------------------------------------------------------------- classes
@@ -246,7 +246,7 @@ def resolve_classes(model: GraphModel, trained_emb: np.ndarray | None, options: 
     if trained and dict(zip(names, prompts, strict=True)) == trained:
         return ClassSet(list(trained), list(trained.values()), trained_emb, trained=True)
     if options.classes_from is not None and trained and set(names) != set(trained):
-        from noop_rt.data import describe_unknown
+        from noop_rt.runtime.classes import describe_unknown
 
         extra = sorted(set(names) - set(trained))
         missing = sorted(set(trained) - set(names))

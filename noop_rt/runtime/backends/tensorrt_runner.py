@@ -7,7 +7,7 @@ here (`plan_problem`), shape binding and its error (`bind_shapes`), output shape
 context (`output_shapes`), and splitting a call that exceeds the engine's profile (`run_split`).
 
 The pure helpers live here, in the runtime, because the runtime must decide whether engines are usable without
-importing the build side (`noop_rt/engines.py` builds plans and imports them from here). No torch: buffers and the
+importing the build side (`noop_rt/build/engines.py` builds plans and imports them from here). No torch: buffers and the
 stream are Polygraphy's CUDA wrappers (`polygraphy.cuda.DeviceArray`, `Stream`).
 
 CUDA graphs (`cuda_graph=True`, or NOOP_RT_TRT_CUDA_GRAPH=1; off by default until measured): the NoOp classifier
@@ -32,10 +32,10 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from noop_rt.errors import EngineError, MissingDependencyError
-from noop_rt.runtime.backend import cuda_index, env_flag, installed, nvidia_gpus
-from noop_rt.runtime.graphs import BATCH, CLASSES, CLASSIFIER, PROMPTS, SCORER, TEXT_ENCODER, GraphSpec
-from noop_rt.runtime.shape_cache import ShapeCache, signature
+from noop_rt.runtime.backends.base import cuda_index, env_flag, installed, nvidia_gpus
+from noop_rt.runtime.backends.shape_cache import ShapeCache, signature
+from noop_rt.runtime.errors import EngineError, MissingDependencyError
+from noop_rt.runtime.graph_specs import BATCH, CLASSES, CLASSIFIER, PROMPTS, SCORER, TEXT_ENCODER, GraphSpec
 
 FORMAT = "noop-rt.engines"
 VERSION = 2  # 2: bundle format 2 (graphs + one weights file), profiles per named axis

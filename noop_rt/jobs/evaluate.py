@@ -11,16 +11,17 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from noop_rt import __version__, scoring
-from noop_rt.data import ImageFolder, describe_unknown
-from noop_rt.errors import BadInputError
+from noop_rt import __version__
+from noop_rt.runtime import strategies
+from noop_rt.runtime.classes import ImageFolder, describe_unknown
+from noop_rt.runtime.errors import BadInputError
 
 
 def protocol(classifier: Any, images: int) -> dict[str, Any]:
     """What fixes the result of running `classifier` with its current settings on `images` images."""
     info = classifier.model.info
     config = classifier.config()
-    return {"strategy": scoring.protocol(classifier.method, config, info.num_train_timesteps, info.t_star),
+    return {"strategy": strategies.protocol(classifier.method, config, info.num_train_timesteps, info.t_star),
             "loss": getattr(config, "loss", None), "classes": classifier.classes,
             "prompts": classifier.class_set.prompts, "zero_shot_classes": classifier.class_set.zero_shot,
             "tau": info.tau if classifier.calibrated(classifier.method, config) else "uncalibrated (1/std per image)",

@@ -2,7 +2,7 @@
 an optional LoRA fused into it.
 
 `Backbone` holds the frozen networks: `encode` (image -> z0), `embed` (prompts -> text embeddings), and
-`class_errors` (the scoring module of `scorer.py` over its UNet). Images are RGB in [-1, 1] at `resolution`.
+`class_errors` (the scoring module of `train/diffusion_error.py` over its UNet). Images are RGB in [-1, 1] at `resolution`.
 
 LoRA (`load_backbone(..., lora=FILE)`): a LoRA `.safetensors` for Stable Diffusion (diffusers format, `unet.*` /
 `text_encoder.*` keys, or kohya/A1111 `lora_unet_*` / `lora_te_*` keys with their alphas) is read with diffusers'
@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from noop_rt.errors import BackboneError
-from noop_rt.scorer import ClassErrors
+from noop_rt.runtime.errors import BackboneError
+from noop_rt.train.diffusion_error import ClassErrors
 
 DEMO_SOURCE = "demo"
 
@@ -313,10 +313,10 @@ def _silenced_loggers() -> Iterator[None]:
 def fuse_lora(unet: nn.Module, text_encoder: nn.Module, path: Path, scale: float = 1.0) -> dict:
     """Merge the LoRA at `path` into `unet` (and `text_encoder` if the file adapts it), in place; the record
     checkpoints and bundles keep. BackboneError if the file does not fit these networks."""
-    from noop_rt.runtime.backend import installed
+    from noop_rt.runtime.backends.base import installed
 
     if not installed("peft"):
-        from noop_rt.errors import MissingDependencyError
+        from noop_rt.runtime.errors import MissingDependencyError
 
         raise MissingDependencyError("--lora needs peft (diffusers loads LoRA through it): pip install peft")
     state, alphas, metadata = read_lora(path)

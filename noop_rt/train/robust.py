@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from noop_rt.backbone import Backbone
+from noop_rt.train.backbones import Backbone
 
 SignFn = Callable[[torch.Tensor], torch.Tensor]
 

@@ -29,8 +29,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
-from noop_rt.errors import BadInputError, MissingDependencyError, UsageError
-from noop_rt.runtime.backend import installed, nvidia_gpus
+from noop_rt.runtime.backends.base import installed, nvidia_gpus
+from noop_rt.runtime.errors import BadInputError, MissingDependencyError, UsageError
 from noop_rt.runtime.suggest import suggest
 
 if TYPE_CHECKING:
@@ -133,8 +133,8 @@ def unet_gflop_from_source(source: str) -> float | None:
         return None
     from diffusers import UNet2DConditionModel
 
-    from noop_rt.backbone import resolve_source
-    from noop_rt.errors import NoopError
+    from noop_rt.runtime.errors import NoopError
+    from noop_rt.train.backbones import resolve_source
 
     try:
         root = resolve_source(source)
@@ -486,7 +486,7 @@ def _need_torch(what: str) -> None:
 
 def sd15_shape_model(folder: Path, log: IO[str] = sys.stderr) -> Path:
     """An SD-1.5-architecture diffusers folder with random weights, cached as `folder/sd15-shape`."""
-    from noop_rt.configs import SD15_SHAPE, random_components, save_components
+    from noop_rt.train.architectures import SD15_SHAPE, random_components, save_components
 
     model_dir = folder / "sd15-shape"
     if not (model_dir / "model_index.json").is_file():
@@ -503,9 +503,9 @@ def sd15_shape_checkpoint(folder: Path, classes: int, log: IO[str] = sys.stderr)
     checkpoint for it, cached in `folder`."""
     import torch
 
-    from noop_rt.backbone import load_backbone
-    from noop_rt.checkpoint import NoopCheckpoint, backbone_fingerprint, save_checkpoint
-    from noop_rt.noop import MetaNet, MetaNetConfig
+    from noop_rt.train.backbones import load_backbone
+    from noop_rt.train.checkpoint import NoopCheckpoint, backbone_fingerprint, save_checkpoint
+    from noop_rt.train.noop import MetaNet, MetaNetConfig
 
     model_dir = sd15_shape_model(folder, log)
     ckpt_path = folder / f"sd15-shape-{classes}.pt"
@@ -572,7 +572,7 @@ def resolve_sources(backends: list[str], backbone: str, bundle: Path | None, ckp
         if bundle is not None or ckpt is not None:
             raise UsageError("--backbone sd15-shape builds its own model; drop --bundle/--ckpt")
         _need_torch("--backbone sd15-shape")
-        from noop_rt.export import ExportOptions, export_bundle
+        from noop_rt.build.export import ExportOptions, export_bundle
 
         folder = cache_dir.expanduser()
         folder.mkdir(parents=True, exist_ok=True)
@@ -628,7 +628,7 @@ def open_backends(backends: list[str], sources: Sources, device: str, fp16: bool
 
 
 def _image_paths(folder: Path) -> list[Path]:
-    from noop_rt.data import IMAGE_SUFFIXES
+    from noop_rt.runtime.images import IMAGE_SUFFIXES
 
     folder = folder.expanduser()
     if not folder.is_dir():
@@ -641,8 +641,8 @@ def _image_paths(folder: Path) -> list[Path]:
 
 def bench_images(images: Path | None, resolution: int, demo: bool) -> tuple[np.ndarray, str]:
     """Preprocessed images (N, 3, R, R) to time on, and where they came from."""
-    from noop_rt.data import load_image
     from noop_rt.demo import EXAMPLES_DIR
+    from noop_rt.runtime.images import load_image
 
     if images is not None:
         paths = _image_paths(images)[:MAX_IMAGES]

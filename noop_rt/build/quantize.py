@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from noop_rt.checkpoint import NoopCheckpoint
-from noop_rt.data import load_image
-from noop_rt.errors import BadInputError
+from noop_rt.runtime.errors import BadInputError
+from noop_rt.runtime.images import load_image
+from noop_rt.train.checkpoint import NoopCheckpoint
 
 CALIBRATION_BATCH = 4
 

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from noop_rt.backbone import Backbone
-from noop_rt.calibration import fit_temperature
-from noop_rt.data import load_image
-from noop_rt.scorer import class_errors
+from noop_rt.runtime.images import load_image
+from noop_rt.train.backbones import Backbone
+from noop_rt.train.calibration import fit_temperature
+from noop_rt.train.diffusion_error import class_errors
 
 
 def _groups(channels: int) -> int:

@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from noop_rt.backbone import Backbone
-from noop_rt.checkpoint import NoopCheckpoint, backbone_fingerprint
-from noop_rt.data import ImageFolder, make_prompts
-from noop_rt.errors import BadInputError
-from noop_rt.noop import TrainConfig, TrainResult, encode_paths, train_noop
+from noop_rt.runtime.classes import ImageFolder, make_prompts
+from noop_rt.runtime.errors import BadInputError
+from noop_rt.train.backbones import Backbone
+from noop_rt.train.checkpoint import NoopCheckpoint, backbone_fingerprint
+from noop_rt.train.noop import TrainConfig, TrainResult, encode_paths, train_noop
 
 
 @dataclass
@@ -121,9 +121,9 @@ def validation_profile(backbone: Backbone, noise: torch.nn.Module, class_embeddi
                        z_val: torch.Tensor, config: TrainConfig, tau: float) -> dict:
     """The validation split's confidence profile for drift warnings (runtime/drift.py): top-1 probabilities with the
     fitted tau and best-class errors of the trained NoOp classifier."""
-    from noop_rt.noop import evaluate_noise
     from noop_rt.runtime.drift import profile
-    from noop_rt.scoring import softmax
+    from noop_rt.runtime.strategies import softmax
+    from noop_rt.train.noop import evaluate_noise
 
     noise.eval()
     _, errors = evaluate_noise(backbone, noise, class_embeddings, z_val, torch.zeros(len(z_val), dtype=torch.long),
@@ -144,11 +144,11 @@ def train_command(*, data: Path, out: Path, model: str, shots: int, val_shots: i
                   prompts: dict[str, str] | None = None, lora: Path | None = None, lora_scale: float = 1.0
                   ) -> dict:
     """`noop-rt train`: split, load the backbone, train, write the checkpoint; returns the summary."""
-    from noop_rt.backbone import DEMO_SOURCE, load_backbone
-    from noop_rt.checkpoint import save_checkpoint
-    from noop_rt.data import DEFAULT_TEMPLATE
     from noop_rt.demo import DEMO_TEMPLATE
-    from noop_rt.runtime.torch_backend import pick_device
+    from noop_rt.runtime.backends.torch_runner import pick_device
+    from noop_rt.runtime.classes import DEFAULT_TEMPLATE
+    from noop_rt.train.backbones import DEMO_SOURCE, load_backbone
+    from noop_rt.train.checkpoint import save_checkpoint
 
     split = fewshot_split(data, shots, val_shots, seed)
     backbone = load_backbone(model, dtype=torch.float16 if fp16 else torch.float32, device=pick_device(device),

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from noop_rt.runtime.shape_cache import ShapeCache
+from noop_rt.runtime.backends.shape_cache import ShapeCache
 
 Outputs = torch.Tensor | tuple[torch.Tensor, ...]
 # (module, static inputs) -> (the static outputs, replay: recompute the outputs in place from the static inputs)

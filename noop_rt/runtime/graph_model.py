@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from noop_rt.errors import BadInputError, NonFiniteError
-from noop_rt.runtime.backend import GraphRunner
-from noop_rt.runtime.graphs import CLASSIFIER, ENCODER, NOISE, SCORER, TEXT_ENCODER, error_output
-from noop_rt.scoring import Progress
+from noop_rt.runtime.backends.base import GraphRunner
+from noop_rt.runtime.errors import BadInputError, NonFiniteError
+from noop_rt.runtime.graph_specs import CLASSIFIER, ENCODER, NOISE, SCORER, TEXT_ENCODER, error_output
+from noop_rt.runtime.strategies import Progress
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Train the built-in demo backbone: `python -m noop_rt.demo.train_backbone [--steps 4000] [--out DIR]`.
+"""Train the built-in demo backbone: `python -m noop_rt.train.demo_backbone [--steps 4000] [--out DIR]`.
 
 A text-conditioned pixel-space diffusion model with Stable Diffusion's component classes: a diffusers
 UNet2DConditionModel with cross-attention on a small transformers CLIPTextModel (trained jointly, tokenizer
@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from noop_rt.configs import DEMO, DEMO_TEMPLATE, DIGIT_NAMES, Components, random_components, save_components
-from noop_rt.demo import MODEL_DIR
+from noop_rt.demo import DEMO_TEMPLATE, DIGIT_NAMES, MODEL_DIR
 from noop_rt.demo.digits import digit_images, split_indices
+from noop_rt.train.architectures import DEMO, Components, random_components, save_components
 
 
 def shift_one_pixel(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from noop_rt.data import IMAGE_SUFFIXES, is_uri, load_image
-from noop_rt.errors import BadInputError
+from noop_rt.runtime.errors import BadInputError
+from noop_rt.runtime.images import IMAGE_SUFFIXES, is_uri, load_image
 
 OUTPUT_SUFFIXES = (".parquet", ".jsonl")
 COLUMNS = ("path", "label", "prob", "top_classes", "top_probs", "top_errors", "method", "backend", "unet_evals",
@@ -55,7 +55,7 @@ def expand_inputs(inputs: Iterable[str]) -> list[str]:
 
 
 def _read_text(path: str) -> str:
-    from noop_rt.data import read_bytes
+    from noop_rt.runtime.images import read_bytes
 
     return read_bytes(path).decode("utf-8")
 
@@ -373,7 +373,7 @@ def _run_ray(todo: list[str], load: dict[str, Any], resolution: int, ident: str,
     try:
         import ray
     except ImportError:
-        from noop_rt.errors import MissingDependencyError
+        from noop_rt.runtime.errors import MissingDependencyError
 
         raise MissingDependencyError("--ray needs Ray Data: pip install 'noop-rt[ray]'") from None
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home from an offline cluster

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
-from noop_rt.errors import BadInputError
+from noop_rt.runtime.errors import BadInputError
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "openvino", "torch")
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from noop_rt.errors import BadInputError, BundleError, MissingDependencyError
 from noop_rt.runtime.bundle import Bundle, user_cache_dir
+from noop_rt.runtime.errors import BadInputError, BundleError, MissingDependencyError
 
 MAX_STATIC = 8  # static compilations kept per graph before a graph falls back to a dynamic one
 PRECISION_ENV = "NOOP_RT_OPENVINO_PRECISION"  # f32 | bf16 | f16: OpenVINO's inference precision (default: its own)

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from noop_rt.backbone import DEMO_SOURCE, Backbone
-from noop_rt.errors import CheckpointError
-from noop_rt.noop import MetaNet, MetaNetConfig, NoiseModel
+from noop_rt.runtime.errors import CheckpointError
+from noop_rt.train.backbones import DEMO_SOURCE, Backbone
+from noop_rt.train.noop import MetaNet, MetaNetConfig, NoiseModel
 
 FORMAT = "noop-rt.ckpt"
 VERSION = 1
@@ -74,7 +74,7 @@ def checkpoint_backbone(ckpt: NoopCheckpoint, path: Path, model: str | None = No
     """The backbone a checkpoint was trained on (or `model`, which must be the same network), with the LoRA it was
     trained with fused again (from its recorded file, or `lora` when the file moved); CheckpointError if they
     differ."""
-    from noop_rt.backbone import load_backbone
+    from noop_rt.train.backbones import load_backbone
 
     recorded = ckpt.backbone_fingerprint.get("lora")
     if lora is None and recorded is not None:
