@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from noop_rt.build.engines import builder_flags, datatype_of, is_half_engine, network_profile, precision_report
 from noop_rt.cli import app
 from noop_rt.demo import BUNDLE_DIR, EXAMPLES_DIR
+from noop_rt.runtime.backends import tensorrt_plans as trt_plans
 from noop_rt.runtime.backends import tensorrt_runner as trtb
 from noop_rt.runtime.backends.base import installed, nvidia_gpus
 from noop_rt.runtime.bundle import Bundle
@@ -53,9 +54,9 @@ def key(onnx: str, weights: str | None, trt: str, gpu: str, cc: str, profile: di
 def test_cache_key_is_the_documented_digest_and_changes_with_every_input() -> None:
     profile = {"z0": ((1, 4, 64, 64), (1, 4, 64, 64), (1, 4, 64, 64))}
     args = ["a" * 64, "w" * 64, "10.13.0", "H100", "9.0", profile, "fp16", FLAGS]
-    base = trtb.engine_cache_key(*args)
+    base = trt_plans.engine_cache_key(*args)
     assert base == key(*args)
-    assert base == trtb.engine_cache_key(*copy.deepcopy(args))
+    assert base == trt_plans.engine_cache_key(*copy.deepcopy(args))
     other_profile = {"z0": ((1, 4, 64, 64), (1, 4, 64, 64), (2, 4, 64, 64))}
     changes = {0: "b" * 64, 1: "v" * 64, 2: "11.0.0", 3: "L4", 4: "8.9", 5: other_profile, 6: "fp32",
                7: {**FLAGS, "builder_optimization_level": 5}}
@@ -63,7 +64,7 @@ def test_cache_key_is_the_documented_digest_and_changes_with_every_input() -> No
     for i, value in changes.items():
         variant = list(args)
         variant[i] = value
-        keys.add(trtb.engine_cache_key(*variant))
+        keys.add(trt_plans.engine_cache_key(*variant))
     assert len(keys) == 1 + len(changes)  # each input alone moves the key
 
 
@@ -81,19 +82,19 @@ def test_profiles_of_the_shipped_demo_manifest_match_hand_computed_shapes() -> N
     assert (len(m["classes"]), m["images_per_batch"], m["max_batch"]) == (10, 4, 40)
     assert (m["resolution"], m["latent_shape"], m["max_tokens"], m["text_dim"]) == (16, [1, 16, 16], 8, 64)
     # images: batch 1 / 1 / images_per_batch=4; classes 1 / 10 / 10
-    assert trtb.graph_profile(bundle, "classifier") == {
+    assert trt_plans.graph_profile(bundle, "classifier") == {
         "image": ((1, 3, 16, 16), (1, 3, 16, 16), (4, 3, 16, 16)),
         "class_embeddings": ((1, 8, 64), (10, 8, 64), (10, 8, 64))}
-    assert trtb.graph_profile(bundle, "vae_encoder") == {"image": ((1, 3, 16, 16), (1, 3, 16, 16), (4, 3, 16, 16))}
-    assert trtb.graph_profile(bundle, "noise") == {"z0": ((1, 1, 16, 16), (1, 1, 16, 16), (4, 1, 16, 16))}
+    assert trt_plans.graph_profile(bundle, "vae_encoder") == {"image": ((1, 3, 16, 16), (1, 3, 16, 16), (4, 3, 16, 16))}
+    assert trt_plans.graph_profile(bundle, "noise") == {"z0": ((1, 1, 16, 16), (1, 1, 16, 16), (4, 1, 16, 16))}
     # scorer rows: max_batch // classes = 40 // 10 = 4 (opt and max)
-    assert trtb.graph_profile(bundle, "scorer") == {
+    assert trt_plans.graph_profile(bundle, "scorer") == {
         "z0": ((1, 1, 16, 16), (4, 1, 16, 16), (4, 1, 16, 16)),
         "eps": ((1, 1, 16, 16), (4, 1, 16, 16), (4, 1, 16, 16)),
         "timestep": ((1,), (4,), (4,)),
         "class_embeddings": ((1, 8, 64), (10, 8, 64), (10, 8, 64))}
     # prompts 1 / 10 / max(10, 64) = 64
-    assert trtb.graph_profile(bundle, "text_encoder") == {"input_ids": ((1, 8), (10, 8), (64, 8))}
+    assert trt_plans.graph_profile(bundle, "text_encoder") == {"input_ids": ((1, 8), (10, 8), (64, 8))}
 
 
 def test_profiles_of_an_sd15_shaped_manifest() -> None:
@@ -102,17 +103,17 @@ def test_profiles_of_an_sd15_shaped_manifest() -> None:
     m = {"classes": [f"c{i}" for i in range(37)], "images_per_batch": 1, "max_batch": 37, "precision": "fp16",
          "graphs": {name: spec.to_json() for name, spec in specs.items()}}
     bundle = Bundle(Path("sd15"), m)
-    assert trtb.graph_profile(bundle, "classifier")["image"] == ((1, 3, 512, 512),) * 3
-    assert trtb.graph_profile(bundle, "scorer")["z0"] == ((1, 4, 64, 64),) * 3  # 37 // 37 = 1 row
-    assert trtb.graph_profile(bundle, "scorer")["class_embeddings"] == ((1, 77, 768), (37, 77, 768), (37, 77, 768))
-    assert trtb.graph_profile(bundle, "text_encoder")["input_ids"] == ((1, 77), (37, 77), (64, 77))
+    assert trt_plans.graph_profile(bundle, "classifier")["image"] == ((1, 3, 512, 512),) * 3
+    assert trt_plans.graph_profile(bundle, "scorer")["z0"] == ((1, 4, 64, 64),) * 3  # 37 // 37 = 1 row
+    assert trt_plans.graph_profile(bundle, "scorer")["class_embeddings"] == ((1, 77, 768), (37, 77, 768), (37, 77, 768))
+    assert trt_plans.graph_profile(bundle, "text_encoder")["input_ids"] == ((1, 77), (37, 77), (64, 77))
     m["classes"] = m["classes"][:80] + [f"d{i}" for i in range(43)]  # 80 classes, max batch 37: still 1 row
-    assert trtb.graph_profile(bundle, "scorer")["timestep"] == ((1,), (1,), (1,))
-    assert trtb.graph_profile(bundle, "text_encoder")["input_ids"][2] == (80, 77)  # max(80, 64)
+    assert trt_plans.graph_profile(bundle, "scorer")["timestep"] == ((1,), (1,), (1,))
+    assert trt_plans.graph_profile(bundle, "text_encoder")["input_ids"][2] == (80, 77)  # max(80, 64)
 
 
 def test_network_profile_drops_inputs_the_parser_made_weights_and_refuses_unknown_ones() -> None:
-    profile = trtb.graph_profile(fp16_demo(), "classifier")
+    profile = trt_plans.graph_profile(fp16_demo(), "classifier")
     assert network_profile(profile, ["image"], "classifier") == {"image": profile["image"]}
     with pytest.raises(EngineError, match=r"input\(s\) mask"):
         network_profile(profile, ["image", "mask"], "classifier")
@@ -122,9 +123,9 @@ def test_axis_limits_come_from_the_recorded_profile() -> None:
     spec = fp16_demo().graphs["scorer"]
     recorded = {"z0": [[1, 1, 16, 16], [4, 1, 16, 16], [4, 1, 16, 16]],
                 "timestep": [[1], [4], [4]], "class_embeddings": [[1, 8, 64], [10, 8, 64], [10, 8, 64]]}
-    assert trtb.axis_limits(spec, recorded) == {"batch": 4, "classes": 10}
+    assert trt_plans.axis_limits(spec, recorded) == {"batch": 4, "classes": 10}
     recorded["timestep"] = [[1], [2], [3]]  # the tightest input wins
-    assert trtb.axis_limits(spec, recorded) == {"batch": 3, "classes": 10}
+    assert trt_plans.axis_limits(spec, recorded) == {"batch": 3, "classes": 10}
 
 
 # ----------------------------------------------------------------------------------------------- plan_problem
@@ -174,45 +175,45 @@ def hand_record(bundle: Bundle, engines: Path) -> dict:
 def test_plan_problem_names_each_staleness_reason(mutate, says, tmp_path) -> None:
     bundle = fp16_demo()
     record = hand_record(bundle, tmp_path)
-    assert trtb.plan_problem(record, ENV, bundle, tmp_path) is None
-    assert trtb.plan_problem(record, ENV, bundle, tmp_path, FLAGS) is None
+    assert trt_plans.plan_problem(record, ENV, bundle, tmp_path) is None
+    assert trt_plans.plan_problem(record, ENV, bundle, tmp_path, FLAGS) is None
     mutate(record, bundle)
-    reason = trtb.plan_problem(record, ENV, bundle, tmp_path)
+    reason = trt_plans.plan_problem(record, ENV, bundle, tmp_path)
     assert reason is not None and says in reason
-    assert trtb.decide(reason, building=True) == ("rebuild", reason)
-    assert trtb.decide(reason, building=False) == ("refuse", reason)
+    assert trt_plans.decide(reason, building=True) == ("rebuild", reason)
+    assert trt_plans.decide(reason, building=False) == ("refuse", reason)
 
 
 def test_plan_problem_without_engines_or_for_an_fp32_bundle(tmp_path) -> None:
     bundle = fp16_demo()
     record = hand_record(bundle, tmp_path)
-    assert f"no engines in {tmp_path}" in trtb.plan_problem(None, ENV, bundle, tmp_path)
-    assert "another format" in trtb.plan_problem({}, ENV, bundle, tmp_path)  # unreadable build.json
+    assert f"no engines in {tmp_path}" in trt_plans.plan_problem(None, ENV, bundle, tmp_path)
+    assert "another format" in trt_plans.plan_problem({}, ENV, bundle, tmp_path)  # unreadable build.json
     fp32 = Bundle(BUNDLE_DIR, demo_manifest())
-    assert "built from fp16 bundles" in trtb.plan_problem(record, ENV, fp32, tmp_path)
+    assert "built from fp16 bundles" in trt_plans.plan_problem(record, ENV, fp32, tmp_path)
     (tmp_path / "scorer.plan").unlink()
-    assert "scorer.plan is missing" in trtb.plan_problem(record, ENV, bundle, tmp_path)
+    assert "scorer.plan is missing" in trt_plans.plan_problem(record, ENV, bundle, tmp_path)
 
 
 def test_decide_and_builder_flags_drive_rebuilds(tmp_path) -> None:
     bundle = fp16_demo()
     record = hand_record(bundle, tmp_path)
-    assert trtb.decide(None, building=True) == ("use", "engines match the bundle, TensorRT version and GPU")
-    assert trtb.decide(None, building=False)[0] == "use"
-    assert trtb.decide(None, building=True, force=True) == ("rebuild", "--force given")
-    assert trtb.decide(None, building=False, force=True)[0] == "use"  # --force is a build option
+    assert trt_plans.decide(None, building=True) == ("use", "engines match the bundle, TensorRT version and GPU")
+    assert trt_plans.decide(None, building=False)[0] == "use"
+    assert trt_plans.decide(None, building=True, force=True) == ("rebuild", "--force given")
+    assert trt_plans.decide(None, building=False, force=True)[0] == "use"  # --force is a build option
     level5 = {**FLAGS, "builder_optimization_level": 5}
-    reason = trtb.plan_problem(record, ENV, bundle, tmp_path, level5)
+    reason = trt_plans.plan_problem(record, ENV, bundle, tmp_path, level5)
     assert reason is not None and "builder flags" in reason  # build --optimization-level 5 rebuilds
-    assert trtb.plan_problem(record, ENV, bundle, tmp_path, None) is None  # run time: any flags
+    assert trt_plans.plan_problem(record, ENV, bundle, tmp_path, None) is None  # run time: any flags
 
 
 def test_read_record(tmp_path) -> None:
-    assert trtb.read_record(tmp_path) is None
+    assert trt_plans.read_record(tmp_path) is None
     (tmp_path / "build.json").write_text("{not json")
-    assert trtb.read_record(tmp_path) == {}
+    assert trt_plans.read_record(tmp_path) == {}
     (tmp_path / "build.json").write_text('{"format": "noop-rt.engines"}')
-    assert trtb.read_record(tmp_path) == {"format": "noop-rt.engines"}
+    assert trt_plans.read_record(tmp_path) == {"format": "noop-rt.engines"}
 
 
 # ----------------------------------------------------------------------------------------------- precision report
@@ -333,31 +334,31 @@ def test_join_outputs_refuses_an_axis_the_output_lacks() -> None:
 
 def test_parse_nvidia_smi() -> None:
     text = "NVIDIA H100 80GB HBM3, 9.0\nNVIDIA GeForce RTX 4090, 8.9\n\n"
-    assert trtb.parse_nvidia_smi(text) == [{"gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"},
+    assert trt_plans.parse_nvidia_smi(text) == [{"gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"},
                                            {"gpu": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9"}]
 
 
 # ----------------------------------------------------------------------------------------------- availability
 @pytest.mark.skipif(installed("tensorrt"), reason="TensorRT is installed here: its absence cannot be shown")
 def test_unavailable_says_why_here() -> None:
-    reason = trtb.unavailable(Bundle(BUNDLE_DIR, demo_manifest()), None)
+    reason = trt_plans.unavailable(Bundle(BUNDLE_DIR, demo_manifest()), None)
     assert reason is not None and reason.startswith("tensorrt is not installed") and "noop-rt[tensorrt]" in reason
 
 
 def test_unavailable_checks_the_engines_against_this_machine(tmp_path, monkeypatch) -> None:
     """TensorRT, Polygraphy and a GPU stood in (they cannot be installed here); the decision itself is real."""
-    monkeypatch.setattr(trtb, "installed", lambda module: True)
-    monkeypatch.setattr(trtb, "nvidia_gpus", lambda: 1)
-    monkeypatch.setattr(trtb, "environment", lambda index=0, trt=None: dict(ENV))
+    monkeypatch.setattr(trt_plans, "installed", lambda module: True)
+    monkeypatch.setattr(trt_plans, "nvidia_gpus", lambda: 1)
+    monkeypatch.setattr(trt_plans, "environment", lambda index=0, trt=None: dict(ENV))
     bundle = fp16_demo()
-    assert "no engines in" in trtb.unavailable(bundle, tmp_path / "none")
+    assert "no engines in" in trt_plans.unavailable(bundle, tmp_path / "none")
     record = hand_record(bundle, tmp_path)
     (tmp_path / "build.json").write_text(json.dumps(record))
-    assert trtb.unavailable(bundle, tmp_path) is None
+    assert trt_plans.unavailable(bundle, tmp_path) is None
     record["tensorrt"] = "10.0.0"
     (tmp_path / "build.json").write_text(json.dumps(record))
-    assert "built with TensorRT 10.0.0" in trtb.unavailable(bundle, tmp_path)
-    assert "fp16 bundles" in trtb.unavailable(Bundle(BUNDLE_DIR, demo_manifest()), tmp_path)
+    assert "built with TensorRT 10.0.0" in trt_plans.unavailable(bundle, tmp_path)
+    assert "fp16 bundles" in trt_plans.unavailable(Bundle(BUNDLE_DIR, demo_manifest()), tmp_path)
 
 
 @pytest.mark.skipif(installed("tensorrt"), reason="TensorRT is installed here: its absence cannot be shown")
@@ -391,9 +392,9 @@ def fp16_copy(tmp_path) -> Path:
 
 def test_engines_option_reaches_the_check_from_the_command_line(fp16_copy, tmp_path, monkeypatch) -> None:
     """`--engines DIR` gets to `unavailable` through the opener; the reason comes back as the one error line."""
-    monkeypatch.setattr(trtb, "installed", lambda module: True)
-    monkeypatch.setattr(trtb, "nvidia_gpus", lambda: 1)
-    monkeypatch.setattr(trtb, "environment", lambda index=0, trt=None: dict(ENV))
+    monkeypatch.setattr(trt_plans, "installed", lambda module: True)
+    monkeypatch.setattr(trt_plans, "nvidia_gpus", lambda: 1)
+    monkeypatch.setattr(trt_plans, "environment", lambda index=0, trt=None: dict(ENV))
     stale = tmp_path / "stale"
     stale.mkdir()
     record = hand_record(Bundle(fp16_copy, json.loads((fp16_copy / "manifest.json").read_text())), stale)
@@ -440,7 +441,7 @@ def test_build_and_run_fp16_engines(tmp_path) -> None:  # pragma: no cover - nee
     record = build_engines(bundle_dir, BuildOptions(out=tmp_path / "e"), log=io.StringIO())
     assert all(is_half_engine(g["precision_report"]) for g in record["graphs"].values())
     bundle = Bundle.open(bundle_dir)
-    assert trtb.unavailable(bundle, tmp_path / "e") is None
+    assert trt_plans.unavailable(bundle, tmp_path / "e") is None
     runner = trtb.TensorRTRunner(bundle, tmp_path / "e", "cuda:0")
     reference = OnnxRuntimeRunner(bundle)
     images = np.random.default_rng(0).uniform(-1, 1, (6, 3, 16, 16)).astype(np.float32)  # 6 > the profile's 4

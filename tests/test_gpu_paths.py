@@ -15,6 +15,7 @@ import torch
 import noop_rt
 from noop_rt.demo import CKPT_PATH, DEMO_DIR
 from noop_rt.runtime.backends import onnxruntime_runner as ortb
+from noop_rt.runtime.backends import tensorrt_cuda_graph as trt_cuda_graph
 from noop_rt.runtime.backends import tensorrt_runner as trtb
 from noop_rt.runtime.backends.base import env_flag
 from noop_rt.runtime.backends.shape_cache import ShapeCache, host_array, signature
@@ -286,14 +287,16 @@ class FakeBuffer:
 
 def test_tensorrt_graph_cache_drops_graphs_when_a_buffer_moves() -> None:
     freed: list[str] = []
-    cache: trtb.GraphCache[str] = trtb.GraphCache(2, freed.append)
-    at = trtb.buffer_addresses({"probs": FakeBuffer(300), "image": FakeBuffer(100), "errors": FakeBuffer(200)})
+    cache: trt_cuda_graph.GraphCache[str] = trt_cuda_graph.GraphCache(2, freed.append)
+    at = trt_cuda_graph.buffer_addresses({"probs": FakeBuffer(300), "image": FakeBuffer(100),
+                                          "errors": FakeBuffer(200)})
     assert at == (("errors", 200), ("image", 100), ("probs", 300))
     small, large = signature({"image": np.zeros((1, 3, 16, 16), np.float32)}), signature(
         {"image": np.zeros((4, 3, 16, 16), np.float32)})
     assert cache.lookup(small, at) is None and cache.try_add(small, lambda: "g-small") == "g-small"
     assert cache.lookup(small, at) == "g-small"
-    moved = trtb.buffer_addresses({"image": FakeBuffer(900), "errors": FakeBuffer(200), "probs": FakeBuffer(300)})
+    moved = trt_cuda_graph.buffer_addresses({"image": FakeBuffer(900), "errors": FakeBuffer(200),
+                                             "probs": FakeBuffer(300)})
     assert cache.lookup(large, moved) is None and freed == ["g-small"]  # captured on the old address: gone
     cache.try_add(large, lambda: "g-large")
     assert cache.lookup(small, moved) is None and cache.lookup(large, moved) == "g-large"

@@ -1,8 +1,8 @@
-"""The torch-free runtime: the Python API, the opener, the layering rule, opening checks, class sets and tau."""
+"""The torch-free runtime: the Python API, the opener, opening checks, class sets and tau (the layering rule is
+pyproject.toml's import-linter contracts, tests/test_layers.py)."""
 
 from __future__ import annotations
 
-import ast
 import json
 import shutil
 import subprocess
@@ -19,48 +19,9 @@ from noop_rt.runtime.errors import BadInputError, BundleError, UsageError
 
 EXAMPLES = sorted(EXAMPLES_DIR.glob("*.png"))
 SEVEN = EXAMPLES_DIR / "seven.png"
-RUNTIME = Path(noop_rt.__file__).parent / "runtime"
-TORCH_SIDE = {"noop_rt.train.backbones", "noop_rt.train.noop", "noop_rt.train.checkpoint", "noop_rt.train.architectures", "noop_rt.train.robust",
-              "noop_rt.build.export", "noop_rt.train.graph_modules", "noop_rt.build.engines", "noop_rt.train.diffusion_error", "noop_rt.train.trainer",
-              "noop_rt.train.calibration", "noop_rt.jobs.accuracy", "noop_rt.train.demo_backbone", "noop_rt.demo.digits",
-              "noop_rt.build.shared_weights", "torch", "diffusers", "transformers", "onnx"}
 BLOCK_TORCH = ("import sys\n"
                "for m in ('torch', 'diffusers', 'transformers', 'accelerate'):\n"
                "    sys.modules[m] = None  # any import of them now raises ImportError\n")
-
-
-def imports_of(path: Path) -> set[str]:
-    """Module-level imports of a file (imports inside functions are lazy and listed separately)."""
-    tree = ast.parse(path.read_text())
-    out = set()
-    for node in tree.body:
-        if isinstance(node, ast.Import):
-            out |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            out.add(node.module)
-    return out
-
-
-def test_runtime_modules_never_import_the_torch_side() -> None:
-    """The layering rule, statically: no runtime module (except the torch backend) imports a torch-side module,
-    at module level or lazily; the torch backend reaches them only when it is chosen."""
-    offenders = {}
-    for path in sorted(RUNTIME.glob("*.py")) + sorted(RUNTIME.parent.glob("serve/*.py")) + [
-            RUNTIME.parent / f for f in ("api.py", "scoring.py", "data.py", "evaluate.py", "batch.py")]:
-        if path.name in ("torch_backend.py", "torch_cuda_graph.py"):  # the torch backend and its CUDA-graph helper
-            continue
-        tree = ast.parse(path.read_text())
-        names = set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                names |= {a.name.split(".")[0] if a.name.split(".")[0] != "noop_rt" else a.name for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names.add(node.module if node.module.startswith("noop_rt") else node.module.split(".")[0])
-        bad = names & TORCH_SIDE
-        if bad:
-            offenders[path.name] = sorted(bad)
-    assert offenders == {}
-    assert not imports_of(RUNTIME / "torch_backend.py") & {"noop_rt.runtime.opener", "noop_rt.api"}  # no cycle
 
 
 def test_the_demo_classifies_with_torch_unimportable() -> None:

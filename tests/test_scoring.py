@@ -1,8 +1,9 @@
 """The diffusion-classifier math, checked against formulas written here and against the reference code's arithmetic.
 
-Torch side (`noop_rt/train/diffusion_error.py`): noising, v -> eps, error norms, the class broadcast of `ClassErrors`, chunking.
-Numpy side (`noop_rt/runtime/strategies.py`): Li et al.'s grid and adaptive stages, Clark & Jaini's pruning (p-values against
-scipy), the `Scores` semantics, stage parsing and the noise bank. Expected values never come from the code under test.
+Torch side (`noop_rt/train/diffusion_error.py`): noising, v -> eps, error norms, the class broadcast of `ClassErrors`,
+chunking. Numpy side (`noop_rt/runtime/strategies.py`): Li et al.'s grid and adaptive stages, Clark & Jaini's pruning
+(p-values against scipy), the `Scores` semantics, stage parsing and the noise bank. Expected values never come from
+the code under test.
 """
 
 from __future__ import annotations
@@ -415,7 +416,8 @@ def test_adaptive_follows_li_et_als_schedule_and_noise_indexing(stages, evals, s
     model = Oracle(margins_with_best([5], 8))
     n = stages[-1][0]
     bank = np.random.default_rng(9).standard_normal((n, *SHAPE)).astype(np.float32)
-    scores = strategies.adaptive(model, model.images(), strategies.AdaptiveConfig(stages=stages, loss="l2", noises=bank))
+    config = strategies.AdaptiveConfig(stages=stages, loss="l2", noises=bank)
+    scores = strategies.adaptive(model, model.images(), config)
     assert scores.unet_evals.tolist() == [evals]
     assert sum(len(c["img"]) * len(c["classes"]) for c in model.calls) == evals
     assert scores.predictions().tolist() == [5]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from noop_rt.runtime.backends.base import cuda_index, installed, nvidia_gpus
-from noop_rt.runtime.backends.tensorrt_runner import (
+from noop_rt.runtime.backends.tensorrt_plans import (
     BUILD_JSON,
     FORMAT,
     TRT_HINT,

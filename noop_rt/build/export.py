@@ -39,6 +39,7 @@ from noop_rt.runtime.graph_model import default_preprocessing
 from noop_rt.runtime.graph_specs import CLASSIFIER, ENCODER, GRAPH_NAMES, NOISE, SCORER, TEXT_ENCODER, GraphSpec
 from noop_rt.runtime.images import IMAGE_SUFFIXES, load_image
 from noop_rt.runtime.strategies import LOSSES
+from noop_rt.train.backbones import Backbone
 from noop_rt.train.checkpoint import NoopCheckpoint, checkpoint_backbone, load_checkpoint
 from noop_rt.train.graph_modules import TRACE_DIMS, backbone_specs, graph_modules, sample_inputs
 
@@ -343,7 +344,7 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, options: ExportOptions
             "abar_t_star": float(backbone.alphas_cumprod[ckpt.t_star]), "loss": ckpt.loss, "tau": ckpt.tau,
             "resolution": backbone.resolution, "latent_shape": list(backbone.latent_shape),
             "max_tokens": max_tokens, "text_dim": text_dim, "num_train_timesteps": backbone.num_train_timesteps,
-            "precision": options.precision, "opset": options.opset,
+            "unet_gflop_per_sample": _unet_gflop(backbone), "precision": options.precision, "opset": options.opset,
             "images_per_batch": options.images_per_batch, "max_batch": options.images_per_batch * c, "opt_batch": c,
             "preprocessing": default_preprocessing(backbone.resolution),
             "classifier_graph": {"file": classifier.file, "input": "image", "errors": "errors", "probs": "probs",
@@ -384,3 +385,12 @@ def collect_images(folder: Path) -> list[Path]:
     if not paths:
         raise BadInputError(f"no images under {folder}")
     return paths
+
+
+def _unet_gflop(backbone: Backbone) -> float | None:
+    """One UNet sample's GFLOP, recorded so that bench can quote achieved GFLOP/s without torch; None where the
+    counter cannot run the model here (fp16 on a CPU without half kernels)."""
+    try:
+        return round(backbone.unet_gflop(), 6)
+    except (RuntimeError, TypeError, ValueError, NotImplementedError):
+        return None

@@ -2,7 +2,8 @@
 progress, ONE random noise at t (the unstable classifier NoOp fixes), and the protocol record each result carries.
 
 Models are `noop_rt.load(...)` classifiers on the torch backend: `classifier.model` is the numpy `ScoringModel` the
-strategies of `runtime/strategies.py` run on, over the very torch modules (`train/diffusion_error.py`) that training runs and `export` traces.
+strategies of `runtime/strategies.py` run on, over the very torch modules (`train/diffusion_error.py`) that training
+runs and `export` traces.
 """
 
 from __future__ import annotations

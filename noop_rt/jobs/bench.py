@@ -4,12 +4,12 @@ start-up cost of a fresh `noop-rt classify` process.
 Per backend: warm-up, then timed single-image classifications (p50/p95 latency; one image = one call, as an online
 service sees it), batched throughput (images/s), and the baseline strategy with the same model. The baseline's time
 may be extrapolated from a measured subset of its (t, eps) pairs (cost is linear in pairs); it is labelled so.
-Achieved TFLOP/s uses the UNet's FLOP count measured once with torch's FlopCounterMode (only when torch is
-installed). Start-up: N fresh processes of `python -m noop_rt classify IMAGE --json` (wall time, peak resident
-memory), and one more fresh process that times import, open and the first image separately.
+Achieved TFLOP/s uses the UNet's FLOP count: the torch backend counts it with torch's FlopCounterMode, a bundle records
+the count made at export. Start-up: N fresh processes of `python -m noop_rt classify IMAGE --json` (wall time, peak
+resident memory), and one more fresh process that times import, open and the first image separately.
 
-Nothing here imports torch at module level: benchmarking onnxruntime/OpenVINO runs without it. torch is imported for
-the torch backend, the FLOP count and the sd15-shape model only.
+Bench times loaded classifiers only (`noop_rt.load`): nothing here imports torch, and the random-weight models of the
+real architectures (`--backbone sd15-shape`) come from the build side (`noop_rt/build/shape_fixtures.py`).
 """
 
 from __future__ import annotations
@@ -34,13 +34,9 @@ from noop_rt.runtime.errors import BadInputError, MissingDependencyError, UsageE
 from noop_rt.runtime.suggest import suggest
 
 if TYPE_CHECKING:
-    import torch
-
     from noop_rt.runtime.classifier import Classifier
 
 BENCH_BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
-BACKBONES = ("ckpt", "sd15-shape")
-SD15_UNET_GFLOP = 803.0  # SD-1.5 UNet, one sample at 64x64 latent (design §2b)
 STARTUP_RUNS = 5
 STARTUP_TARGET_S = 1.0  # runtime-v2: `noop-rt classify seven.png` as a whole process, median of 5
 HEAVY_MODULES = ("torch", "diffusers", "transformers", "scipy", "sklearn", "matplotlib", "pandas", "pyarrow", "ray",
@@ -110,54 +106,6 @@ def _gpu_name() -> str:
     except OSError:
         pass
     return "NVIDIA GPU"
-
-
-# ---------------------------------------------------------------------------------------------- FLOPs
-def unet_gflop(unet: torch.nn.Module, latent_shape: tuple[int, ...], tokens: int, dim: int) -> float:
-    """FLOPs of one UNet forward at batch 1 (2 x multiply-adds), counted by torch's FlopCounterMode."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    param = next(unet.parameters())
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        unet(torch.zeros((1, *latent_shape), dtype=param.dtype, device=param.device),
-             torch.tensor([500.0], device=param.device),
-             encoder_hidden_states=torch.zeros((1, tokens, dim), dtype=param.dtype, device=param.device))
-    return counter.get_total_flops() / 1e9
-
-
-def unet_gflop_from_source(source: str) -> float | None:
-    """The UNet FLOP count from a backbone folder's config alone (a randomly initialised CPU copy), for runs that
-    time only bundle backends; None if the folder is not here or torch/diffusers are not installed."""
-    if not (installed("torch") and installed("diffusers")):
-        return None
-    from diffusers import UNet2DConditionModel
-
-    from noop_rt.runtime.errors import NoopError
-    from noop_rt.train.backbones import resolve_source
-
-    try:
-        root = resolve_source(source)
-        config = UNet2DConditionModel.load_config(root / "unet")
-        text = json.loads((root / "text_encoder" / "config.json").read_text())
-        side, channels = int(config["sample_size"]), int(config["in_channels"])
-        tokens, dim = int(text["max_position_embeddings"]), int(text["hidden_size"])
-    except (OSError, ValueError, KeyError, TypeError, NoopError):
-        return None
-    return unet_gflop(UNet2DConditionModel.from_config(config), (channels, side, side), tokens, dim)
-
-
-def count_gflop(classifiers: dict[str, Classifier]) -> float | None:
-    """GFLOP of one UNet sample: from the torch backend's own UNet, else from the bundle's backbone config; None
-    without torch."""
-    if "torch" in classifiers:
-        bb = classifiers["torch"].model.runner.backbone
-        return unet_gflop(bb.unet, bb.latent_shape, bb.max_tokens, bb.text_dim)
-    for classifier in classifiers.values():
-        manifest = classifier.info.manifest
-        if manifest is not None:
-            return unet_gflop_from_source(str(manifest["backbone"]["source"]))
-    return None
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -477,53 +425,6 @@ def plot(report: dict[str, Any], path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-# ---------------------------------------------------------------------------------------------- sd15-shape
-def _need_torch(what: str) -> None:
-    missing = [m for m in ("torch", "diffusers", "transformers") if not installed(m)]
-    if missing:
-        raise MissingDependencyError(f"{what} needs {', '.join(missing)}: pip install 'noop-rt[train]'")
-
-
-def sd15_shape_model(folder: Path, log: IO[str] = sys.stderr) -> Path:
-    """An SD-1.5-architecture diffusers folder with random weights, cached as `folder/sd15-shape`."""
-    from noop_rt.train.architectures import SD15_SHAPE, random_components, save_components
-
-    model_dir = folder / "sd15-shape"
-    if not (model_dir / "model_index.json").is_file():
-        print(f"building an SD-1.5-shape model with random weights in {model_dir} …", file=log)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder))
-        save_components(random_components(SD15_SHAPE), str(tmp))
-        tmp.rename(model_dir)
-    return model_dir
-
-
-def sd15_shape_checkpoint(folder: Path, classes: int, log: IO[str] = sys.stderr) -> Path:
-    """An SD-1.5-architecture folder with random weights (latency does not depend on them) and a random NoOp
-    checkpoint for it, cached in `folder`."""
-    import torch
-
-    from noop_rt.train.backbones import load_backbone
-    from noop_rt.train.checkpoint import NoopCheckpoint, backbone_fingerprint, save_checkpoint
-    from noop_rt.train.noop import MetaNet, MetaNetConfig
-
-    model_dir = sd15_shape_model(folder, log)
-    ckpt_path = folder / f"sd15-shape-{classes}.pt"
-    if not ckpt_path.is_file():
-        backbone = load_backbone(model_dir)
-        names = [f"class {i}" for i in range(classes)]
-        prompts = [f"a photo of a {n}" for n in names]
-        meta = MetaNet(MetaNetConfig(4, (64, 128, 256)))
-        ckpt = NoopCheckpoint(
-            backbone_source=str(model_dir), backbone_fingerprint=backbone_fingerprint(backbone), classes=names,
-            prompts=prompts, template="a photo of a {}", t_star=500, loss="l2",
-            eps_d=torch.randn(backbone.latent_shape), meta_net_config={"in_channels": 4, "channels": [64, 128, 256]},
-            meta_net_state=meta.state_dict(), class_embeddings=backbone.embed(prompts), tau=1.0,
-            train={"note": "random weights for latency measurement only"})
-        save_checkpoint(ckpt, ckpt_path)
-    return ckpt_path
-
-
 # ---------------------------------------------------------------------------------------------- setup
 @dataclass
 class Sources:
@@ -532,10 +433,8 @@ class Sources:
     skipped: dict[str, str] = field(default_factory=dict)  # backend -> why it cannot be benchmarked
 
 
-def check_names(backends: list[str], backbone: str) -> list[str]:
+def check_names(backends: list[str]) -> list[str]:
     """The backends to bench, in order and once each; an unknown name is a usage error with the close match."""
-    if backbone not in BACKBONES:
-        raise suggest(backbone, BACKBONES, "backbone")
     if not backends:
         raise UsageError(f"no backend given; choose from {', '.join(BENCH_BACKENDS)}")
     for name in backends:
@@ -562,28 +461,11 @@ def _bundle_checkpoint(bundle: Path) -> tuple[Path | None, str | None]:
     return path, None
 
 
-def resolve_sources(backends: list[str], backbone: str, bundle: Path | None, ckpt: Path | None, num_classes: int,
-                    cache_dir: Path, fp16: bool, log: IO[str] = sys.stderr) -> Sources:
-    """Which checkpoint and bundle the backends run (building the sd15-shape ones), and which backends cannot."""
+def resolve_sources(backends: list[str], bundle: Path | None, ckpt: Path | None) -> Sources:
+    """Which checkpoint and bundle the backends run, and which backends cannot (and why)."""
     from noop_rt.demo import BUNDLE_DIR, CKPT_PATH
 
     bundle_backends = [b for b in backends if b != "torch"]
-    if backbone == "sd15-shape":
-        if bundle is not None or ckpt is not None:
-            raise UsageError("--backbone sd15-shape builds its own model; drop --bundle/--ckpt")
-        _need_torch("--backbone sd15-shape")
-        from noop_rt.build.export import ExportOptions, export_bundle
-
-        folder = cache_dir.expanduser()
-        folder.mkdir(parents=True, exist_ok=True)
-        ckpt_path = sd15_shape_checkpoint(folder, num_classes, log)
-        bundle_dir = None
-        if bundle_backends:
-            precision = "fp16" if fp16 else "fp32"
-            bundle_dir = folder / f"bundle-{num_classes}-{precision}"
-            export_bundle(ckpt_path, bundle_dir, ExportOptions(precision=precision, images_per_batch=1,
-                                                               min_agreement=0.0), log=log)
-        return Sources(ckpt_path, bundle_dir)
     if bundle is None and ckpt is None:
         return Sources(CKPT_PATH, BUNDLE_DIR)
     sources = Sources(ckpt, bundle)
@@ -666,17 +548,16 @@ def startup_target(sources: Sources, images: Path | None) -> tuple[Path, Path | 
     return image, source
 
 
-def bench_command(options: BenchOptions, *, backbone: str = "ckpt", bundle: Path | None = None,
-                  ckpt: Path | None = None, images: Path | None = None, num_classes: int = 37,
-                  cache_dir: Path = Path("~/.cache/noop-rt"), engines: Path | None = None,
-                  log: IO[str] = sys.stderr) -> tuple[dict[str, Any], str]:
+def bench_command(options: BenchOptions, *, bundle: Path | None = None, ckpt: Path | None = None,
+                  images: Path | None = None, engines: Path | None = None, backbone: str = "ckpt",
+                  reference_gflop: float | None = None, log: IO[str] = sys.stderr) -> tuple[dict[str, Any], str]:
     """`noop-rt bench`: the report (JSON-able) and its table."""
     from noop_rt.demo import CKPT_PATH
 
-    backends = check_names(options.backends, backbone)
+    backends = check_names(options.backends)
     if options.runs < 1 or options.baseline_noises < 1 or options.baseline_measured_pairs < 1:
         raise BadInputError("--runs, --baseline-noises and --measured-pairs must be >= 1")
-    sources = resolve_sources(backends, backbone, bundle, ckpt, num_classes, cache_dir, options.fp16, log)
+    sources = resolve_sources(backends, bundle, ckpt)
     startup = None
     if options.startup:  # first, while this process holds no model and runs nothing
         image, source = startup_target(sources, images)
@@ -692,14 +573,14 @@ def bench_command(options: BenchOptions, *, backbone: str = "ckpt", bundle: Path
         demo = backbone == "ckpt" and (first.info.name == "digits" or (
             sources.ckpt is not None and sources.ckpt.resolve() == CKPT_PATH.resolve()))
         arrays, image_source = bench_images(images, first.resolution, demo)
-        gflop = count_gflop(classifiers)
+        gflop = next((g for c in classifiers.values() if (g := c.unet_gflop()) is not None), None)
         report = run_bench(classifiers, arrays, options, gflop, backbone, log)
     finally:
         for classifier in classifiers.values():
             classifier.close()
     report["image_source"] = image_source
-    if backbone == "sd15-shape":
-        report["reference_unet_gflop"] = SD15_UNET_GFLOP
+    if reference_gflop is not None:
+        report["reference_unet_gflop"] = reference_gflop
     if sources.skipped:
         report["skipped"] = dict(sources.skipped)
     if startup is not None:

@@ -73,6 +73,11 @@ class Bundle:
     def has(self, graph: str) -> bool:
         return graph in self.manifest["graphs"]
 
+    def graph_spec(self, graph: str) -> GraphSpec | None:
+        """One graph's description from the manifest (None where the manifest gives only its file)."""
+        entry = self.manifest["graphs"].get(graph)
+        return GraphSpec.from_json(graph, entry) if isinstance(entry, dict) and "inputs" in entry else None
+
     def path(self, graph: str) -> Path:
         return self.root / self.manifest["graphs"][graph]["file"]
 

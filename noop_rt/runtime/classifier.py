@@ -151,6 +151,15 @@ class Classifier:
     def resolution(self) -> int:
         return self.model.info.resolution
 
+    def unet_gflop(self) -> float | None:
+        """GFLOP of one UNet sample: counted by the torch backend, or the count a bundle recorded at export; None
+        where neither is known (a bundle exported before the count was recorded)."""
+        counted = self.model.runner.unet_gflop()
+        if counted is not None:
+            return counted
+        recorded = (self.info.manifest or {}).get("unet_gflop_per_sample")
+        return None if recorded is None else float(recorded)
+
     def default_method(self) -> str:
         return "noop" if self.model.info.has_noise else "baseline"
 

@@ -14,6 +14,8 @@ from typing import Any
 CLASSIFIER, SCORER, ENCODER, NOISE, TEXT_ENCODER = "classifier", "scorer", "vae_encoder", "noise", "text_encoder"
 GRAPH_NAMES = (CLASSIFIER, SCORER, ENCODER, NOISE, TEXT_ENCODER)
 BATCH, CLASSES, PROMPTS = "batch", "classes", "prompts"  # dynamic axes: images or rows; classes; prompts
+# inputs that may be left out: the classifier's class embeddings default to the trained classes'
+OPTIONAL_INPUTS = frozenset({(CLASSIFIER, "class_embeddings")})
 
 
 @dataclass(frozen=True)

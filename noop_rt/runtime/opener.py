@@ -178,9 +178,9 @@ def _bundle_runner(bundle: Any, options: LoadOptions, notes: list[str]) -> Any:
 
 def _why_not(name: str, bundle: Any, options: LoadOptions) -> str | None:
     if name == "tensorrt":
-        from noop_rt.runtime.backends import tensorrt_runner
+        from noop_rt.runtime.backends import tensorrt_plans
 
-        return tensorrt_runner.unavailable(bundle, options.engines, options.device)
+        return tensorrt_plans.unavailable(bundle, options.engines, options.device)
     if name == "onnxruntime-cuda":
         from noop_rt.runtime.backends import onnxruntime_runner
 

@@ -2,7 +2,8 @@
 an optional LoRA fused into it.
 
 `Backbone` holds the frozen networks: `encode` (image -> z0), `embed` (prompts -> text embeddings), and
-`class_errors` (the scoring module of `train/diffusion_error.py` over its UNet). Images are RGB in [-1, 1] at `resolution`.
+`class_errors` (the diffusion-error module of `train/diffusion_error.py` over its UNet). Images are RGB in [-1, 1] at
+`resolution`.
 
 LoRA (`load_backbone(..., lora=FILE)`): a LoRA `.safetensors` for Stable Diffusion (diffusers format, `unet.*` /
 `text_encoder.*` keys, or kohya/A1111 `lora_unet_*` / `lora_te_*` keys with their alphas) is read with diffusers'
@@ -115,6 +116,18 @@ class Backbone:
     def class_errors(self, losses: tuple[str, ...] = ("l2",)) -> ClassErrors:
         """The scoring module (noising, class broadcast, UNet, v->eps, error norms) over this backbone's UNet."""
         return ClassErrors(self.unet, self.alphas_cumprod, self.prediction_type, losses).to(self.device)
+
+    def unet_gflop(self) -> float:
+        """GFLOP of one UNet forward at batch 1 (2 x multiply-adds), counted by torch's FlopCounterMode."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        param = next(self.unet.parameters())
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            self.unet(torch.zeros((1, *self.latent_shape), dtype=param.dtype, device=param.device),
+                      torch.tensor([500.0], device=param.device),
+                      encoder_hidden_states=torch.zeros((1, self.max_tokens, self.text_dim), dtype=param.dtype,
+                                                        device=param.device))
+        return counter.get_total_flops() / 1e9
 
     def requires_grad_(self, flag: bool) -> Backbone:
         for module in (self.unet, self.text_encoder, self.encoder):

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from noop_rt.runtime.backends.base import cuda_index, env_flag, installed, nvidia_gpus
+from noop_rt.runtime.backends.base import GraphRunner, cuda_index, env_flag, installed, nvidia_gpus
 from noop_rt.runtime.backends.shape_cache import ShapeCache, host_array, signature
 from noop_rt.runtime.bundle import Bundle
 from noop_rt.runtime.errors import BundleError, MissingDependencyError
@@ -155,7 +155,7 @@ class Bound:
             return [host_array(self.outputs[name].numpy(), self.on_host) for name in outputs]
 
 
-class OnnxRuntimeRunner:
+class OnnxRuntimeRunner(GraphRunner):
     name = "onnxruntime"
 
     def __init__(self, bundle: Bundle, device: str = "cpu", threads: int | None = None, *,
@@ -185,6 +185,7 @@ class OnnxRuntimeRunner:
         self.sessions: dict[str, Any] = {}
         self.device = f"cuda:{cuda_index(device)}" if self.want_cuda else "CPUExecutionProvider"
         self._specs: dict[str, GraphSpec] | None = None  # read from the manifest when a binding needs them
+        self._graph_specs: dict[str, GraphSpec | None] = {}  # the feeds' check, per graph
         self.bindings: ShapeCache[Bound] = ShapeCache(MAX_BINDINGS, evict=True)
         self.captured: ShapeCache[Bound] = ShapeCache(MAX_CUDA_GRAPH_SESSIONS, evict=False)  # CUDA-graph sessions
         self.notes: list[str] = []  # fallbacks taken (a CUDA graph that could not be captured)
@@ -222,7 +223,10 @@ class OnnxRuntimeRunner:
                               f"CUDA/cuDNN: {GPU_HINT}")
         return session
 
-    def run(self, graph: str, feeds: dict[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
+    def graph_spec(self, graph: str) -> GraphSpec | None:
+        return self._graph_specs.setdefault(graph, self.bundle.graph_spec(graph))
+
+    def _run(self, graph: str, feeds: dict[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
         if not self.io_binding:
             return self.session(graph).run(list(outputs), feeds)
         feeds = typed_feeds(self.specs.get(graph), feeds)

@@ -16,15 +16,17 @@ from typing import Any
 
 import numpy as np
 
+from noop_rt.runtime.backends.base import GraphRunner
 from noop_rt.runtime.bundle import Bundle, user_cache_dir
 from noop_rt.runtime.errors import BadInputError, BundleError, MissingDependencyError
+from noop_rt.runtime.graph_specs import GraphSpec
 
 MAX_STATIC = 8  # static compilations kept per graph before a graph falls back to a dynamic one
 PRECISION_ENV = "NOOP_RT_OPENVINO_PRECISION"  # f32 | bf16 | f16: OpenVINO's inference precision (default: its own)
 PRECISIONS = ("f32", "bf16", "f16")
 
 
-class OpenVinoRunner:
+class OpenVinoRunner(GraphRunner):
     name = "openvino"
     classifier_takes_embeddings = False
 
@@ -90,7 +92,10 @@ class OpenVinoRunner:
         compiled[shapes] = self.core.compile_model(model, "CPU", self.config).create_infer_request()
         return compiled[shapes]
 
-    def run(self, graph: str, feeds: dict[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
+    def graph_spec(self, graph: str) -> GraphSpec | None:
+        return self.bundle.graph_spec(graph)
+
+    def _run(self, graph: str, feeds: dict[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
         request = self._request(graph, feeds)
         names = {n for p in request.model_inputs for n in p.get_names()}
         request.infer({k: v for k, v in feeds.items() if k in names})

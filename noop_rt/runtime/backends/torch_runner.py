@@ -1,6 +1,6 @@
-"""The torch backend: the very modules that training runs and `export` traces (`noop_rt/train/graph_modules.py`), eager, fp32 or
-fp16, CPU or CUDA, behind the same graph-runner interface as the engines. It is the only runtime module that
-reaches the torch side (backbone, checkpoint, NoOp), and `open.py` imports it only when it is chosen. It runs
+"""The torch backend: the very modules that training runs and `export` traces (`noop_rt/train/graph_modules.py`),
+eager, fp32 or fp16, CPU or CUDA, behind the same runner contract as the engines. It is the only runtime module that
+reaches the torch side (backbone, checkpoint, NoOp), and `runtime/opener.py` imports it only when it is chosen. It runs
 checkpoints and diffusers folders, and robust mode (which takes gradients through the model).
 
 On CUDA, `cuda_graph=True` (or NOOP_RT_TORCH_CUDA_GRAPH=1) replays the NoOp classifier module from CUDA graphs, one
@@ -19,12 +19,12 @@ import numpy as np
 import torch
 
 from noop_rt.demo import model_name
-from noop_rt.runtime.backends.base import env_flag
+from noop_rt.runtime.backends.base import GraphRunner, env_flag
 from noop_rt.runtime.backends.torch_cuda_graph import Capture, CudaGraphed
 from noop_rt.runtime.bundle import sha256_file
 from noop_rt.runtime.errors import BadInputError
 from noop_rt.runtime.graph_model import ModelInfo, default_preprocessing
-from noop_rt.runtime.graph_specs import CLASSIFIER
+from noop_rt.runtime.graph_specs import CLASSIFIER, GraphSpec
 from noop_rt.train.backbones import DEMO_SOURCE, Backbone, load_backbone
 from noop_rt.train.checkpoint import NoopCheckpoint, backbone_fingerprint, checkpoint_backbone, load_checkpoint
 from noop_rt.train.graph_modules import backbone_specs, graph_modules
@@ -49,7 +49,7 @@ def pick_device(device: str) -> torch.device:
         raise BadInputError(f"unknown device {device!r} (use auto, cpu or cuda[:N])") from None
 
 
-class TorchRunner:
+class TorchRunner(GraphRunner):
     name = "torch"
 
     def __init__(self, backbone: Backbone, ckpt: NoopCheckpoint | None, fp16: bool = False, *,
@@ -79,17 +79,13 @@ class TorchRunner:
             return self._fed[1]
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.backbone.device)
 
+    def graph_spec(self, graph: str) -> GraphSpec | None:
+        return self.specs.get(graph)
+
     @torch.no_grad()
-    def run(self, graph: str, feeds: dict[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
-        spec = self.specs[graph]
-        args = []
-        for t in spec.inputs:
-            if t.name in feeds:
-                args.append(self._tensor(t.name, feeds[t.name]))
-            elif graph == CLASSIFIER and t.name == "class_embeddings":
-                args.append(self._default_emb)
-            else:
-                raise BadInputError(f"graph {graph} needs input {t.name}")
+    def _run(self, graph: str, feeds: dict[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
+        spec = self.specs[graph]  # `run` checked the feeds; the classifier's class embeddings may be left out
+        args = [self._tensor(t.name, feeds[t.name]) if t.name in feeds else self._default_emb for t in spec.inputs]
         module = self.graphed if graph == CLASSIFIER and self.graphed is not None else self.modules[graph]
         result = module(*args)
         result = result if isinstance(result, tuple) else (result,)
@@ -103,6 +99,9 @@ class TorchRunner:
         from noop_rt.train.robust import likelihood_maximisation
 
         return likelihood_maximisation(self.backbone, torch.from_numpy(images), config).cpu().numpy()
+
+    def unet_gflop(self) -> float | None:
+        return self.backbone.unet_gflop()
 
     def synchronize(self) -> None:
         if self.backbone.device.type == "cuda":
