@@ -22,7 +22,7 @@ import numpy as np
 import noop_rt
 from noop_rt.demo import BUNDLE_DIR, DIGIT_NAMES
 from noop_rt.demo.digits import split_tensors
-from noop_rt.jobs.bench import count_gflop, machine_info, matmul_gflops, matmul_peak_gflops, time_single
+from noop_rt.jobs.bench import machine_info, matmul_gflops, matmul_peak_gflops, time_single
 from noop_rt.runtime.backends.openvino_runner import PRECISION_ENV
 
 
@@ -66,7 +66,7 @@ def main() -> None:
     os.environ[PRECISION_ENV] = "f32"
     engines["openvino f32"] = noop_rt.load(BUNDLE_DIR, backend="openvino")
     del os.environ[PRECISION_ENV]
-    gflop = count_gflop(engines)
+    gflop = next(iter(engines.values())).unet_gflop()
     labels = {n: [r.label for r in c.predict(x, top_k=1)[0]] for n, c in engines.items()}
     rounds: dict[str, list[float]] = {n: [] for n in engines}
     evals = 0

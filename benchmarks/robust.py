@@ -4,9 +4,9 @@ and without RDC likelihood maximisation (`--robust`).
     python benchmarks/robust.py [--images 100] [--attacks pgd,bpda,full,full_smooth] [--quick] [--out DIR]
     # writes DIR/robust.{md,json}
 
-Every attack is L_inf PGD (`noop_rt.train.robust.pgd`): eps = 8/255 of the [0, 1] range, 10 signed steps of 2/255, random
-start, maximising the margin err_true - min_{c != true} err_c of the NoOp errors (Carlini-Wagner style on the errors:
-the cross-entropy of softmax(-tau * err) saturates at the large fitted tau and masks the gradient). The attacked
+Every attack is L_inf PGD (`noop_rt.train.robust.pgd`): eps = 8/255 of the [0, 1] range, 10 signed steps of 2/255,
+random start, maximising the margin err_true - min_{c != true} err_c of the NoOp errors (Carlini-Wagner style on the
+errors: the cross-entropy of softmax(-tau * err) saturates at the large fitted tau and masks the gradient). The attacked
 model is the torch backend's `classifier` graph module (encoder, meta-net noise, UNet at t*: what `export` traces),
 and the attacks differ in what they differentiate:
 - `pgd` (non-adaptive): the plain classifier; robust mode then purifies the attacked input. An upper bound.

@@ -116,9 +116,9 @@ def main() -> None:
         child(args.model, args.device, args.fp16, int(args.child[0]), int(args.child[1]), args.child[2] == "1")
         return
     if args.model is None:
-        from noop_rt.jobs.bench import sd15_shape_model
+        from noop_rt.build.shape_fixtures import shape_model
 
-        args.model = str(sd15_shape_model(args.cache_dir.expanduser()))
+        args.model = str(shape_model("sd15-shape", args.cache_dir.expanduser()))
     rows, protocols = {}, {}
     for name, (batch, max_batch, checkpointing) in CONFIGS.items():
         print(f"{name} …", file=sys.stderr, flush=True)

@@ -30,7 +30,7 @@ SD15_SHAPE = Architecture(
          "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 512, "scaling_factor": 0.18215},
     scheduler=SD_SCALED_LINEAR,
 )
-SHAPES = {SD15_SHAPE.name: SD15_SHAPE}
+SHAPES = {SD15_SHAPE.name: SD15_SHAPE}  # keys: noop_rt.build.SHAPE_FIXTURES
 REFERENCE_UNET_GFLOP = {SD15_SHAPE.name: 803.0}  # one sample at the 64x64 latent (design §2b)
 
 

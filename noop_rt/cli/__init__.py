@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from noop_rt.demo import SHOTS, VAL_SHOTS
-from noop_rt.runtime.errors import BadInputError, NoopError
+from noop_rt.runtime.errors import BadInputError, NoopError, UsageError
 from noop_rt.serve import ServeOptions
 
 
@@ -586,13 +586,19 @@ def bench(
 ) -> None:
     """Latency/throughput of NoOp vs the N-noise baseline per backend, measured in one run."""
     def go() -> None:
-        from noop_rt.jobs.bench import BenchOptions, bench_command
+        from noop_rt.jobs.bench import BenchOptions, bench_command, check_names
 
         options = BenchOptions(backends=[b.strip() for b in backends.split(",") if b.strip()],
                                baseline_noises=baseline_noises, baseline_measured_pairs=measured_pairs, runs=runs,
                                device=device, fp16=fp16, startup=startup)
-        report, table = bench_command(options, backbone=backbone, bundle=bundle, ckpt=ckpt, images=images,
-                                      num_classes=num_classes, cache_dir=cache_dir, engines=engines)
+        names = check_names(options.backends)
+        if backbone == "ckpt":
+            report, table = bench_command(options, bundle=bundle, ckpt=ckpt, images=images, engines=engines)
+        else:
+            fixture = _shape_fixture(backbone, bundle, ckpt, num_classes, cache_dir, fp16,
+                                     bundle_needed=any(n != "torch" for n in names))
+            report, table = bench_command(options, bundle=fixture.bundle, ckpt=fixture.ckpt, images=images,
+                                          engines=engines, backbone=backbone, reference_gflop=fixture.reference_gflop)
         print(table)
         if json_file is not None:
             from noop_rt.runtime.bundle import write_json_atomic
@@ -605,6 +611,25 @@ def bench(
             plot(report, plot_file)
 
     _run(go)
+
+
+def _shape_fixture(backbone: str, bundle: Path | None, ckpt: Path | None, classes: int, cache_dir: Path, fp16: bool,
+                   bundle_needed: bool) -> Any:
+    """`bench --backbone NAME-shape`: the build side makes (once, cached) the random-weight model, its checkpoint and
+    bundle; bench then times them through the API like any other model."""
+    from noop_rt.build import SHAPE_FIXTURES
+    from noop_rt.runtime.opener import TRAIN_HINT
+
+    if backbone not in SHAPE_FIXTURES:
+        from noop_rt.runtime.suggest import suggest
+
+        raise suggest(backbone, ("ckpt", *SHAPE_FIXTURES), "backbone")
+    if bundle is not None or ckpt is not None:
+        raise UsageError(f"--backbone {backbone} builds its own model; drop --bundle/--ckpt")
+    _need_train_extra(f"bench --backbone {backbone}", TRAIN_HINT)
+    from noop_rt.build.shape_fixtures import prepare
+
+    return prepare(backbone, classes, cache_dir, fp16=fp16, bundle=bundle_needed)
 
 
 @app.command()

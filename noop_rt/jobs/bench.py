@@ -181,7 +181,7 @@ def bench_backend(classifier: Classifier, images: np.ndarray, options: BenchOpti
     print(f"  {classifier.backend:<12} noop p50 {noop['p50_ms']:.1f} ms, baseline({options.baseline_noises}) p50 "
           f"{base['p50_ms']:.1f} ms{' (extrapolated)' if base['extrapolated'] else ''}", file=log)
     return {"device": classifier.device, "precision": classifier.info.precision,
-            "executes_in": getattr(classifier.model.runner, "execution_precision", None), "noop": noop,
+            "executes_in": classifier.model.runner.execution_precision, "noop": noop,
             "baseline": base, "speedup_vs_baseline": base["p50_ms"] / noop["p50_ms"]}
 
 

@@ -204,15 +204,9 @@ class Classifier:
         robust = options.get("robust") or self.options.get("robust")
         start = time.perf_counter()
         if robust is not None:
-            purify = getattr(self.model.runner, "purify", None)
-            if purify is None:
-                raise BadInputError(f"--robust needs the torch backend (it takes gradients through the model); the "
-                                    f"{self.backend} graphs are forward-only: load the checkpoint (NAME.pt)")
-            images = purify(images, robust)
+            images = self.model.runner.purify(images, robust)
         scores = strategies.STRATEGIES[method].fn(self.model, images, config, progress)
-        sync = getattr(self.model.runner, "synchronize", None)
-        if sync is not None:
-            sync()
+        self.model.runner.synchronize()
         return scores, time.perf_counter() - start
 
     def predict(self, images: np.ndarray, *, top_k: int = 5, method: str | None = None,

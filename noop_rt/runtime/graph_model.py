@@ -86,18 +86,15 @@ class GraphModel:
         (quantized for the trained embeddings' range). Otherwise NoOp runs through encoder, noise and scorer."""
         if not self.custom_classes:
             return True
-        return getattr(self.runner, "classifier_takes_embeddings", True) and self.info.precision != "int8"
+        return self.runner.classifier_takes_embeddings and self.info.precision != "int8"
 
     def prepare(self, method: str) -> None:
         """Load the graphs `method` runs now (sessions are otherwise created on first use), so the first image's
         time is inference, not engine start-up."""
-        load = getattr(self.runner, "load", None)
-        if load is None:
-            return
         noop_direct = method == "noop" and self.runner.has(CLASSIFIER) and self.classifier_fits_classes()
         for graph in ((CLASSIFIER,) if noop_direct else (ENCODER, NOISE, SCORER) if method == "noop"
                       else (ENCODER, SCORER)):
-            load(graph)
+            self.runner.load(graph)
 
     # ------------------------------------------------------------------------------------------ ScoringModel
     @property

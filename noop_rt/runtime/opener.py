@@ -133,7 +133,7 @@ def _open_bundle(path: Path, options: LoadOptions, notes: list[str]) -> tuple[Gr
     bundle = Bundle.open(path)
     runner = _bundle_runner(bundle, options, notes)
     info = ModelInfo.from_manifest(bundle.manifest, str(path))
-    executes = getattr(runner, "execution_precision", None)
+    executes = runner.execution_precision
     if executes not in (None, "f32") and info.precision == "fp32":
         notes.append(f"OpenVINO runs this fp32 bundle in {executes} (its default on this CPU); "
                      "NOOP_RT_OPENVINO_PRECISION=f32 keeps it in fp32")

@@ -10,6 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from noop_rt.demo import DIGIT_NAMES
+from noop_rt.train.vocab import build_clip_tokenizer
+
 COMMON_WORDS = ("a", "an", "the", "photo", "of", "picture", "handwritten", "digit", "type", "pet", "cat", "dog")
 
 
@@ -78,3 +85,63 @@ TINY_SD = Architecture(
 )
 
 ARCHITECTURES = {a.name: a for a in (DEMO, TINY_SD)}
+
+
+@dataclass
+class Components:
+    """The parts of a Stable-Diffusion-style model, as `save_pretrained` folders hold them."""
+
+    unet: UNet2DConditionModel
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    vae: AutoencoderKL | None
+    scheduler: DDPMScheduler
+
+
+def build_tokenizer(arch: Architecture, extra_words: tuple[str, ...] = ()) -> CLIPTokenizer:
+    return build_clip_tokenizer(COMMON_WORDS + DIGIT_NAMES + extra_words, arch.max_tokens)
+
+
+def random_components(arch: Architecture, seed: int = 0, extra_words: tuple[str, ...] = ()) -> Components:
+    """Instantiate `arch` with seeded random weights."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(arch, extra_words)
+    vocab_size = arch.vocab_size or len(tokenizer)
+    text_config = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=arch.text_hidden, intermediate_size=arch.text_ffn,
+        num_hidden_layers=arch.text_layers, num_attention_heads=arch.text_heads,
+        max_position_embeddings=arch.max_tokens, projection_dim=arch.text_hidden,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return Components(
+        unet=UNet2DConditionModel(**arch.unet),
+        text_encoder=CLIPTextModel(text_config),
+        tokenizer=tokenizer,
+        vae=AutoencoderKL(**arch.vae) if arch.vae is not None else None,
+        scheduler=DDPMScheduler(**arch.scheduler),
+    )
+
+
+def save_components(components: Components, folder: str) -> None:
+    """Write the diffusers folder layout (model_index.json, unet/, text_encoder/, tokenizer/, scheduler/, vae/)."""
+    import json
+    from pathlib import Path
+
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    components.unet.save_pretrained(root / "unet")
+    components.text_encoder.save_pretrained(root / "text_encoder")
+    components.tokenizer.save_pretrained(root / "tokenizer")
+    components.scheduler.save_pretrained(root / "scheduler")
+    index: dict[str, Any] = {
+        "_class_name": "StableDiffusionPipeline" if components.vae is not None else "NoopPixelDiffusion",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+    }
+    if components.vae is not None:
+        components.vae.save_pretrained(root / "vae")
+        index["vae"] = ["diffusers", "AutoencoderKL"]
+    (root / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
