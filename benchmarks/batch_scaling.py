@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import noop_rt
+from noop_rt.api import LoadOptions
 from noop_rt.demo import BUNDLE_DIR
 from noop_rt.demo.digits import write_image_folders
 from noop_rt.jobs.accuracy import command_line, model_protocol, protocol_lines, strategy_protocol
@@ -65,7 +66,8 @@ def main() -> None:
                               ("Ray, 2 workers", BatchOptions(batch_size=args.batch_size, ray=True, workers=2))):
             out = tmp / f"out-{len(rows)}.parquet"
             t0 = time.perf_counter()
-            report = run_batch([str(listing)], out, dict(LOAD), options, log=io.StringIO(), show_progress=False)
+            report = run_batch([str(listing)], out, LoadOptions.of(**LOAD), options, log=io.StringIO(),
+                               show_progress=False)
             seconds = time.perf_counter() - t0
             if report.classified != args.images:
                 raise SystemExit(f"error: {name}: {report.classified} of {args.images} images classified "

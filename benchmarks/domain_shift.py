@@ -89,7 +89,7 @@ def drift_check(classifier: Classifier, images: np.ndarray) -> dict[str, Any]:
     classifier.drift = DriftMonitor(d.low_prob, d.high_error, d.class_rates)
     warnings: list[str] = []
     classifier.on_drift = warnings.append
-    results, _ = classifier.predict(images, top_k=1)
+    results = classifier.classify(images, top_k=1)
     report = classifier.drift.report()
     return {"monitored": True, "warned": bool(warnings), "warning": warnings[0] if warnings else None,
             "share_below_val_p05_top1_prob": report["share_below_val_p05_top1_prob"],
@@ -389,7 +389,7 @@ def main() -> None:
                  "baseline": {"model": "backbone", **strategy_protocol(plain, "baseline", pairs=args.baseline_noises,
                                                                        seed=0, loss=LOSS)},
                  "pruned": {"model": "backbone", **strategy_protocol(plain, "pruned", **pruned_cfg)},
-                 "drift": {"model": "shipped_bundle", "how": "Classifier.predict(test images in index order, "
+                 "drift": {"model": "shipped_bundle", "how": "Classifier.classify(test images in index order, "
                            "top_k=1) on a fresh DriftMonitor from the model's validation profile",
                            "window": WINDOW, "alarm_p": ALARM_P}},
         "training": {"command": "noop-rt train --model demo --data DIR --shots K --timestep T_STAR --seed S "

@@ -27,11 +27,11 @@ from noop_rt.jobs.bench import machine_info
 
 def p50_ms(clf: noop_rt.Classifier, x: np.ndarray, runs: int) -> float:
     for i in range(3):
-        clf.predict(x[i:i + 1], top_k=1)
+        clf.classify(x[i:i + 1], top_k=1)
     times = []
     for i in range(runs):
         start = time.perf_counter()
-        clf.predict(x[i % len(x):i % len(x) + 1], top_k=1)
+        clf.classify(x[i % len(x):i % len(x) + 1], top_k=1)
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
 
@@ -51,8 +51,8 @@ def main() -> None:
         x, truth = x.numpy(), [DIGIT_NAMES[int(v)] for v in y]
         fp32 = noop_rt.load(BUNDLE_DIR, backend="onnxruntime")
         int8 = noop_rt.load(Path(tmp) / "digits-int8", backend="onnxruntime")
-        a = [r.label for r in fp32.predict(x, top_k=1)[0]]
-        b = [r.label for r in int8.predict(x, top_k=1)[0]]
+        a = [r.label for r in fp32.classify(x, top_k=1)]
+        b = [r.label for r in int8.classify(x, top_k=1)]
         timings = {"fp32": [], "int8": []}
         for _ in range(3):  # alternate, so both see the same machine
             timings["fp32"].append(p50_ms(fp32, x, args.runs))

@@ -67,7 +67,7 @@ def main() -> None:
     engines["openvino f32"] = noop_rt.load(BUNDLE_DIR, backend="openvino")
     del os.environ[PRECISION_ENV]
     gflop = next(iter(engines.values())).unet_gflop()
-    labels = {n: [r.label for r in c.predict(x, top_k=1)[0]] for n, c in engines.items()}
+    labels = {n: [r.label for r in c.classify(x, top_k=1)] for n, c in engines.items()}
     rounds: dict[str, list[float]] = {n: [] for n in engines}
     evals = 0
     for _ in range(3):  # alternating rounds: every engine sees the same machine

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 import noop_rt
+from noop_rt.api import LoadOptions
 from noop_rt.demo import BUNDLE_DIR
 from noop_rt.demo.digits import write_image_folders
 from noop_rt.jobs.accuracy import command_line, model_protocol, protocol_lines, strategy_protocol
@@ -106,8 +107,8 @@ def in_process(paths: list[str], listing: Path, tmp: Path, single_runs: int, thr
             clf.classify(p)
             single.append(1e3 * (time.perf_counter() - t0))
     out = tmp / f"batch-{threads}.parquet"
-    report = run_batch([str(listing)], out, load, BatchOptions(batch_size=BATCH_SIZE), log=io.StringIO(),
-                       show_progress=False)
+    report = run_batch([str(listing)], out, LoadOptions.of(**load), BatchOptions(batch_size=BATCH_SIZE),
+                       log=io.StringIO(), show_progress=False)
     out.unlink(missing_ok=True)
     if report.classified != len(paths):
         raise SystemExit(f"error: in-process batch classified {report.classified} of {len(paths)} images "

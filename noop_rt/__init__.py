@@ -10,7 +10,7 @@ __all__ = ["Classifier", "Result", "__version__", "load"]
 
 
 def __getattr__(name: str) -> Any:  # lazy: `import noop_rt` stays cheap for the CLI's --help
-    if name in ("load", "Classifier", "Result", "ClassScore", "LoadOptions"):
+    if name in ("load", "Classifier", "Result", "ClassScore", "LoadOptions", "NoopError"):
         from noop_rt import api
 
         return getattr(api, name)

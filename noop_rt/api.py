@@ -14,37 +14,30 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from noop_rt.runtime.classifier import Classifier, ClassScore, Result, Timings
+from noop_rt.runtime.classifier import Classifier, ClassScore, Result
+from noop_rt.runtime.errors import NoopError
 from noop_rt.runtime.opener import LoadOptions, open_classifier
 
-__all__ = ["ClassScore", "Classifier", "LoadOptions", "Result", "Timings", "load"]
+__all__ = ["ClassScore", "Classifier", "LoadOptions", "NoopError", "Result", "load"]
 
 
-def load(source: str | Path | None = None, *, classes: list[str] | str | None = None, template: str | None = None,
-         prompts: dict[str, str] | str | Path | None = None, backend: str = "auto", device: str = "auto",
-         method: str | None = None, fp16: bool = False, max_batch: int | None = None, threads: int | None = None,
-         engines: str | Path | None = None, kind: str | None = None, lora: str | Path | None = None,
-         lora_scale: float | None = None, **strategy: Any) -> Classifier:
+def load(source: str | Path | LoadOptions | None = None, **options: Any) -> Classifier:
     """Open a classifier.
 
-    classes: class names (a list or "a,b,c"); template: the prompt template for them ("a photo of a {}");
-    prompts: {class: prompt} or a CSV file of class, prompt (Li et al.'s prompt files work);
-    backend: auto | tensorrt | onnxruntime | openvino | torch; device: auto | cpu | cuda[:N];
-    method: noop | baseline | adaptive | pruned (default: noop when the model has a learned noise);
-    kind: "bundle" | "checkpoint" | "diffusers" to insist on what `source` is (default: detected);
-    lora: a LoRA .safetensors (diffusers or kohya keys) fused into a diffusers folder's UNet/text encoder, or the
-    new place of the one a checkpoint was trained with; lora_scale: its strength (default 1, or the checkpoint's);
-    strategy options: loss, pairs, stages, seed, alpha, round_size, robust (a RobustConfig; torch backend).
+    source: a bundle folder (`export/pets`, any backend but torch), a NoOp checkpoint (`pets.pt`, torch backend), a
+    diffusers Stable Diffusion folder (zero-shot strategies, torch backend, give `classes`), "demo" or None for the
+    built-in demo; or a ready `LoadOptions` (then `options` override its fields).
+    options (keywords; an unknown one is a TypeError naming the closest):
+      classes: class names (a list or "a,b,c"); template: the prompt template for them ("a photo of a {}");
+      prompts: {class: prompt} or a CSV file of class, prompt (Li et al.'s prompt files work);
+      backend: auto | tensorrt | onnxruntime | openvino | torch; device: auto | cpu | cuda[:N];
+      method: noop | baseline | adaptive | pruned (default: noop when the model has a learned noise);
+      kind: "bundle" | "checkpoint" | "diffusers" to insist on what `source` is (default: detected);
+      fp16 (torch), max_batch, threads, engines (TensorRT folder);
+      lora: a LoRA .safetensors (diffusers or kohya keys) fused into a diffusers folder's UNet/text encoder, or the
+      new place of the one a checkpoint was trained with; lora_scale: its strength (default 1, or the checkpoint's);
+      strategy options: loss, pairs, stages, seed, alpha, round_size, max_pairs, robust (a RobustConfig; torch).
+    `Classifier.classify` then takes paths, PIL images, (H, W, 3) uint8 arrays or preprocessed (3, R, R) floats.
     """
-    from noop_rt.runtime.classes import parse_class_list, read_prompts_file
-
-    if isinstance(classes, str):
-        classes = parse_class_list(classes)
-    if isinstance(prompts, (str, Path)):
-        prompts = read_prompts_file(prompts)
-    options = LoadOptions(kind=kind, backend=backend, device=device, fp16=fp16, max_batch=max_batch, threads=threads,
-                          engines=Path(engines) if engines is not None else None,
-                          classes=list(classes) if classes is not None else None, template=template, prompts=prompts,
-                          method=method, strategy=strategy, lora=Path(lora) if lora is not None else None,
-                          lora_scale=lora_scale)
-    return open_classifier(source, options)
+    request = source.updated(**options) if isinstance(source, LoadOptions) else LoadOptions.of(source, **options)
+    return open_classifier(request)

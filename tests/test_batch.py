@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+from noop_rt.api import LoadOptions
 from noop_rt.cli import app
 from noop_rt.demo import BUNDLE_DIR, EXAMPLES_DIR
 from noop_rt.jobs.batch import BatchOptions, expand_inputs, parts_dir, read_rows, run_batch
@@ -29,7 +30,7 @@ from noop_rt.runtime.errors import BadInputError
 runner = CliRunner()
 HAVE_RAY = importlib.util.find_spec("ray") is not None
 EXAMPLES = sorted(EXAMPLES_DIR.glob("*.png"))
-DEMO = {"source": None}  # noop_rt.load() with no source: the shipped demo bundle
+DEMO = LoadOptions()  # noop_rt.load() with no source: the shipped demo bundle
 COLUMNS = ["path", "label", "prob", "top_classes", "top_probs", "top_errors", "method", "backend", "unet_evals",
            "model_id", "error"]
 
@@ -221,8 +222,8 @@ def test_a_bundle_batch_never_imports_torch(images: Path, tmp_path: Path) -> Non
             sys.modules[name] = None  # `import torch` now fails
         from pathlib import Path
         from noop_rt.jobs.batch import BatchOptions, run_batch
-        load = {{"source": {str(BUNDLE_DIR)!r}, "backend": "auto", "device": "cpu", "method": None,
-                 "classes": None, "prompts": None, "template": None, "max_batch": 256, "engines": None, "seed": 0}}
+        from noop_rt.api import LoadOptions
+        load = LoadOptions.of({str(BUNDLE_DIR)!r}, device="cpu", max_batch=256, seed=0)
         report = run_batch([{str(images)!r}], Path({str(out)!r}), load, BatchOptions(batch_size=4),
                            show_progress=False)
         loaded = sorted(m for m, v in sys.modules.items() if v is not None and m.split(".")[0] in BLOCKED)

@@ -105,8 +105,8 @@ def test_fp16_bundle_agrees_with_fp32_torch_on_held_out_digits(tmp_path) -> None
                   log=io.StringIO())
     images, labels = split_tensors("test")
     x, labels = images.numpy()[:100], labels[:100]
-    half = noop_rt.load(tmp_path / "half").predict(x, top_k=1)[0]
-    full = noop_rt.load(CKPT_PATH, backend="torch").predict(x, top_k=1)[0]
+    half = noop_rt.load(tmp_path / "half").classify(x, top_k=1)
+    full = noop_rt.load(CKPT_PATH, backend="torch").classify(x, top_k=1)
     agree = np.mean([a.label == b.label for a, b in zip(half, full, strict=True)])
     assert len(half) == 100 and agree >= 0.99, agree
     names = list(DIGIT_NAMES)

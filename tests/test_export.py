@@ -333,8 +333,8 @@ def test_int8_classifier_is_quantized_and_gated_on_agreement(tiny_ckpt, tmp_path
     val = np.stack([load_image(p, 32) for p in ckpt.train["images"]["val"]])
     import noop_rt
 
-    q = noop_rt.load(out).predict(val, top_k=1)[0]
-    f = noop_rt.load(tiny_ckpt, backend="torch").predict(val, top_k=1)[0]
+    q = noop_rt.load(out).classify(val, top_k=1)
+    f = noop_rt.load(tiny_ckpt, backend="torch").classify(val, top_k=1)
     agree = np.mean([a.label == b.label for a, b in zip(q, f, strict=True)])
     v = json.loads((out / "validation.json").read_text())
     assert v["classifier"]["top1_agreement"] == pytest.approx(agree)

@@ -286,19 +286,19 @@ def test_checkpoint_from_another_backbone_is_refused(tiny_ckpt, tiny_sd, tiny_sd
 
 
 def test_class_folders_must_match_the_trained_classes(tiny_ckpt, tmp_path, shape_images) -> None:
-    from noop_rt.runtime.opener import LoadOptions, open_classifier
+    from noop_rt.api import LoadOptions, load
 
     def options(classes: list[str], **kw) -> LoadOptions:
-        return LoadOptions(backend="torch", device="cpu", classes=classes, **kw)
+        return LoadOptions(source=tiny_ckpt, backend="torch", device="cpu", classes=classes, **kw)
 
     with pytest.raises(BadInputError, match=r"do not match the trained classes: unknown blue circel \(did you mean "
                                             r"blue circle\?\), purple triangle; missing blue circle"):
-        open_classifier(tiny_ckpt, options(["blue circel", "purple triangle", "red square"], classes_from="DATA"))
+        load(options(["blue circel", "purple triangle", "red square"], classes_from="DATA"))
     # the same class set in another order keeps the trained (calibrated) embeddings
-    clf = open_classifier(tiny_ckpt, options(["red square", "blue circle"], classes_from="DATA"))
+    clf = load(options(["red square", "blue circle"], classes_from="DATA"))
     assert clf.class_set.trained and clf.classes == ["blue circle", "red square"]
     # new names use the checkpoint's template; a trained class keeps its cached embedding
-    clf = open_classifier(tiny_ckpt, options(["purple triangle", "red square"]))
+    clf = load(options(["purple triangle", "red square"]))
     ckpt = load_checkpoint(tiny_ckpt)
     assert clf.class_set.prompts == ["a purple triangle", "a red square"] and not clf.class_set.trained
     assert clf.class_set.zero_shot == ["purple triangle"]

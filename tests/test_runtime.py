@@ -125,7 +125,7 @@ def test_openvino_agrees_with_onnxruntime() -> None:
     ort = noop_rt.load(backend="onnxruntime")
     ov = noop_rt.load(backend="openvino")
     held_out = split_tensors("test")[0].numpy()  # all 360 held-out digits: the same top-1 on both engines
-    a, b = ort.predict(held_out, top_k=10)[0], ov.predict(held_out, top_k=10)[0]
+    a, b = ort.classify(held_out, top_k=10), ov.classify(held_out, top_k=10)
     assert ov.backend == "openvino" and [x.label for x in a] == [y.label for y in b]
     for x, y in zip(a, b, strict=True):
         ex, ey = {t.label: t.error for t in x.top}, {t.label: t.error for t in y.top}
@@ -254,12 +254,12 @@ def test_drift_warning_is_silent_on_held_out_digits_and_loud_on_a_shifted_domain
         clf = noop_rt.load()
         warnings: list[str] = []
         clf.on_drift = warnings.append
-        clf.predict(x[order], top_k=1)
+        clf.classify(x[order], top_k=1)
         assert warnings == [] and clf.drift.report()["seen"] == 360
     clf = noop_rt.load()
     warnings = []
     clf.on_drift = warnings.append
-    clf.predict(-x, top_k=1)
+    clf.classify(-x, top_k=1)
     report = clf.drift.report()
     assert len(warnings) == 1 and "noop-rt train" in warnings[0] and report["warned"]
     assert report["share_below_val_p05_top1_prob"] > 0.2  # against 5 % on validation
@@ -378,3 +378,49 @@ def test_devices_are_checked_and_the_gpu_index_is_honoured() -> None:
     for bad in ("gpu", "cuda1", "cuda:x", "mps"):
         with pytest.raises(UsageError, match="unknown device"):
             noop_rt.load(device=bad)
+
+
+def test_load_refuses_unknown_keywords_with_the_closest_name() -> None:
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'mehtod' \(did you mean 'method'\?\)"):
+        noop_rt.load(mehtod="baseline")
+    with pytest.raises(TypeError, match=r"'pairz' \(did you mean 'pairs'\?\)"):
+        noop_rt.load(noop_rt.LoadOptions(), pairz=5)
+
+
+def test_load_options_is_the_one_request() -> None:
+    """A LoadOptions opens what the same keywords open, and keywords passed beside it override its fields."""
+    request = noop_rt.LoadOptions.of(None, classes="seven,one", pairs=3)
+    assert request.classes == ["seven", "one"] and request.strategy == {"pairs": 3}
+    clf = noop_rt.load(request, method="baseline")
+    assert (clf.classes, clf.method) == (["seven", "one"], "baseline")
+    assert clf.classify(SEVEN).unet_evals == 3 * 2  # 3 pairs x 2 classes: the strategy option reached the classifier
+
+
+def test_classify_takes_a_preprocessed_batch_and_refuses_a_bad_top_k() -> None:
+    clf = noop_rt.load()
+    x = np.stack([_preprocessed(SEVEN, clf.resolution)] * 2)
+    results = clf.classify(x, top_k=2)
+    assert [r.label for r in results] == ["seven", "seven"] and all(r.image is None for r in results)
+    for bad in (0, -1, 1.5):
+        with pytest.raises(BadInputError, match="top_k"):
+            clf.classify(SEVEN, top_k=bad)
+
+
+def _preprocessed(path: Path, resolution: int) -> np.ndarray:
+    from noop_rt.runtime.images import load_image
+
+    return load_image(path, resolution)
+
+
+def test_a_graph_refuses_feeds_that_do_not_fit_in_one_line() -> None:
+    """The runner contract checks feeds before the engine: the error names the graph and the input."""
+    runner = noop_rt.load().model.runner
+    with pytest.raises(BadInputError, match=r"vae_encoder graph's input 'image' has shape \(1, 3, 8, 8\); expected "
+                                            r"\(batch, 3, 16, 16\)"):
+        runner.run("vae_encoder", {"image": np.zeros((1, 3, 8, 8), np.float32)}, ["z0"])
+    with pytest.raises(BadInputError, match=r"input 'image' is float64; expected float32"):
+        runner.run("vae_encoder", {"image": np.zeros((1, 3, 16, 16))}, ["z0"])
+    z = np.zeros((2, 1, 16, 16), np.float32)  # the demo's pixel-space latent: 1 x 16 x 16
+    with pytest.raises(BadInputError, match=r"'z0' and 'eps' disagree on the batch axis \(2 vs 1\)"):
+        runner.run("scorer", {"z0": z, "eps": z[:1], "timestep": np.zeros(2, np.float32),
+                              "class_embeddings": np.zeros((10, 8, 64), np.float32)}, ["errors_l2"])

@@ -32,6 +32,7 @@ import pytest
 from PIL import Image, ImageFile
 from typer.testing import CliRunner
 
+from noop_rt.api import LoadOptions
 from noop_rt.demo import EXAMPLES_DIR
 from noop_rt.runtime.errors import BadInputError, MissingDependencyError
 from noop_rt.runtime.images import load_image
@@ -91,7 +92,7 @@ def test_missing_ray_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
     with pytest.raises(MissingDependencyError, match=r"pip install 'noop-rt\[serve\]'"):
-        run_server({"source": None}, ServeOptions())
+        run_server(LoadOptions(), ServeOptions())
 
 
 def test_options_are_checked() -> None:

@@ -167,40 +167,31 @@ def _strategy(noises: int | None, stages: str | None, loss: str | None, seed: in
     return options
 
 
-def _load(source: tuple[Any, str | None], *, backend: str, device: str, method: str | None, classes: str | None,
-          prompts: Path | None, template: str | None, strategy: dict[str, Any], max_batch: int | None = None,
-          fp16: bool = False, engines: Path | None = None, classes_from: str | None = None,
-          class_list: list[str] | None = None, lora: Path | None = None, lora_scale: float | None = None) -> Any:
-    from noop_rt.runtime.classes import parse_class_list, read_prompts_file
-    from noop_rt.runtime.opener import LoadOptions, open_classifier
+def _request(source: tuple[Any, str | None], *, backend: str, device: str, method: str | None,
+             classes: str | list[str] | None, prompts: Path | None, template: str | None, strategy: dict[str, Any],
+             max_batch: int | None = None, fp16: bool = False, engines: Path | None = None,
+             classes_from: str | None = None, lora: Path | None = None, lora_scale: float | None = None) -> Any:
+    """The `LoadOptions` a command's flags describe: what `noop_rt.load` opens, here, in batch workers and in
+    server replicas."""
+    from noop_rt.api import LoadOptions
 
-    names = class_list if class_list is not None else (parse_class_list(classes) if classes is not None else None)
-    table = read_prompts_file(prompts) if prompts is not None else None
-    source, kind = source
-    if strategy.get("robust") is not None and source is None and backend == "auto":
+    path, kind = source
+    if strategy.get("robust") is not None and path is None and backend == "auto":
         backend = "torch"  # robust mode takes gradients: the built-in demo runs from its checkpoint
-    options = LoadOptions(kind=kind, backend=backend, device=device, fp16=fp16, max_batch=max_batch, engines=engines,
-                          classes=names, template=template, prompts=table, classes_from=classes_from, method=method,
-                          strategy=strategy, lora=lora, lora_scale=lora_scale)
-    classifier = open_classifier(source, options)
+    return LoadOptions.of(path, kind=kind, backend=backend, device=device, fp16=fp16, max_batch=max_batch,
+                          engines=engines, classes=classes, template=template, prompts=prompts,
+                          classes_from=classes_from, method=method, lora=lora, lora_scale=lora_scale, **strategy)
+
+
+def _open(request: Any) -> Any:
+    """`noop_rt.load(request)`, with drift warnings and the loader's notes on stderr."""
+    from noop_rt.api import load
+
+    classifier = load(request)
     classifier.on_drift = lambda message: print(f"warning: {message}", file=sys.stderr)
     for note in classifier.notes:
         print(f"note: {note}", file=sys.stderr)
     return classifier
-
-
-def _load_kwargs(bundle: Path | None, ckpt: Path | None, model: str | None, backend: str, device: str,
-                 method: str | None, classes: str | None, prompts: Path | None, template: str | None,
-                 max_batch: int | None, engines: Path | None, strategy: dict[str, Any], lora: Path | None = None,
-                 lora_scale: float | None = None) -> dict[str, Any]:
-    """Keyword arguments of `noop_rt.load` for jobs that open the classifier themselves (batch workers, replicas)."""
-    from noop_rt.runtime.classes import parse_class_list, read_prompts_file
-
-    source, kind = _source(bundle, ckpt, model)
-    return {"source": source, "kind": kind, "backend": backend, "device": device, "method": method,
-            "classes": parse_class_list(classes) if classes is not None else None,
-            "prompts": read_prompts_file(prompts) if prompts is not None else None, "template": template,
-            "max_batch": max_batch, "engines": engines, "lora": lora, "lora_scale": lora_scale, **strategy}
 
 
 def _check_images(images: list[Path]) -> None:
@@ -224,7 +215,7 @@ def _classify(images: list[Path], classifier: Any, top_k: int, as_json: bool, tr
 
     with tqdm(total=len(images), desc="classify", unit="img", file=sys.stderr, disable=len(images) < 32,
               leave=False) as bar:
-        results, timings = classifier.run([str(p) for p in images], top_k=top_k, progress=bar.update)
+        results = classifier.classify([str(p) for p in images], top_k=top_k, progress=bar.update)
     if as_json:
         print(json.dumps([r.to_json() for r in results], indent=2))
     elif truth_table:
@@ -233,7 +224,7 @@ def _classify(images: list[Path], classifier: Any, top_k: int, as_json: bool, tr
         for r in results:
             rest = ", ".join(f"{t.label} {t.prob:.2f}" for t in r.top[1:])
             print(f"{r.image}: {r.label} ({r.prob:.2f})" + (f"  | {rest}" if rest else ""))
-    print(classifier.speed_line(timings), file=sys.stderr)
+    print(classifier.speed_line(results), file=sys.stderr)
 
 
 def _print_truth_table(results: list[Any]) -> None:
@@ -276,12 +267,14 @@ def classify(
         _check_images(images)
         source = _source(bundle, ckpt, model)
         strategy = _strategy(noises, stages, loss, seed, robust)
-        class_list, classes_from = None, None
+        class_list: str | list[str] | None = classes
+        classes_from = None
         if classes is None and data is not None:
             class_list, classes_from = ImageFolder.scan(data).classes, f"--data {data}"
-        classifier = _load(source, backend=backend, device=device, method=method, classes=classes, prompts=prompts,
-                           template=template, strategy=strategy, max_batch=max_batch, fp16=fp16, engines=engines,
-                           classes_from=classes_from, class_list=class_list, lora=lora, lora_scale=lora_scale)
+        classifier = _open(_request(source, backend=backend, device=device, method=method, classes=class_list,
+                                    prompts=prompts, template=template, strategy=strategy, max_batch=max_batch,
+                                    fp16=fp16, engines=engines, classes_from=classes_from, lora=lora,
+                                    lora_scale=lora_scale))
         _classify(images, classifier, top_k, as_json)
 
     _run(go)
@@ -306,10 +299,10 @@ def eval_command(
         source = _source(bundle, ckpt, model)
         strategy = _strategy(noises, stages, loss, seed, robust)
         zero_shot_model = model is not None and model != "demo"
-        classifier = _load(source, backend=backend, device=device, method=method, classes=None, prompts=prompts,
-                           template=template, strategy=strategy, max_batch=max_batch, fp16=fp16, engines=engines,
-                           class_list=dataset.classes if zero_shot_model and prompts is None else None,
-                           lora=lora, lora_scale=lora_scale)
+        classifier = _open(_request(source, backend=backend, device=device, method=method,
+                                    classes=dataset.classes if zero_shot_model and prompts is None else None,
+                                    prompts=prompts, template=template, strategy=strategy, max_batch=max_batch,
+                                    fp16=fp16, engines=engines, lora=lora, lora_scale=lora_scale))
         report = evaluate_folder(classifier, dataset)
         if as_json:
             print(json.dumps(report, indent=2))
@@ -535,8 +528,9 @@ def batch(
         from noop_rt.jobs.batch import BatchOptions, run_batch
 
         _check_choices(backend, method, loss)
-        load = _load_kwargs(bundle, ckpt, model, backend, device, method, classes, prompts, template, max_batch,
-                            engines, _strategy(noises, stages, loss, seed, False), lora, lora_scale)
+        load = _request(_source(bundle, ckpt, model), backend=backend, device=device, method=method, classes=classes,
+                        prompts=prompts, template=template, strategy=_strategy(noises, stages, loss, seed, False),
+                        max_batch=max_batch, engines=engines, lora=lora, lora_scale=lora_scale)
         options = BatchOptions(top_k=top_k, batch_size=batch_size, ray=ray or ray_address is not None,
                                ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker)
         report = run_batch(inputs, out, load, options)
@@ -666,8 +660,9 @@ def serve(
         from noop_rt.serve import run_server
 
         _check_choices(backend, method, loss)
-        load = _load_kwargs(bundle, ckpt, model, backend, device, method, classes, prompts, template, max_batch,
-                            engines, _strategy(noises, stages, loss, seed, False), lora, lora_scale)
+        load = _request(_source(bundle, ckpt, model), backend=backend, device=device, method=method, classes=classes,
+                        prompts=prompts, template=template, strategy=_strategy(noises, stages, loss, seed, False),
+                        max_batch=max_batch, engines=engines, lora=lora, lora_scale=lora_scale)
         run_server(load, ServeOptions(host=host, port=port, replicas=replicas, gpus_per_replica=gpus_per_replica,
                                       threads=threads, max_batch_size=max_batch_size,
                                       concurrent_batches=concurrent_batches, batch_wait_ms=batch_wait_ms,
@@ -707,8 +702,8 @@ def demo(backend: BackendOpt = "auto", method: MethodOpt = None, noises: NoisesO
         images = sorted(EXAMPLES_DIR.glob("*.png"))
         if not images:
             raise BadInputError(f"no example images in {EXAMPLES_DIR}")
-        classifier = _load((None, None), backend=backend, device="auto", method=method, classes=None, prompts=None,
-                           template=None, strategy=_strategy(noises, None, None, 0, False))
+        classifier = _open(_request((None, None), backend=backend, device="auto", method=method, classes=None,
+                                    prompts=None, template=None, strategy=_strategy(noises, None, None, 0, False)))
         _classify(images, classifier, 3, as_json, truth_table=not as_json)
 
     _run(go)

@@ -19,12 +19,15 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from noop_rt.runtime.errors import BadInputError
 from noop_rt.runtime.images import IMAGE_SUFFIXES, is_uri, load_image
+
+if TYPE_CHECKING:
+    from noop_rt.api import LoadOptions
 
 OUTPUT_SUFFIXES = (".parquet", ".jsonl")
 COLUMNS = ("path", "label", "prob", "top_classes", "top_probs", "top_errors", "method", "backend", "unet_evals",
@@ -193,18 +196,18 @@ def classify_decoded(classifier: Any, top_k: int, ident: str, paths: list[str], 
     preds = {}
     if good:
         arrays = np.ascontiguousarray(images[good], dtype=np.float32)
-        results, _ = classifier.predict(arrays, top_k=top_k, names=[paths[i] for i in good])
+        results = classifier.classify(arrays, top_k=top_k)
         preds = dict(zip(good, results, strict=True))
     rows = []
     for i, path in enumerate(paths):
         row: dict[str, Any] = {"path": path, "label": None, "prob": None, "top_classes": None, "top_probs": None,
                                "top_errors": None, "method": classifier.method, "backend": classifier.backend,
                                "unet_evals": 0, "model_id": ident, "error": errors[i]}
-        if i in preds:
-            top = preds[i].top
-            row.update(label=top[0].label, prob=top[0].prob, top_classes=[t.label for t in top],
-                       top_probs=[t.prob for t in top], top_errors=[t.error for t in top],
-                       unet_evals=preds[i].unet_evals)
+        if i in preds:  # the `classify --json` object, in columns
+            top = preds[i].to_json()["top"]
+            row.update(label=top[0]["class"], prob=top[0]["prob"], top_classes=[t["class"] for t in top],
+                       top_probs=[t["prob"] for t in top], top_errors=[t["error"] for t in top],
+                       unet_evals=preds[i].to_json()["unet_evals"])
         rows.append(row)
     return rows
 
@@ -224,13 +227,12 @@ class BatchReport:
     drift: dict[str, Any] | None = None  # the drift monitor's report (in-process runs of a calibrated NoOp model)
 
 
-def run_batch(inputs: list[str], out: Path, load: dict[str, Any], options: BatchOptions, log: Any = None,
+def run_batch(inputs: list[str], out: Path, load: LoadOptions, options: BatchOptions, log: Any = None,
               show_progress: bool = True) -> BatchReport:
     """Classify every input path into `out`, resuming from what `out` (and unfinished part files) already hold.
 
-    `load`: keyword arguments of `noop_rt.load` (source, backend, device, method, classes, prompts, template,
-    max_batch, engines, threads, strategy options). A bundle never imports torch. Ctrl-C keeps the rows done so far
-    in part files, says so on `log` (stderr) and re-raises KeyboardInterrupt."""
+    `load`: what `noop_rt.load` opens, here and in every Ray worker. A bundle never imports torch. Ctrl-C keeps the
+    rows done so far in part files, says so on `log` (stderr) and re-raises KeyboardInterrupt."""
     from noop_rt.api import load as open_model
 
     log = sys.stderr if log is None else log
@@ -239,7 +241,7 @@ def run_batch(inputs: list[str], out: Path, load: dict[str, Any], options: Batch
     paths = expand_inputs(inputs)
     if not paths:
         raise BadInputError("no input images")
-    classifier = open_model(**load)
+    classifier = open_model(load)
     classifier.on_drift = lambda message: print(f"warning: {message}", file=log)
     for note in classifier.notes:
         print(f"note: {note}", file=log)
@@ -344,10 +346,10 @@ def _run_in_process(todo: list[str], classifier: Any, ident: str, options: Batch
 class _RayClassifier:
     """One Ray actor per worker: opens the classifier (its sessions and cached class embeddings) once."""
 
-    def __init__(self, load: dict[str, Any], top_k: int, ident: str, threads: int) -> None:
+    def __init__(self, load: LoadOptions, top_k: int, ident: str, threads: int) -> None:
         from noop_rt.api import load as open_model
 
-        self.classifier = open_model(**{**load, "threads": max(1, threads)})
+        self.classifier = open_model(load.replace(threads=max(1, threads)))
         self.top_k, self.ident = top_k, ident
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -368,7 +370,7 @@ def _decode_for_ray(resolution: int) -> Callable[[dict[str, np.ndarray]], dict[s
     return decode
 
 
-def _run_ray(todo: list[str], load: dict[str, Any], resolution: int, ident: str, options: BatchOptions,
+def _run_ray(todo: list[str], load: LoadOptions, resolution: int, ident: str, options: BatchOptions,
              parts: Path, next_part: int, show_progress: bool) -> None:
     try:
         import ray
@@ -396,7 +398,7 @@ def _run_ray(todo: list[str], load: dict[str, Any], resolution: int, ident: str,
         ds = ds.map_batches(
             _RayClassifier, batch_size=options.batch_size, concurrency=workers, num_cpus=actor_cpus,
             num_gpus=options.gpus_per_worker or None,
-            fn_constructor_kwargs={"load": dict(load), "top_k": options.top_k, "ident": ident,
+            fn_constructor_kwargs={"load": load, "top_k": options.top_k, "ident": ident,
                                    "threads": int(max(1, actor_cpus))})
         for n, batch in enumerate(ds.iter_batches(batch_size=options.batch_size, batch_format="numpy")):
             if options.fail_after_batches is not None and n >= options.fail_after_batches:

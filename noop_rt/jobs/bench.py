@@ -121,12 +121,12 @@ def time_single(classifier: Classifier, images: np.ndarray, runs: int, warmup: i
     """Per-image seconds over `runs` one-image calls (after `warmup` untimed ones), and UNet evals per image."""
     n = len(images)
     for i in range(warmup):
-        classifier.predict(images[i % n][None], top_k=1, method=method, **strategy)
+        classifier.classify(images[i % n][None], top_k=1, method=method, **strategy)
     seconds: list[float] = []
     evals = 0
     for i in range(runs):
         start = time.perf_counter()
-        results, _ = classifier.predict(images[i % n][None], top_k=1, method=method, **strategy)
+        results = classifier.classify(images[i % n][None], top_k=1, method=method, **strategy)
         seconds.append(time.perf_counter() - start)  # predict synchronises the device before it returns
         evals = results[0].unet_evals
     return seconds, evals
@@ -169,7 +169,7 @@ def bench_backend(classifier: Classifier, images: np.ndarray, options: BenchOpti
     noop = stats(seconds, evals, gflop)
     batch = images[np.arange(max(len(images), 2 * options.runs)) % len(images)]
     start = time.perf_counter()
-    classifier.predict(batch, top_k=1, method="noop")
+    classifier.classify(batch, top_k=1, method="noop")
     noop["batched_images_per_s"] = len(batch) / (time.perf_counter() - start)
     measured = min(options.baseline_noises, options.baseline_measured_pairs)
     runs = max(2, options.runs // 3)

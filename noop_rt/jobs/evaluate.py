@@ -49,7 +49,7 @@ def evaluate_folder(classifier: Any, dataset: ImageFolder, show_progress: bool =
     step = 64
     for s in range(0, len(dataset), step):
         chunk = dataset.samples[s:s + step]
-        results, _ = classifier.run([str(p) for p, _ in chunk], top_k=1, progress=bar.update)
+        results = classifier.classify([str(p) for p, _ in chunk], top_k=1, progress=bar.update)
         for (_, label), result in zip(chunk, results, strict=True):
             confusion[index[dataset.classes[label]], index[result.label]] += 1
             evals += result.unet_evals

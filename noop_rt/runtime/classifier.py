@@ -19,6 +19,7 @@ from noop_rt.runtime import strategies
 from noop_rt.runtime.drift import DriftMonitor
 from noop_rt.runtime.errors import BadInputError, UsageError
 from noop_rt.runtime.graph_model import GraphModel
+from noop_rt.runtime.images import as_model_input
 from noop_rt.runtime.suggest import suggest
 
 
@@ -84,41 +85,19 @@ class Result:
         return out
 
 
-@dataclass
-class Timings:
-    """Seconds spent per stage over `images` images."""
-
-    preprocess: float = 0.0
-    model: float = 0.0  # encoder + noise + UNet (every graph call)
-    scoring: float = 0.0  # probabilities, ranking, top-k
-    images: int = 0
-
-    def add(self, other: Timings) -> None:
-        self.preprocess += other.preprocess
-        self.model += other.model
-        self.scoring += other.scoring
-        self.images += other.images
-
-    def per_image_ms(self) -> dict[str, float]:
-        n = max(self.images, 1)
-        return {"preprocess": 1e3 * self.preprocess / n, "model": 1e3 * self.model / n,
-                "scoring": 1e3 * self.scoring / n}
-
-
 class Classifier:
     """Labels images with a diffusion model. Build one with `noop_rt.load()`."""
 
     def __init__(self, model: GraphModel, class_set: ClassSet, *, method: str | None = None,
                  options: dict[str, Any] | None = None, notes: list[str] | None = None) -> None:
+        if model.emb is not class_set.embeddings:
+            raise ValueError("the model must score the class set's embeddings: GraphModel.with_classes(class_set)")
         self.model = model
         self.class_set = class_set
         self.notes = list(notes or [])  # one-line remarks for the user (stale tau, zero-shot classes, fallbacks)
         self.options = dict(options or {})  # strategy options (loss, pairs, stages, seed, ...) set at load time
-        model.emb = class_set.embeddings
-        model.custom_classes = not class_set.trained
         self.method = method or self.default_method()
         self.check_method(self.method)
-        model.prepare(self.method)
         self.drift = DriftMonitor.from_profile(model.info.drift)  # None: no validation profile to compare with
         self.on_drift: Callable[[str], None] = _log_warning  # where a drift warning goes (the CLI prints it)
         self._drift_lock = threading.Lock()  # predict may run in several threads at once (a server's batches)
@@ -209,78 +188,71 @@ class Classifier:
         self.model.runner.synchronize()
         return scores, time.perf_counter() - start
 
-    def predict(self, images: np.ndarray, *, top_k: int = 5, method: str | None = None,
-                names: Sequence[str | None] | None = None, **options: Any) -> tuple[list[Result], Timings]:
-        """Results for preprocessed images (B, 3, R, R), batched into B*C UNet calls up to the max batch."""
+    def classify(self, images: ImageLike | Sequence[ImageLike] | np.ndarray, *, top_k: int = 5,
+                 method: str | None = None, progress: Callable[[int], None] | None = None,
+                 **options: Any) -> Result | list[Result]:
+        """Classify images: one path, PIL image or numpy array gives one Result; a list of them, or a preprocessed
+        batch (B, 3, R, R) float32 in [-1, 1], gives a list. Arrays: (H, W, 3) or (H, W) uint8 images are preprocessed
+        like files, a (3, R, R) float array in [-1, 1] is taken as preprocessed. Strategy options (loss, pairs,
+        stages, seed, alpha, round_size, robust) override the loaded ones; `progress(n)` is called as images finish.
+
+        Images go to the model in one place: here, `images_per_call` at a time for NoOp (one B*C UNet batch), one at a
+        time for the multi-pass strategies."""
+        batch = isinstance(images, np.ndarray) and images.ndim == 4
+        single = not batch and not isinstance(images, (list, tuple))
+        items: Sequence[Any] = images if batch else [images] if single else list(images)  # type: ignore[assignment]
+        if len(items) == 0:
+            raise BadInputError("no images given")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise BadInputError(f"top_k must be a whole number >= 1, got {top_k!r}")
         method = method or self.method
         config = self.config(method, **options)
         calibrated = self.calibrated(method, config)
-        results: list[Result] = []
-        total = Timings()
-        step = self.model.images_per_call() if method == "noop" else 1
-        k = max(1, min(top_k, len(self.classes)))
-        for s in range(0, len(images), step):
-            chunk = images[s:s + step]
-            scores, model_s = self.score(chunk, method, **options)
-            t0 = time.perf_counter()
-            tau = self.model.info.tau if calibrated else strategies.uncalibrated_tau(scores.errors)
-            probs = scores.probabilities(tau)
-            if calibrated and self.drift is not None:  # the profile holds for the calibrated NoOp path only
-                with self._drift_lock:
-                    warning = self.drift.update(probs.max(axis=1), scores.errors.min(axis=1), probs.argmax(axis=1))
-                if warning is not None:
-                    self.on_drift(warning)
-            ranking = scores.ranking()[:, :k]
-            scoring_s = time.perf_counter() - t0
-            per = {"preprocess": 0.0, "model": 1e3 * model_s / len(chunk), "scoring": 1e3 * scoring_s / len(chunk)}
-            for i in range(len(chunk)):
-                top = [ClassScore(self.classes[c], float(probs[i, c]), float(scores.errors[i, c]))
-                       for c in ranking[i].tolist()]
-                results.append(Result(image=None if names is None else names[s + i], label=top[0].label, top=top,
-                                      method=method, backend=self.backend, unet_evals=int(scores.unet_evals[i]),
-                                      timings=dict(per), calibrated=calibrated, zero_shot=self.class_set.zero_shot))
-            total.add(Timings(model=model_s, scoring=scoring_s, images=len(chunk)))
-        return results, total
-
-    def classify(self, images: ImageLike | Sequence[ImageLike], *, top_k: int = 5, method: str | None = None,
-                 progress: Callable[[int], None] | None = None, **options: Any) -> Result | list[Result]:
-        """Classify paths, PIL images or numpy arrays; one image gives one Result, a list gives a list.
-        Strategy options (loss, pairs, stages, seed, alpha, round_size, robust) override the loaded ones."""
-        single = not isinstance(images, (list, tuple))
-        items = [images] if single else list(images)
-        if not items:
-            raise BadInputError("no images given")
-        results, _ = self.run(items, top_k=top_k, method=method, progress=progress, **options)
-        return results[0] if single else results
-
-    def run(self, items: Sequence[ImageLike], *, top_k: int = 5, method: str | None = None,
-            progress: Callable[[int], None] | None = None, **options: Any) -> tuple[list[Result], Timings]:
-        """`classify` that also returns the summed timings (for speed lines and benchmarks)."""
-        from noop_rt.runtime.images import as_model_input
-
-        method = method or self.method
         step = max(1, self.model.images_per_call()) if method == "noop" else 1
         results: list[Result] = []
-        total = Timings()
         for s in range(0, len(items), step):
             chunk = items[s:s + step]
             t0 = time.perf_counter()
-            arrays = np.stack([as_model_input(x, self.resolution) for x in chunk])
-            pre = time.perf_counter() - t0
-            names = [str(x) if isinstance(x, (str, Path)) else None for x in chunk]
-            out, timings = self.predict(arrays, top_k=top_k, method=method, names=names, **options)
-            for r in out:
-                r.timings["preprocess"] = 1e3 * pre / len(chunk)
-            timings.preprocess = pre
-            results += out
-            total.add(timings)
+            arrays = (np.ascontiguousarray(chunk, dtype=np.float32) if batch
+                      else np.stack([as_model_input(x, self.resolution) for x in chunk]))
+            preprocess_s = time.perf_counter() - t0
+            scores, model_s = self.score(arrays, method, **options)
+            names = [None] * len(chunk) if batch else [str(x) if isinstance(x, (str, Path)) else None for x in chunk]
+            results += self._results(scores, names, method, calibrated, top_k, preprocess_s, model_s)
             if progress is not None:
                 progress(len(chunk))
-        return results, total
+        return results[0] if single else results
 
-    def speed_line(self, timings: Timings, method: str | None = None) -> str:
-        """A one-line speed summary like the detection tools print."""
-        ms = timings.per_image_ms()
+    def _results(self, scores: strategies.Scores, names: list[str | None], method: str, calibrated: bool,
+                 top_k: int, preprocess_s: float, model_s: float) -> list[Result]:
+        """Typed results of one scored chunk: probabilities (the fitted tau or a per-image scale), the drift
+        monitor's update, the top-k ranking, and each stage's time per image."""
+        t0 = time.perf_counter()
+        tau = self.model.info.tau if calibrated else strategies.uncalibrated_tau(scores.errors)
+        probs = scores.probabilities(tau)
+        if calibrated and self.drift is not None:  # the profile holds for the calibrated NoOp path only
+            with self._drift_lock:
+                warning = self.drift.update(probs.max(axis=1), scores.errors.min(axis=1), probs.argmax(axis=1))
+            if warning is not None:
+                self.on_drift(warning)
+        ranking = scores.ranking()[:, :min(top_k, len(self.classes))]
+        n = len(names)
+        per = {"preprocess": 1e3 * preprocess_s / n, "model": 1e3 * model_s / n,
+               "scoring": 1e3 * (time.perf_counter() - t0) / n}
+        out = []
+        for i, name in enumerate(names):
+            top = [ClassScore(self.classes[c], float(probs[i, c]), float(scores.errors[i, c]))
+                   for c in ranking[i].tolist()]
+            out.append(Result(image=name, label=top[0].label, top=top, method=method, backend=self.backend,
+                              unet_evals=int(scores.unet_evals[i]), timings=dict(per), calibrated=calibrated,
+                              zero_shot=list(self.class_set.zero_shot)))
+        return out
+
+    def speed_line(self, results: Sequence[Result], method: str | None = None) -> str:
+        """A one-line speed summary like the detection tools print: each stage's mean time per image."""
+        n = max(len(results), 1)
+        ms = {stage: sum(r.timings.get(stage, 0.0) for r in results) / n
+              for stage in ("preprocess", "model", "scoring")}
         r = self.resolution
         return (f"Speed: {ms['preprocess']:.1f} ms preprocess, {ms['model']:.1f} ms noise+UNet, {ms['scoring']:.1f} "
                 f"ms scoring per image at {r}x{r} ({len(self.classes)} classes, method {method or self.method}, "

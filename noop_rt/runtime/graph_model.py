@@ -73,12 +73,17 @@ class GraphModel:
     """`scoring.ScoringModel` over any GraphRunner, with the class embeddings it scores against."""
 
     def __init__(self, runner: GraphRunner, info: ModelInfo, tokenize: Callable[[list[str]], np.ndarray] | None,
-                 class_embeddings: np.ndarray | None = None) -> None:
+                 class_embeddings: np.ndarray | None = None, custom_classes: bool = False) -> None:
         self.runner = runner
         self.info = info
         self.tokenize = tokenize
         self.emb = class_embeddings  # (C, L, D) float32
-        self.custom_classes = False  # the classifier graph gets `emb` fed instead of its built-in default
+        self.custom_classes = custom_classes  # the classifier graph gets `emb` fed instead of its built-in default
+
+    def with_classes(self, embeddings: np.ndarray, trained: bool) -> GraphModel:
+        """The same runner scoring another class set: `embeddings` (C, L, D); `trained`: the set the classifier
+        graph was exported with (its built-in default)."""
+        return GraphModel(self.runner, self.info, self.tokenize, embeddings, custom_classes=not trained)
 
     def classifier_fits_classes(self) -> bool:
         """Whether the classifier graph can score the current class set: its built-in (trained) classes always;

@@ -8,6 +8,7 @@ never imports torch.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +17,17 @@ from typing import Any
 import numpy as np
 
 from noop_rt.runtime.backends.base import BACKENDS, installed, nvidia_gpus
-from noop_rt.runtime.classes import DEFAULT_TEMPLATE, make_prompts
+from noop_rt.runtime.classes import DEFAULT_TEMPLATE, make_prompts, parse_class_list, read_prompts_file
 from noop_rt.runtime.classifier import Classifier, ClassSet
 from noop_rt.runtime.errors import BadInputError, MissingDependencyError, UsageError
 from noop_rt.runtime.graph_model import GraphModel, ModelInfo
+from noop_rt.runtime.strategies import STRATEGIES
 from noop_rt.runtime.suggest import close_match, suggest
 
 TORCH_MAX_BATCH = 256
+# strategy options `noop_rt.load` and `classify` take (each strategy config's fields, `pairs` for all, and robust)
+STRATEGY_OPTIONS = tuple(sorted({f for s in STRATEGIES.values() for f in s.config.__dataclass_fields__}
+                                | {"pairs", "robust"}))
 TRAIN_HINT = "pip install 'noop-rt[train]'"
 SOURCE_KINDS = "a bundle folder (manifest.json), a checkpoint NAME.pt, a diffusers Stable Diffusion folder " \
                "(model_index.json), or 'demo'"
@@ -30,10 +35,13 @@ SOURCE_KINDS = "a bundle folder (manifest.json), a checkpoint NAME.pt, a diffuse
 
 @dataclass(frozen=True, kw_only=True)
 class LoadOptions:
-    """How to open a source. Class options: `classes` (names), `template` (one '{}'), `prompts` ({class: prompt},
-    e.g. from Li et al.'s CSV files); `classes_from` names where `classes` came from when they must be the trained
-    set (`--data DIR`)."""
+    """What to open and how: the one description that the CLI, `batch` (in process and on Ray workers), `eval`,
+    `bench` and the server build and hand to `noop_rt.load`. Plain data (it travels to Ray actors).
 
+    Class options: `classes` (names), `template` (one '{}'), `prompts` ({class: prompt}, e.g. from Li et al.'s CSV
+    files); `classes_from` names where `classes` came from when they must be the trained set (`--data DIR`)."""
+
+    source: str | Path | None = None  # a bundle folder, a checkpoint NAME.pt, a diffusers folder, "demo"/None: demo
     kind: str | None = None  # what the user said the source is (--bundle/--ckpt/--model); None: detect it
     backend: str = "auto"
     device: str = "auto"  # auto | cpu | cuda[:N]
@@ -50,6 +58,33 @@ class LoadOptions:
     strategy: dict[str, Any] = field(default_factory=dict)  # loss, pairs, stages, seed, alpha, round_size, robust
     lora: Path | None = None  # a LoRA .safetensors fused into a diffusers folder / a checkpoint's backbone (torch)
     lora_scale: float | None = None  # None: 1, or the scale a checkpoint was trained with
+
+    @classmethod
+    def of(cls, source: str | Path | None = None, **options: Any) -> LoadOptions:
+        """From `noop_rt.load`'s keywords (see `updated`)."""
+        return cls(source=source).updated(**options)
+
+    def updated(self, **options: Any) -> LoadOptions:
+        """A copy with fields changed by keyword: the fields above, and strategy options (loss, pairs, stages, seed,
+        alpha, round_size, max_pairs, noises, robust) merged into `strategy`; `classes` may be "a,b,c", `prompts` a
+        CSV file. An unknown keyword is a TypeError naming the closest known one."""
+        fields = {f.name for f in dataclasses.fields(self)} - {"strategy"}
+        unknown = [k for k in options if k not in fields and k not in STRATEGY_OPTIONS]
+        if unknown:
+            close = close_match(unknown[0], sorted(fields | set(STRATEGY_OPTIONS)))
+            raise TypeError(f"load() got an unexpected keyword argument {unknown[0]!r}"
+                            + (f" (did you mean {close!r}?)" if close else ""))
+        strategy = {**self.strategy, **{k: options.pop(k) for k in list(options) if k in STRATEGY_OPTIONS}}
+        if isinstance(options.get("classes"), str):
+            options["classes"] = parse_class_list(options["classes"])
+        elif options.get("classes") is not None:
+            options["classes"] = list(options["classes"])
+        if isinstance(options.get("prompts"), (str, Path)):
+            options["prompts"] = read_prompts_file(options["prompts"])
+        for name in ("engines", "lora"):
+            if options.get(name) is not None:
+                options[name] = Path(options[name])
+        return dataclasses.replace(self, strategy=strategy, **options)
 
 
 def source_kind(source: str | Path | None) -> tuple[str, Path | None]:
@@ -73,9 +108,10 @@ def source_kind(source: str | Path | None) -> tuple[str, Path | None]:
     raise BadInputError(f"cannot load {path}: expected {SOURCE_KINDS}")
 
 
-def open_classifier(source: str | Path | None = None, options: LoadOptions | None = None) -> Classifier:
-    """The classifier a source names; the built-in demo when there is none."""
-    options = options or LoadOptions()
+def open_classifier(options: LoadOptions) -> Classifier:
+    """The classifier `options.source` names; the built-in demo when there is none. `noop_rt.load` is the door:
+    nothing else calls this."""
+    source = options.source
     if options.backend not in BACKENDS:
         raise suggest(options.backend, BACKENDS, "backend")
     check_device(options.device)
@@ -104,7 +140,9 @@ def open_classifier(source: str | Path | None = None, options: LoadOptions | Non
     else:
         model, trained_emb = _open_torch(kind, path, options)
     class_set = resolve_classes(model, trained_emb, options, notes)
+    model = model.with_classes(class_set.embeddings, class_set.trained)
     classifier = Classifier(model, class_set, method=options.method, options=options.strategy, notes=notes)
+    model.prepare(classifier.method)
     info = model.info
     if info.tau is not None and classifier.method == "noop" and not classifier.calibrated("noop", classifier.config()):
         notes.append(f"probabilities are uncalibrated (a per-image 1/std scale): tau was fitted for the trained "

@@ -9,9 +9,12 @@ does, and says how to install it when it is missing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from noop_rt.runtime.errors import BadInputError
+
+if TYPE_CHECKING:
+    from noop_rt.api import LoadOptions
 
 __all__ = ["APP_NAME", "ServeOptions", "run_server"]
 
@@ -62,11 +65,10 @@ class ServeOptions:
         return int(self.max_upload_mb * 1024 * 1024) if self.max_upload_mb > 0 else None
 
 
-def run_server(load: dict[str, Any], options: ServeOptions) -> None:
+def run_server(load: LoadOptions, options: ServeOptions) -> None:
     """Serve until SIGINT/SIGTERM: print the URL on stdout once ready, then drain in-flight requests and return.
 
-    `load`: keyword arguments of `noop_rt.load` (source, kind, backend, device, method, classes, prompts, template,
-    max_batch, engines, strategy options); each replica opens its own classifier from them."""
+    `load`: what `noop_rt.load` opens; each replica opens its own classifier from it."""
     from noop_rt.serve.server import serve_forever
 
     serve_forever(load, options)

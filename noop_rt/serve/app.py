@@ -39,6 +39,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from noop_rt import __version__
+from noop_rt.api import LoadOptions
 from noop_rt.runtime.errors import BadInputError
 from noop_rt.serve import ServeOptions, kserve
 from noop_rt.serve.uploads import (
@@ -182,14 +183,13 @@ class ModelReplica:
     """One classifier. `classify(image, top_k)` is called once per image; the calls that arrive together become one
     batch."""
 
-    def __init__(self, load: dict[str, Any], options: ServeOptions, threads: int | None) -> None:
+    def __init__(self, load: LoadOptions, options: ServeOptions, threads: int | None) -> None:
         from noop_rt.api import load as open_model
 
-        kwargs = dict(load)
-        if kwargs.get("threads") is None and threads is not None:
-            kwargs["threads"] = threads
-        self.classifier = open_model(**kwargs)
-        self.threads = kwargs.get("threads")
+        if load.threads is None and threads is not None:
+            load = load.replace(threads=threads)
+        self.classifier = open_model(load)
+        self.threads = load.threads
         self.concurrent = concurrent_batches(options, self.classifier.backend)
         self.classify_batch = serve.batch(max_batch_size=options.max_batch_size,
                                           batch_wait_timeout_s=options.batch_wait_ms / 1000.0,
@@ -239,13 +239,13 @@ class ModelReplica:
 
     async def _classify_batch(self, images: list[np.ndarray], top_ks: list[int], arrived: list[float]) \
             -> list[dict[str, Any]]:
-        """The batch `@serve.batch` gathered (`classify_batch`, set up per replica): one `predict`."""
+        """The batch `@serve.batch` gathered (`classify_batch`, set up per replica): one `classify` call."""
         start = time.perf_counter()
         batch = np.stack(images)
         n_classes = len(self.classifier.classes)
         self.running += 1
         try:  # in a thread: the replica still answers ready/describe (and health checks) meanwhile
-            results, _ = await asyncio.to_thread(self.classifier.predict, batch, top_k=n_classes)
+            results = await asyncio.to_thread(self.classifier.classify, batch, top_k=n_classes)
         finally:
             self.running -= 1
             self.free.set()
@@ -258,11 +258,12 @@ class ModelReplica:
         index = {c: i for i, c in enumerate(self.classifier.classes)}
         out = []
         for result, k, t in zip(results, top_ks, arrived, strict=True):
+            obj = result.to_json()  # every class, ranked: the KServe probabilities, then the client's top-k
             probs = np.zeros(n_classes, dtype=np.float32)
-            for s in result.top:
-                probs[index[s.label]] = s.prob
-            result.top = result.top[:max(1, k)]
-            out.append({"result": result.to_json(), "label": result.label, "probs": probs,
+            for s in obj["top"]:
+                probs[index[s["class"]]] = s["prob"]
+            obj["top"] = obj["top"][:max(1, k)]
+            out.append({"result": obj, "label": obj["top"][0]["class"], "probs": probs,
                         "queue_ms": round(1e3 * (start - t), 3), "batch_size": len(images),
                         "inference_ms": round(model_ms, 3), "replica": self.replica})
         return out
@@ -526,7 +527,7 @@ class Ingress:
             return Response(content, headers=headers)
 
 
-def build_app(load: dict[str, Any], options: ServeOptions, *, model_cpus: float, ingress_cpus: float,
+def build_app(load: LoadOptions, options: ServeOptions, *, model_cpus: float, ingress_cpus: float,
               threads: int | None) -> Any:
     """The application: the ingress bound to `options.replicas` model replicas."""
     model = ModelReplica.options(

@@ -21,11 +21,14 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from noop_rt.runtime import errors
 from noop_rt.runtime.errors import BadInputError, MissingDependencyError, NoopError
 from noop_rt.serve import APP_NAME, INSTALL_HINT, ServeOptions
+
+if TYPE_CHECKING:
+    from noop_rt.api import LoadOptions
 
 ROUTER_LOOP = "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"
 DIRECT_INGRESS_SETTINGS = ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_DIRECT_INGRESS",
@@ -117,7 +120,7 @@ def url_for(host: str, port: int) -> str:
     return f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
 
 
-def serve_forever(load: dict[str, Any], options: ServeOptions) -> None:
+def serve_forever(load: LoadOptions, options: ServeOptions) -> None:
     address = options.ray_address or os.environ.get("RAY_ADDRESS") or None
     port = options.port
     if port == 0:
@@ -247,11 +250,11 @@ def _connect(ray: Any, address: str) -> None:
         raise BadInputError(f"cannot connect to the Ray cluster at {address}: {_first_line(exc)}{hint}") from None
 
 
-def _check_source(load: dict[str, Any]) -> None:
+def _check_source(load: LoadOptions) -> None:
     """A mistyped path is one line now, not three failed replica starts later."""
     from noop_rt.runtime.opener import source_kind
 
-    source, kind = load.get("source"), load.get("kind")
+    source, kind = load.source, load.kind
     if kind is None:
         source_kind(source)
     elif source is not None and str(source) != "demo" and not Path(source).expanduser().exists():
