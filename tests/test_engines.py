@@ -22,6 +22,7 @@ from noop_rt.runtime.backends import tensorrt_runner as trtb
 from noop_rt.runtime.backends.base import installed, nvidia_gpus
 from noop_rt.runtime.bundle import Bundle
 from noop_rt.runtime.errors import EngineError, MissingDependencyError
+from noop_rt.runtime.extras import install_hint
 from noop_rt.runtime.graph_specs import GraphSpec, graph_specs
 
 NO_TRT = "TensorRT is not installed (cannot be installed on this project's machines)"
@@ -342,7 +343,7 @@ def test_parse_nvidia_smi() -> None:
 @pytest.mark.skipif(installed("tensorrt"), reason="TensorRT is installed here: its absence cannot be shown")
 def test_unavailable_says_why_here() -> None:
     reason = trt_plans.unavailable(Bundle(BUNDLE_DIR, demo_manifest()), None)
-    assert reason is not None and reason.startswith("tensorrt is not installed") and "noop-rt[tensorrt]" in reason
+    assert reason is not None and reason.startswith("tensorrt is not installed") and install_hint("tensorrt") in reason
 
 
 def test_unavailable_checks_the_engines_against_this_machine(tmp_path, monkeypatch) -> None:
@@ -411,7 +412,7 @@ def test_build_without_tensorrt_exits_1_with_the_install_hint(fp16_copy, tmp_pat
     res = CliRunner().invoke(app, ["build", str(fp16_copy), "--out", str(tmp_path / "engines")])
     assert res.exit_code == 1
     assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: ")
-    assert "TensorRT" in res.stderr and "noop-rt[tensorrt]" in res.stderr
+    assert "TensorRT" in res.stderr and install_hint("tensorrt") in res.stderr
     assert not (tmp_path / "engines").exists()
 
 

@@ -18,6 +18,7 @@ from noop_rt.demo import BUNDLE_DIR, CKPT_PATH, EXAMPLES_DIR
 from noop_rt.runtime.errors import BadInputError, BundleError, UsageError
 
 EXAMPLES = sorted(EXAMPLES_DIR.glob("*.png"))
+REPO = Path(__file__).resolve().parents[1]
 SEVEN = EXAMPLES_DIR / "seven.png"
 BLOCK_TORCH = ("import sys\n"
                "for m in ('torch', 'diffusers', 'transformers', 'accelerate'):\n"
@@ -50,14 +51,15 @@ def test_the_demo_classifies_with_torch_unimportable() -> None:
 
 
 def test_commands_that_need_torch_say_which_extra(tmp_path) -> None:
-    """Without torch: a checkpoint, train and export each fail with one line naming noop-rt[train], exit 1."""
+    """Without torch: a checkpoint, train and export each fail with one line naming the train extra as this clone
+    installs it (pip install -e 'CLONE[train]'), exit 1."""
     for args in (["classify", str(SEVEN), "--ckpt", str(CKPT_PATH)], ["export", "--ckpt", str(CKPT_PATH)],
                  ["train", "--data", str(tmp_path), "--out", str(tmp_path / "x.pt")]):
         code = BLOCK_TORCH + f"sys.argv = ['noop-rt', *{args!r}]\nfrom noop_rt.cli import run\nrun()\n"
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
         assert res.returncode == 1 and len(lines) == 1, res.stderr
-        assert "pip install 'noop-rt[train]'" in lines[0], lines
+        assert f"pip install -e '{REPO}[train]'" in lines[0] or "pip install -e '.[train]'" in lines[0], lines
 
 
 def test_api_takes_paths_pil_images_and_arrays() -> None:
@@ -424,3 +426,13 @@ def test_a_graph_refuses_feeds_that_do_not_fit_in_one_line() -> None:
     with pytest.raises(BadInputError, match=r"'z0' and 'eps' disagree on the batch axis \(2 vs 1\)"):
         runner.run("scorer", {"z0": z, "eps": z[:1], "timestep": np.zeros(2, np.float32),
                               "class_embeddings": np.zeros((10, 8, 64), np.float32)}, ["errors_l2"])
+
+
+def test_install_hints_fit_the_installation(monkeypatch) -> None:
+    """From a clone pip finds no noop-rt on the index, so the hint installs the clone; a wheel names the package."""
+    from noop_rt.runtime import extras
+
+    assert extras.source_checkout() == REPO
+    assert extras.install_hint("train") in (f"pip install -e '{REPO}[train]'", "pip install -e '.[train]'")
+    monkeypatch.setattr(extras, "source_checkout", lambda: None)
+    assert extras.install_hint("openvino") == "pip install 'noop-rt[openvino]'"

@@ -13,7 +13,9 @@ from typing import Annotated, Any
 import typer
 
 from noop_rt.demo import SHOTS, VAL_SHOTS
+from noop_rt.runtime.backends.base import BACKENDS
 from noop_rt.runtime.errors import BadInputError, NoopError, UsageError
+from noop_rt.runtime.strategies import LOSSES, METHODS
 from noop_rt.serve import ServeOptions
 
 
@@ -49,9 +51,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Diffusion classifiers at one UNet pass per class: train NoOp, export to ONNX, build "
                        "TensorRT engines, classify.")
 _state: dict[str, bool] = {"debug": False}
-BACKEND_NAMES = ("auto", "tensorrt", "onnxruntime", "openvino", "torch")
-METHOD_NAMES = ("noop", "baseline", "adaptive", "pruned")
-LOSS_NAMES = ("l2", "l1", "huber")
 
 
 def _fail(exc: BaseException) -> None:
@@ -139,12 +138,12 @@ def _source(bundle: Path | None, ckpt: Path | None, model: str | None) -> tuple[
 def _check_choices(backend: str, method: str | None, loss: str | None) -> None:
     from noop_rt.runtime.suggest import suggest
 
-    if backend not in BACKEND_NAMES:
-        raise suggest(backend, BACKEND_NAMES, "backend")
-    if method is not None and method not in METHOD_NAMES:
-        raise suggest(method, METHOD_NAMES, "method")
-    if loss is not None and loss not in LOSS_NAMES:
-        raise suggest(loss, LOSS_NAMES, "loss")
+    if backend not in BACKENDS:
+        raise suggest(backend, BACKENDS, "backend")
+    if method is not None and method not in METHODS:
+        raise suggest(method, METHODS, "method")
+    if loss is not None and loss not in LOSSES:
+        raise suggest(loss, LOSSES, "loss")
 
 
 def _strategy(noises: int | None, stages: str | None, loss: str | None, seed: int, robust: bool) -> dict[str, Any]:
@@ -176,8 +175,6 @@ def _request(source: tuple[Any, str | None], *, backend: str, device: str, metho
     from noop_rt.api import LoadOptions
 
     path, kind = source
-    if strategy.get("robust") is not None and path is None and backend == "auto":
-        backend = "torch"  # robust mode takes gradients: the built-in demo runs from its checkpoint
     return LoadOptions.of(path, kind=kind, backend=backend, device=device, fp16=fp16, max_batch=max_batch,
                           engines=engines, classes=classes, template=template, prompts=prompts,
                           classes_from=classes_from, method=method, lora=lora, lora_scale=lora_scale, **strategy)
@@ -361,14 +358,14 @@ def train(
 
     def go() -> None:
         from noop_rt.runtime.classes import read_prompts_file
-        from noop_rt.runtime.opener import TRAIN_HINT
+        from noop_rt.runtime.extras import require_torch_side
         from noop_rt.runtime.suggest import suggest
 
-        if loss not in LOSS_NAMES:
-            raise suggest(loss, LOSS_NAMES, "loss")
+        if loss not in LOSSES:
+            raise suggest(loss, LOSSES, "loss")
         if out.suffix != ".pt":
             raise BadInputError(f"--out must name a .pt file, got {out}")
-        _need_train_extra("train", TRAIN_HINT)
+        require_torch_side("`noop-rt train`")
         from noop_rt.train.trainer import train_command
 
         summary = train_command(data=data, out=out, model=model, shots=shots, val_shots=val_shots, timestep=timestep,
@@ -393,15 +390,6 @@ def train(
                   f"{summary['minutes']:.1f} min")
 
     _run(go)
-
-
-def _need_train_extra(command: str, hint: str) -> None:
-    from noop_rt.runtime.backends.base import installed
-    from noop_rt.runtime.errors import MissingDependencyError
-
-    missing = [m for m in ("torch", "diffusers", "transformers") if not installed(m)]
-    if missing:
-        raise MissingDependencyError(f"`noop-rt {command}` needs {', '.join(missing)}: {hint}")
 
 
 @app.command()
@@ -433,9 +421,9 @@ def export(
     """Export a checkpoint to an ONNX bundle (the classifier graph and the scorer, encoder, noise and text-encoder
     graphs, weights stored once), validated against PyTorch."""
     def go() -> None:
-        from noop_rt.runtime.opener import TRAIN_HINT
+        from noop_rt.runtime.extras import require_torch_side
 
-        _need_train_extra("export", TRAIN_HINT)
+        require_torch_side("`noop-rt export`")
         from noop_rt.build.export import ExportOptions, collect_images, export_bundle
 
         if fp16 and int8:
@@ -612,7 +600,7 @@ def _shape_fixture(backbone: str, bundle: Path | None, ckpt: Path | None, classe
     """`bench --backbone NAME-shape`: the build side makes (once, cached) the random-weight model, its checkpoint and
     bundle; bench then times them through the API like any other model."""
     from noop_rt.build import SHAPE_FIXTURES
-    from noop_rt.runtime.opener import TRAIN_HINT
+    from noop_rt.runtime.extras import require_torch_side
 
     if backbone not in SHAPE_FIXTURES:
         from noop_rt.runtime.suggest import suggest
@@ -620,7 +608,7 @@ def _shape_fixture(backbone: str, bundle: Path | None, ckpt: Path | None, classe
         raise suggest(backbone, ("ckpt", *SHAPE_FIXTURES), "backbone")
     if bundle is not None or ckpt is not None:
         raise UsageError(f"--backbone {backbone} builds its own model; drop --bundle/--ckpt")
-    _need_train_extra(f"bench --backbone {backbone}", TRAIN_HINT)
+    require_torch_side(f"`noop-rt bench --backbone {backbone}`")
     from noop_rt.build.shape_fixtures import prepare
 
     return prepare(backbone, classes, cache_dir, fp16=fp16, bundle=bundle_needed)

@@ -376,8 +376,9 @@ def _run_ray(todo: list[str], load: LoadOptions, resolution: int, ident: str, op
         import ray
     except ImportError:
         from noop_rt.runtime.errors import MissingDependencyError
+        from noop_rt.runtime.extras import install_hint
 
-        raise MissingDependencyError("--ray needs Ray Data: pip install 'noop-rt[ray]'") from None
+        raise MissingDependencyError(f"--ray needs Ray Data: {install_hint('ray')}") from None
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home from an offline cluster
     address = options.ray_address or os.environ.get("RAY_ADDRESS")
     started_here = not ray.is_initialized()

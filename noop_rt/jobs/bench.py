@@ -29,14 +29,13 @@ from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
-from noop_rt.runtime.backends.base import installed, nvidia_gpus
+from noop_rt.runtime.backends.base import ENGINES, installed, nvidia_gpus
 from noop_rt.runtime.errors import BadInputError, MissingDependencyError, UsageError
 from noop_rt.runtime.suggest import suggest
 
 if TYPE_CHECKING:
     from noop_rt.runtime.classifier import Classifier
 
-BENCH_BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
 STARTUP_RUNS = 5
 STARTUP_TARGET_S = 1.0  # runtime-v2: `noop-rt classify seven.png` as a whole process, median of 5
 HEAVY_MODULES = ("torch", "diffusers", "transformers", "scipy", "sklearn", "matplotlib", "pandas", "pyarrow", "ray",
@@ -436,10 +435,10 @@ class Sources:
 def check_names(backends: list[str]) -> list[str]:
     """The backends to bench, in order and once each; an unknown name is a usage error with the close match."""
     if not backends:
-        raise UsageError(f"no backend given; choose from {', '.join(BENCH_BACKENDS)}")
+        raise UsageError(f"no backend given; choose from {', '.join(ENGINES)}")
     for name in backends:
-        if name not in BENCH_BACKENDS:
-            raise suggest(name, BENCH_BACKENDS, "backend")
+        if name not in ENGINES:
+            raise suggest(name, ENGINES, "backend")
     return list(dict.fromkeys(backends))
 
 

@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from noop_rt.runtime.backends.base import BACKENDS, installed, nvidia_gpus
+from noop_rt.runtime.backends.base import BACKENDS, ROBUST_NEEDS_TORCH, installed, nvidia_gpus
 from noop_rt.runtime.classes import DEFAULT_TEMPLATE, make_prompts, parse_class_list, read_prompts_file
 from noop_rt.runtime.classifier import Classifier, ClassSet
 from noop_rt.runtime.errors import BadInputError, MissingDependencyError, UsageError
+from noop_rt.runtime.extras import install_hint, require_torch_side
 from noop_rt.runtime.graph_model import GraphModel, ModelInfo
 from noop_rt.runtime.strategies import STRATEGIES
 from noop_rt.runtime.suggest import close_match, suggest
@@ -28,7 +29,6 @@ TORCH_MAX_BATCH = 256
 # strategy options `noop_rt.load` and `classify` take (each strategy config's fields, `pairs` for all, and robust)
 STRATEGY_OPTIONS = tuple(sorted({f for s in STRATEGIES.values() for f in s.config.__dataclass_fields__}
                                 | {"pairs", "robust"}))
-TRAIN_HINT = "pip install 'noop-rt[train]'"
 SOURCE_KINDS = "a bundle folder (manifest.json), a checkpoint NAME.pt, a diffusers Stable Diffusion folder " \
                "(model_index.json), or 'demo'"
 
@@ -166,8 +166,7 @@ def _open_bundle(path: Path, options: LoadOptions, notes: list[str]) -> tuple[Gr
         raise UsageError("the torch backend runs checkpoints and diffusers folders; pass the bundle's checkpoint "
                          "(NAME.pt) or choose --backend onnxruntime/openvino/tensorrt")
     if options.strategy.get("robust") is not None:
-        raise UsageError("--robust needs the torch backend (it takes gradients through the model): pass the "
-                         "checkpoint (NAME.pt) instead of the bundle")
+        raise UsageError(f"{ROBUST_NEEDS_TORCH} instead of the bundle")
     bundle = Bundle.open(path)
     runner = _bundle_runner(bundle, options, notes)
     info = ModelInfo.from_manifest(bundle.manifest, str(path))
@@ -225,7 +224,7 @@ def _why_not(name: str, bundle: Any, options: LoadOptions) -> str | None:
         return onnxruntime_runner.cuda_unavailable() if nvidia_gpus() or options.device.startswith("cuda") \
             else "no NVIDIA GPU"
     if name == "openvino":
-        return None if installed("openvino") else "openvino is not installed (pip install 'noop-rt[openvino]')"
+        return None if installed("openvino") else f"openvino is not installed ({install_hint('openvino')})"
     from noop_rt.runtime.backends import onnxruntime_runner
 
     return onnxruntime_runner.unavailable()
@@ -252,10 +251,7 @@ def _open_torch(kind: str, path: Path | None, options: LoadOptions) -> tuple[Gra
         raise UsageError(f"--backend {options.backend} runs exported bundles; a {kind} runs on the torch backend "
                          f"(export it first: noop-rt export --ckpt NAME.pt)" if kind == "checkpoint" else
                          f"--backend {options.backend} runs exported bundles; a {kind} folder runs on torch")
-    missing = [m for m in ("torch", "diffusers", "transformers") if not installed(m)]
-    if missing:
-        raise MissingDependencyError(f"a {kind} runs on the torch backend, which needs {', '.join(missing)}: "
-                                     f"{TRAIN_HINT} (or export it to a bundle on a machine that has them)")
+    require_torch_side(f"a {kind} runs on the torch backend (or export it to a bundle where torch is), which")
     from noop_rt.runtime.backends import torch_runner
 
     torch_runner.set_threads(options.threads)

@@ -19,7 +19,6 @@ if TYPE_CHECKING:
 __all__ = ["APP_NAME", "ServeOptions", "run_server"]
 
 APP_NAME = "noop-rt"  # the Ray Serve application's name
-INSTALL_HINT = "pip install 'noop-rt[serve]'"
 
 
 @dataclass(frozen=True)

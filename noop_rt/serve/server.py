@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from noop_rt.runtime import errors
 from noop_rt.runtime.errors import BadInputError, MissingDependencyError, NoopError
-from noop_rt.serve import APP_NAME, INSTALL_HINT, ServeOptions
+from noop_rt.runtime.extras import install_hint
+from noop_rt.serve import APP_NAME, ServeOptions
 
 if TYPE_CHECKING:
     from noop_rt.api import LoadOptions
@@ -86,14 +87,15 @@ def _imports() -> tuple[Any, Any]:
         from ray import serve
     except ImportError as exc:
         raise MissingDependencyError(f"noop-rt serve needs Ray Serve ({exc.name or exc} is not installed): "
-                                     f"{INSTALL_HINT}") from None
+                                     f"{install_hint('serve')}") from None
     finally:
         if saved is None:
             os.environ.pop(ROUTER_LOOP, None)
         else:
             os.environ[ROUTER_LOOP] = saved
     if not any(importlib.util.find_spec(m) for m in ("python_multipart", "multipart")):
-        raise MissingDependencyError(f"noop-rt serve needs python-multipart (FastAPI's form parser): {INSTALL_HINT}")
+        raise MissingDependencyError(f"noop-rt serve needs python-multipart (FastAPI's form parser): "
+                                     f"{install_hint('serve')}")
     return ray, serve
 
 

@@ -17,7 +17,6 @@ its sha256, the scale and the number of merged layers.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import re
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from noop_rt.runtime.bundle import sha256_file
 from noop_rt.runtime.errors import BackboneError
 from noop_rt.train.diffusion_error import ClassErrors
 
@@ -230,14 +230,6 @@ def load_backbone(model: str | Path | None = DEMO_SOURCE, dtype: torch.dtype = t
 # ---------------------------------------------------------------------------------------------- LoRA
 _LORA_DOWN = re.compile(r"(lora_A|lora\.down|lora_down|_lora\.down|lora_linear_layer\.down)\.weight$")
 _ADAPTER = "noop_rt_lora"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict | None, dict | None]:

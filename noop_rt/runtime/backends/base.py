@@ -16,7 +16,10 @@ import numpy as np
 from noop_rt.runtime.errors import BadInputError
 from noop_rt.runtime.graph_specs import OPTIONAL_INPUTS, GraphSpec
 
-BACKENDS = ("auto", "tensorrt", "onnxruntime", "openvino", "torch")
+ENGINES = ("tensorrt", "onnxruntime", "openvino", "torch")
+BACKENDS = ("auto", *ENGINES)
+ROBUST_NEEDS_TORCH = ("--robust needs the torch backend (it takes gradients through the model): load the checkpoint "
+                      "(NAME.pt)")
 
 
 class GraphRunner(ABC):
@@ -58,8 +61,7 @@ class GraphRunner(ABC):
 
     def purify(self, images: np.ndarray, config: Any) -> np.ndarray:
         """RDC likelihood maximisation on images (B, 3, H, W): needs gradients through the model."""
-        raise BadInputError(f"--robust needs the torch backend (it takes gradients through the model); the "
-                            f"{self.name} graphs are forward-only: load the checkpoint (NAME.pt)")
+        raise BadInputError(f"{ROBUST_NEEDS_TORCH} (the {self.name} graphs are forward-only)")
 
     def synchronize(self) -> None:  # noqa: B027 - optional: only asynchronous (GPU) engines wait
         """Wait for queued device work, so timers measure it."""

@@ -37,7 +37,9 @@ class OpenVinoRunner(GraphRunner):
         try:
             import openvino as ov
         except ImportError:
-            raise MissingDependencyError("the openvino backend needs OpenVINO: pip install 'noop-rt[openvino]'") \
+            from noop_rt.runtime.extras import install_hint
+
+            raise MissingDependencyError(f"the openvino backend needs OpenVINO: {install_hint('openvino')}") \
                 from None
         self.ov = ov
         self.bundle = bundle

@@ -18,13 +18,14 @@ from typing import Any
 
 from noop_rt.runtime.backends.base import cuda_index, installed, nvidia_gpus
 from noop_rt.runtime.errors import EngineError, MissingDependencyError
+from noop_rt.runtime.extras import install_hint
 from noop_rt.runtime.graph_specs import BATCH, CLASSES, PROMPTS, SCORER, TEXT_ENCODER, GraphSpec
 
 FORMAT = "noop-rt.engines"
 VERSION = 2  # 2: bundle format 2 (graphs + one weights file), profiles per named axis
 BUILD_JSON = "build.json"
-TRT_HINT = ("TensorRT and an NVIDIA GPU are required: pip install 'noop-rt[tensorrt]' (tensorrt from NVIDIA's "
-            "index, https://pypi.nvidia.com, and polygraphy) on a machine with a CUDA GPU and driver")
+TRT_HINT = (f"TensorRT and an NVIDIA GPU are required: {install_hint('tensorrt')} (tensorrt from NVIDIA's index, "
+            "https://pypi.nvidia.com, and polygraphy) on a machine with a CUDA GPU and driver")
 TEXT_ENCODER_MAX_PROMPTS = 64  # GraphModel.embed sends at most this many prompts per call
 Profile = dict[str, tuple[tuple[int, ...], ...]]  # input name -> (min shape, opt shape, max shape)
 
@@ -268,7 +269,7 @@ def unavailable(bundle: Any, engines_dir: Path | None, device: str = "cuda:0") -
     if not installed("tensorrt"):
         return f"tensorrt is not installed ({TRT_HINT})"
     if not installed("polygraphy"):
-        return "polygraphy is not installed (pip install 'noop-rt[tensorrt]')"
+        return f"polygraphy is not installed ({install_hint('tensorrt')})"
     if not nvidia_gpus():
         return "no NVIDIA GPU"
     record = read_record(folder)
