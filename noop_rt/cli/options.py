@@ -1,0 +1,138 @@
+"""Options shared by the commands, and the steps every model command takes: the source flags -> `LoadOptions` ->
+`noop_rt.load`. Arguments and inputs are checked before any model is opened."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from noop_rt.runtime.backends.base import BACKENDS
+from noop_rt.runtime.errors import BadInputError
+from noop_rt.runtime.strategies import LOSSES, METHODS
+
+# ---------------------------------------------------------------------------------------------- shared options
+BundleOpt = Annotated[Path | None, typer.Option("--bundle", metavar="DIR",
+                                                help="Exported bundle folder (onnxruntime/OpenVINO/TensorRT).")]
+CkptOpt = Annotated[Path | None, typer.Option("--ckpt", metavar="NAME.pt", help="NoOp checkpoint (torch backend).")]
+ModelOpt = Annotated[str | None, typer.Option("--model", metavar="DIR", help="A local diffusers SD folder, or "
+                                              "'demo' (zero-shot strategies, torch backend).")]
+ClassesOpt = Annotated[str | None, typer.Option("--classes", metavar="A,B,C", help="Comma-separated class names.")]
+PromptsOpt = Annotated[Path | None, typer.Option("--prompts", metavar="FILE", help="CSV of class and prompt (Li et "
+                                                 "al.'s prompt files work: prompt,classname,classidx).")]
+TemplateOpt = Annotated[str | None, typer.Option("--template", metavar="TEXT", help="Prompt template with one "
+                                                 "'{}', e.g. 'a photo of a {}'.")]
+BackendOpt = Annotated[str, typer.Option("--backend", metavar="NAME",
+                                         help="auto | tensorrt | onnxruntime | openvino | torch.")]
+EnginesOpt = Annotated[Path | None, typer.Option("--engines", metavar="DIR", help="TensorRT engine folder from "
+                                                 "`noop-rt build` (default engines/<bundle name>).")]
+MethodOpt = Annotated[str | None, typer.Option("--method", metavar="NAME", help="noop | baseline | adaptive | "
+                                               "pruned (default: noop when a learned noise is loaded, else "
+                                               "baseline).")]
+NoisesOpt = Annotated[int | None, typer.Option("--noises", min=1, metavar="N", help="(t, eps) pairs: baseline "
+                                               "pairs (default 100), pruned's maximum (100), adaptive's last "
+                                               "stage with N/10 keep 5 before it (when --stages is not given).")]
+StagesOpt = Annotated[str | None, typer.Option("--stages", metavar="P:K,...", help="Adaptive stages, pairs:keep "
+                                               "(default Li et al.'s Pets 25:5,250:1), or a published setting: "
+                                               "pets, cifar10, stl10, food, flowers, aircraft, imagenet, objectnet.")]
+LossOpt = Annotated[str | None, typer.Option("--loss", metavar="NAME", help="l2 | l1 | huber (default: the "
+                                             "model's own, else l2).")]
+SeedOpt = Annotated[int, typer.Option("--seed", metavar="N", help="Noise seed of the random strategies.")]
+TopKOpt = Annotated[int, typer.Option("--top-k", min=1, metavar="K", help="How many classes to report per image.")]
+DeviceOpt = Annotated[str, typer.Option("--device", metavar="DEV", help="auto | cpu | cuda[:N].")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+MaxBatchOpt = Annotated[int | None, typer.Option("--max-batch", min=1, metavar="N", help="Largest UNet batch (B*C) "
+                                                 "per call (default: the bundle's own, sized at export; 256 on "
+                                                 "torch).")]
+RobustOpt = Annotated[bool, typer.Option("--robust", help="RDC likelihood maximisation first (torch backend).")]
+Fp16Opt = Annotated[bool, typer.Option("--fp16", help="torch backend in half precision.")]
+LoraOpt = Annotated[Path | None, typer.Option("--lora", metavar="FILE", help="A LoRA .safetensors (diffusers or "
+                                              "kohya keys) fused into the --model SD folder; with --ckpt, where the "
+                                              "one it was trained with moved to.")]
+LoraScaleOpt = Annotated[float | None, typer.Option("--lora-scale", metavar="X", help="LoRA strength (default 1, or "
+                                                    "the checkpoint's).")]
+
+
+def source_of(bundle: Path | None, ckpt: Path | None, model: str | None) -> tuple[str | Path | None, str | None]:
+    """(the source, its kind as the user named it)."""
+    given = [(x, kind) for x, kind in ((bundle, "bundle"), (ckpt, "checkpoint"), (model, "diffusers"))
+             if x is not None]
+    if len(given) > 1:
+        raise BadInputError("pass one of --bundle, --ckpt and --model")
+    return given[0] if given else (None, None)
+
+
+def check_choices(backend: str, method: str | None, loss: str | None) -> None:
+    from noop_rt.runtime.suggest import suggest
+
+    if backend not in BACKENDS:
+        raise suggest(backend, BACKENDS, "backend")
+    if method is not None and method not in METHODS:
+        raise suggest(method, METHODS, "method")
+    if loss is not None and loss not in LOSSES:
+        raise suggest(loss, LOSSES, "loss")
+
+
+def strategy_options(noises: int | None, stages: str | None, loss: str | None, seed: int,
+                     robust: bool) -> dict[str, Any]:
+    options: dict[str, Any] = {"seed": seed}
+    if noises is not None:
+        options["pairs"] = noises
+    if loss is not None:
+        options["loss"] = loss
+    if stages is not None:
+        from noop_rt.runtime.strategies import parse_stages
+
+        try:
+            options["stages"] = parse_stages(stages)
+        except ValueError as exc:
+            raise BadInputError(f"--stages: {exc}") from None
+    if robust:
+        from noop_rt.train.robust import RobustConfig
+
+        options["robust"] = RobustConfig(seed=seed)
+    return options
+
+
+def load_request(source: tuple[Any, str | None], *, backend: str, device: str, method: str | None,
+             classes: str | list[str] | None, prompts: Path | None, template: str | None, strategy: dict[str, Any],
+             max_batch: int | None = None, fp16: bool = False, engines: Path | None = None,
+             classes_from: str | None = None, lora: Path | None = None, lora_scale: float | None = None) -> Any:
+    """The `LoadOptions` a command's flags describe: what `noop_rt.load` opens, here, in batch workers and in
+    server replicas."""
+    from noop_rt.api import LoadOptions
+
+    path, kind = source
+    return LoadOptions.of(path, kind=kind, backend=backend, device=device, fp16=fp16, max_batch=max_batch,
+                          engines=engines, classes=classes, template=template, prompts=prompts,
+                          classes_from=classes_from, method=method, lora=lora, lora_scale=lora_scale, **strategy)
+
+
+def open_model(request: Any) -> Any:
+    """`noop_rt.load(request)`, with drift warnings and the loader's notes on stderr."""
+    from noop_rt.api import load
+
+    classifier = load(request)
+    classifier.on_drift = lambda message: print(f"warning: {message}", file=sys.stderr)
+    for note in classifier.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return classifier
+
+
+def check_images(images: list[Path]) -> None:
+    from noop_rt.runtime.images import is_uri
+
+    if not images:
+        raise BadInputError("no images given")
+    for p in images:
+        if is_uri(p):
+            continue
+        if p.is_dir():
+            raise BadInputError(f"{p} is a folder, not an image: pass its images (e.g. {p}/*.png) or run "
+                                f"noop-rt batch {p} --out labels.jsonl")
+        if not p.is_file():
+            raise BadInputError(f"image not found: {p}")
+
+
