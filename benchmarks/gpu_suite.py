@@ -118,8 +118,8 @@ def noop(*args: str) -> list[str]:
     return [sys.executable, "-m", "noop_rt", *args]
 
 
-# The GPU fast paths, each switched on by an environment variable (noop_rt/runtime/*_backend.py); the default runs
-# stay as they are, so each variant is measured beside its baseline.
+# The GPU fast paths, each switched on by an environment variable (noop_rt/runtime/backends/*_runner.py); the default
+# runs stay as they are, so each variant is measured beside its baseline.
 TORCH_CUDA_GRAPH = {"NOOP_RT_TORCH_CUDA_GRAPH": "1"}  # the classifier module replayed from CUDA graphs
 ORT_PLAIN = {"NOOP_RT_ORT_IOBINDING": "0"}  # session.run, no IO binding (the CUDA default binds)
 ORT_CUDA_GRAPH = {"NOOP_RT_ORT_CUDA_GRAPH": "1"}  # IO binding + one CUDA-graph session per classifier shape

@@ -68,7 +68,7 @@ def main() -> None:
         "noop_p50_ms": {k: round(statistics.median(v), 2) for k, v in timings.items()},
         "noop_p50_ms_rounds": timings, "runs": args.runs,
         "protocol": {"quantizer": manifest["int8"]["quantizer"], "graph": "classifier (the whole NoOp pass)",
-                     "latency": f"one-image Classifier.predict, {args.runs} timed after 3 warm-up, median; three "
+                     "latency": f"one-image Classifier.classify, {args.runs} timed after 3 warm-up, median; three "
                                 "alternating rounds, median of the rounds", "backend": "onnxruntime CPU"},
     }
     result["speedup_int8_vs_fp32"] = result["noop_p50_ms"]["fp32"] / result["noop_p50_ms"]["int8"]

@@ -52,7 +52,7 @@ def main() -> None:
         "data": {"set": f"the demo's {len(paths)} example PNGs (noop_rt/demo/examples), cycled", "images": len(paths)},
         "classes": "'class 0' ... 'class C-1' through the model's template (zero-shot prompts, embedded by the text "
                    "encoder; models below are recorded at the largest C)",
-        "timing": f"noop_rt.jobs.bench.time_single: {WARMUP} untimed one-image Classifier.predict calls (top_k 1), "
+        "timing": f"noop_rt.jobs.bench.time_single: {WARMUP} untimed one-image Classifier.classify calls (top_k 1), "
                   f"then "
                   f"{args.runs} timed ones; p50/p95 of their wall time; max UNet batch raised to C (one call per "
                   "image)",

@@ -92,7 +92,7 @@ def main() -> None:
               "bf16_matmul_roof_gflops": None if roof16 is None else round(roof16, 1),
               "unet_gflop_per_sample": gflop, "unet_evals_per_image": evals, "runs": args.runs, "engines": rows,
               "speedup_vs_onnxruntime": {n: round(base / r["noop_p50_ms"], 2) for n, r in rows.items()},
-              "protocol": {"bundle": str(BUNDLE_DIR), "latency": f"one-image Classifier.predict (NoOp, 10 classes), "
+              "protocol": {"bundle": str(BUNDLE_DIR), "latency": f"one-image Classifier.classify (NoOp, 10 classes), "
                            f"{args.runs} timed after 3 warm-up, median; three alternating rounds, median of rounds",
                            "held_out": f"{len(x)} digits (noop_rt.demo.digits.split_tensors('test'))",
                            "roofs": "best of 5 2048x2048 matmuls: fp32 numpy, bf16 torch (oneDNN)"}}

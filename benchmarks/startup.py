@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from noop_rt.demo import EXAMPLES_DIR
-from noop_rt.jobs.bench import STARTUP_RUNS, machine_info, measure_startup
+from noop_rt.jobs.bench import machine_info
+from noop_rt.jobs.startup import STARTUP_RUNS, measure_startup
 from noop_rt.runtime.bundle import write_json_atomic
 from noop_rt.runtime.errors import NoopError
 

@@ -162,16 +162,16 @@ def test_ctrl_c_keeps_the_rows_done_says_so_and_resumes(images: Path, tmp_path: 
     from noop_rt.cli import run
 
     out = tmp_path / "labels.jsonl"
-    real_predict = Classifier.predict
+    real_classify = Classifier.classify
     calls = {"n": 0}
 
-    def predict_then_ctrl_c(self, *args, **kwargs):  # the user presses Ctrl-C during the second batch
+    def classify_then_ctrl_c(self, *args, **kwargs):  # the user presses Ctrl-C during the second batch
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt
-        return real_predict(self, *args, **kwargs)
+        return real_classify(self, *args, **kwargs)
 
-    monkeypatch.setattr(Classifier, "predict", predict_then_ctrl_c)
+    monkeypatch.setattr(Classifier, "classify", classify_then_ctrl_c)
     argv = ["noop-rt", "batch", str(images / "b"), "--out", str(out), "--batch-size", "2"]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exit_info:

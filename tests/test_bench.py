@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 from noop_rt.cli import app
 from noop_rt.demo import BUNDLE_DIR, CKPT_PATH, DIGIT_NAMES, EXAMPLES_DIR
-from noop_rt.jobs.bench import BenchOptions, _percentile, bench_command, resolve_sources, startup_line, stats
+from noop_rt.jobs.bench import BenchOptions, _percentile, bench_command, resolve_sources, stats
+from noop_rt.jobs.startup import startup_line
 from noop_rt.runtime.errors import BadInputError, UsageError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,7 +184,7 @@ def test_startup_script_reports_runs_memory_breakdown_and_torch(tmp_path: Path) 
 
 
 def test_startup_failure_is_one_line_error(tmp_path: Path) -> None:
-    from noop_rt.jobs.bench import measure_startup
+    from noop_rt.jobs.startup import measure_startup
 
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")

@@ -3,7 +3,7 @@
 Written for users who have TensorRT (>= 10), Polygraphy and an NVIDIA GPU. It has NOT been run in this project:
 TensorRT cannot be installed on any of its machines. So the TensorRT calls are kept thin (Polygraphy's documented
 Python API, imported lazily; no torch) and everything around them is pure and unit-tested: profiles, cache keys and
-the use/rebuild/refuse decision (shared with the runtime, in `runtime/tensorrt_backend.py`), builder flags per
+the use/rebuild/refuse decision (shared with the runtime, in `runtime/backends/tensorrt_plans.py`), builder flags per
 TensorRT major, the parsing of the built engine's layer precisions, and the profile given to each network.
 """
 

@@ -1,4 +1,5 @@
-"""Typed exceptions. The library raises these; only `cli.py` maps them to exit codes and one-line messages."""
+"""Typed exceptions. The library raises these; only the CLI (`noop_rt/cli/main.py`) maps them to exit codes and
+one-line messages."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """A model on a backend: what it is (`ModelInfo`, from a bundle manifest or a checkpoint) and the operations the
-strategies need (`GraphModel`, the `scoring.ScoringModel` of every backend), batched to the model's max UNet batch.
+strategies need (`GraphModel`, the `strategies.ScoringModel` of every backend), batched to the model's max UNet batch.
 
 Only images, z0, eps, t and errors cross between host and engine; the (B*C, c, h, w) UNet tensors stay inside the
 graphs.
@@ -70,7 +70,7 @@ def default_preprocessing(resolution: int) -> dict[str, Any]:
 
 
 class GraphModel:
-    """`scoring.ScoringModel` over any GraphRunner, with the class embeddings it scores against."""
+    """`strategies.ScoringModel` over any GraphRunner, with the class embeddings it scores against."""
 
     def __init__(self, runner: GraphRunner, info: ModelInfo, tokenize: Callable[[list[str]], np.ndarray] | None,
                  class_embeddings: np.ndarray | None = None, custom_classes: bool = False) -> None:

@@ -1,7 +1,7 @@
 """Diffusion-classifier strategies: numpy bookkeeping over (rows, C) class errors, one signature, one registry.
 
 Every strategy is `fn(model, images, config) -> Scores`, where `model` is any `ScoringModel` (the onnxruntime,
-OpenVINO, TensorRT and torch backends all are, through `runtime/model.py`) and `config` a frozen dataclass of that
+OpenVINO, TensorRT and torch backends all are, through `runtime/graph_model.py`) and `config` a frozen dataclass of that
 strategy's keyword-only options. The model computes errors; this module decides which (t, eps) pairs and classes to
 score, averages pairs, runs Li et al.'s stages and Clark & Jaini's paired t-test, and turns errors into
 probabilities. Every class of a pair is scored with the SAME (t, eps) (shared noise keeps class differences

@@ -1,8 +1,10 @@
-"""The Ray Serve application: a FastAPI ingress in front of the model replicas.
+"""The Ray Serve application: a FastAPI ingress in front of the model replicas. (Over 500 lines: Ray Serve binds the
+FastAPI routes to the ingress deployment class where it is defined, so the routes, the two deployments and `build_app`
+that composes them stay in one module; the protocol and upload parsing live in kserve.py and uploads.py.)
 
 - `Model` replicas: each opens one classifier with `noop_rt.load`, runs one warm-up pass, then answers `classify`
   calls of ONE preprocessed image each; `@serve.batch` gathers the calls that arrive together into one
-  `Classifier.predict` over (B, 3, R, R): one B*C UNet batch (chunked to the model's max batch), up to
+  `Classifier.classify` over (B, 3, R, R): one B*C UNet batch (chunked to the model's max batch), up to
   `concurrent_batches` of them at once.
 - `Ingress` (one replica): HTTP. Reads bodies under the upload limit, refuses non-images (415), bombs (400, from the
   header) and empty bodies (400) before the model sees them, decodes and preprocesses in threads, sends each image to

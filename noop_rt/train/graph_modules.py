@@ -1,4 +1,4 @@
-"""The torch modules behind each bundle graph (`runtime/graphs.py` describes their tensors), built from a backbone
+"""The torch modules behind each bundle graph (`runtime/graph_specs.py` describes their tensors), built from a backbone
 and, for the NoOp graphs, a checkpoint. The torch backend runs exactly these modules and `export` traces them.
 """
 
