@@ -4,7 +4,7 @@ Pipeline: expand inputs -> skip paths already in the output -> decode + preproce
 B images (`Classifier.classify` of the decoded batch: B*C UNet batches up to the max batch) -> append a part file per
 batch -> at the end merge everything into the output (parquet or jsonl) atomically. A crash or Ctrl-C leaves the part files: re-running
 with the same --out resumes. Every input path appears exactly once in the output; an unreadable image gets an `error`
-row. The model is opened with `noop_rt.load(**load)`: a bundle never imports torch.
+row. The model is opened with `noop_rt.load(load)`: a bundle never imports torch.
 """
 
 from __future__ import annotations
