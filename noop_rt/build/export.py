@@ -1,13 +1,12 @@
 """`noop-rt export`: a NoOp checkpoint -> a self-contained ONNX bundle (format 2), validated against PyTorch.
 
-Graphs (`runtime/graph_specs.py` describes them, `train/graph_modules.py` builds their torch modules): `classifier`,
-the whole NoOp pass, image -> errors, probs (any ONNX runtime serves the classifier from this one file plus the weights); `scorer`,
-class errors of (z0, eps, t) rows for the zero-shot strategies; `vae_encoder`, `noise`, `text_encoder` (+ tokenizer/)
-so other losses and new prompts run too. The weights are stored once (`weights.bin`, shared by every graph).
+Graphs (`runtime/graph_specs.py` describes them, `train/graph_modules.py` builds their torch modules): `classifier`, the
+whole NoOp pass, image -> errors, probs (any ONNX runtime serves the classifier from this one file plus the weights);
+`scorer`, class errors of (z0, eps, t) rows for the zero-shot strategies; `vae_encoder`, `noise`, `text_encoder` (+
+tokenizer/) so other losses and new prompts run too. The weights are stored once (`weights.bin`, shared by every graph).
 TorchScript exporter (`dynamo=False`, as the SD deployers use for the UNet), opset >= 17. Everything is written into a
-temp folder next to the destination and renamed into place only after validation passes: an interrupted export
-leaves nothing behind.
-"""
+temp folder next to the destination and renamed into place only after validation passes: an interrupted export leaves
+nothing behind."""
 
 from __future__ import annotations
 

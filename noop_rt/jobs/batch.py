@@ -1,11 +1,10 @@
 """`noop-rt batch`: classify many images offline, in process or on Ray Data, resumable, nothing lost.
 
-Pipeline: expand inputs -> skip paths already in the output -> decode + preprocess (numpy) -> classify in batches of
-B images (`Classifier.classify` of the decoded batch: B*C UNet batches up to the max batch) -> append a part file per
-batch -> at the end merge everything into the output (parquet or jsonl) atomically. A crash or Ctrl-C leaves the part files: re-running
-with the same --out resumes. Every input path appears exactly once in the output; an unreadable image gets an `error`
-row. The model is opened with `noop_rt.load(load)`: a bundle never imports torch.
-"""
+Pipeline: expand inputs -> skip paths already in the output -> decode + preprocess (numpy) -> classify in batches of B
+images (`Classifier.classify` of the decoded batch: B*C UNet batches up to the max batch) -> append a part file per
+batch -> at the end merge everything into the output (parquet or jsonl) atomically. A crash or Ctrl-C leaves the part
+files: re-running with the same --out resumes. Every input path appears exactly once in the output; an unreadable image
+gets an `error` row. The model is opened with `noop_rt.load(load)`: a bundle never imports torch."""
 
 from __future__ import annotations
 
