@@ -451,3 +451,14 @@ def test_build_and_run_fp16_engines(tmp_path) -> None:  # pragma: no cover - nee
     assert got.shape == want.shape == (6, 10)
     assert np.abs(got - want).max() <= 5e-2 * np.abs(want).max()
     runner.close()
+
+
+def test_tensorrt_availability_is_answered_without_the_runner() -> None:
+    """`auto` asks whether TensorRT can run the bundle (tensorrt_plans) and never imports the runner to find out."""
+    import subprocess
+    import sys
+
+    code = ("import sys, noop_rt\nnoop_rt.load()\nprint(sorted(m for m in sys.modules if 'tensorrt' in m))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "['noop_rt.runtime.backends.tensorrt_plans']"
