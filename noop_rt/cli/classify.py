@@ -36,8 +36,6 @@ from noop_rt.cli.options import (
     check_images,
     load_request,
     open_model,
-    source_of,
-    strategy_options,
 )
 
 
@@ -97,16 +95,13 @@ def classify(
 
         check_choices(backend, method, loss)
         check_images(images)
-        source = source_of(bundle, ckpt, model)
-        strategy = strategy_options(noises, stages, loss, seed, robust)
-        class_list: str | list[str] | None = classes
-        classes_from = None
+        request = load_request(bundle, ckpt, model, backend=backend, device=device, method=method, classes=classes,
+                               prompts=prompts, template=template, noises=noises, stages=stages, loss=loss, seed=seed,
+                               robust=robust, max_batch=max_batch, fp16=fp16, engines=engines, lora=lora,
+                               lora_scale=lora_scale)
         if classes is None and data is not None:
-            class_list, classes_from = ImageFolder.scan(data).classes, f"--data {data}"
-        classifier = open_model(load_request(source, backend=backend, device=device, method=method, classes=class_list,
-                                    prompts=prompts, template=template, strategy=strategy, max_batch=max_batch,
-                                    fp16=fp16, engines=engines, classes_from=classes_from, lora=lora,
-                                    lora_scale=lora_scale))
+            request = request.updated(classes=ImageFolder.scan(data).classes, classes_from=f"--data {data}")
+        classifier = open_model(request)
         print_results(images, classifier, top_k, as_json)
 
     guarded(go)
@@ -128,13 +123,12 @@ def eval_command(
 
         check_choices(backend, method, loss)
         dataset = ImageFolder.scan(data)
-        source = source_of(bundle, ckpt, model)
-        strategy = strategy_options(noises, stages, loss, seed, robust)
         zero_shot_model = model is not None and model != "demo"
-        classifier = open_model(load_request(source, backend=backend, device=device, method=method,
-                                    classes=dataset.classes if zero_shot_model and prompts is None else None,
-                                    prompts=prompts, template=template, strategy=strategy, max_batch=max_batch,
-                                    fp16=fp16, engines=engines, lora=lora, lora_scale=lora_scale))
+        classifier = open_model(load_request(
+            bundle, ckpt, model, backend=backend, device=device, method=method,
+            classes=dataset.classes if zero_shot_model and prompts is None else None, prompts=prompts,
+            template=template, noises=noises, stages=stages, loss=loss, seed=seed, robust=robust, max_batch=max_batch,
+            fp16=fp16, engines=engines, lora=lora, lora_scale=lora_scale))
         report = evaluate_folder(classifier, dataset)
         if as_json:
             print(json.dumps(report, indent=2))

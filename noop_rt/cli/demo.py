@@ -17,7 +17,6 @@ from noop_rt.cli.options import (
     check_choices,
     load_request,
     open_model,
-    strategy_options,
 )
 from noop_rt.demo import SHOTS, VAL_SHOTS
 from noop_rt.runtime.errors import BadInputError
@@ -54,9 +53,7 @@ def demo(backend: BackendOpt = "auto", method: MethodOpt = None, noises: NoisesO
         images = sorted(EXAMPLES_DIR.glob("*.png"))
         if not images:
             raise BadInputError(f"no example images in {EXAMPLES_DIR}")
-        strategy = strategy_options(noises, None, None, 0, False)
-        classifier = open_model(load_request((None, None), backend=backend, device="auto", method=method, classes=None,
-                                             prompts=None, template=None, strategy=strategy))
+        classifier = open_model(load_request(backend=backend, method=method, noises=noises))
         print_results(images, classifier, 3, as_json, truth_table=not as_json)
 
     guarded(go)

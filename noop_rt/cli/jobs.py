@@ -29,10 +29,7 @@ from noop_rt.cli.options import (
     StagesOpt,
     TemplateOpt,
     TopKOpt,
-    check_choices,
     load_request,
-    source_of,
-    strategy_options,
 )
 from noop_rt.runtime.errors import BadInputError, UsageError
 from noop_rt.serve import ServeOptions
@@ -62,11 +59,9 @@ def batch(
     def go() -> None:
         from noop_rt.jobs.batch import BatchOptions, run_batch
 
-        check_choices(backend, method, loss)
-        load = load_request(source_of(bundle, ckpt, model), backend=backend, device=device, method=method,
-                            classes=classes, prompts=prompts, template=template,
-                            strategy=strategy_options(noises, stages, loss, seed, False), max_batch=max_batch,
-                            engines=engines, lora=lora, lora_scale=lora_scale)
+        load = load_request(bundle, ckpt, model, backend=backend, device=device, method=method, classes=classes,
+                            prompts=prompts, template=template, noises=noises, stages=stages, loss=loss, seed=seed,
+                            max_batch=max_batch, engines=engines, lora=lora, lora_scale=lora_scale)
         options = BatchOptions(top_k=top_k, batch_size=batch_size, ray=ray or ray_address is not None,
                                ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker)
         report = run_batch(inputs, out, load, options)
@@ -195,11 +190,9 @@ def serve(
     def go() -> None:
         from noop_rt.serve import run_server
 
-        check_choices(backend, method, loss)
-        load = load_request(source_of(bundle, ckpt, model), backend=backend, device=device, method=method,
-                            classes=classes, prompts=prompts, template=template,
-                            strategy=strategy_options(noises, stages, loss, seed, False), max_batch=max_batch,
-                            engines=engines, lora=lora, lora_scale=lora_scale)
+        load = load_request(bundle, ckpt, model, backend=backend, device=device, method=method, classes=classes,
+                            prompts=prompts, template=template, noises=noises, stages=stages, loss=loss, seed=seed,
+                            max_batch=max_batch, engines=engines, lora=lora, lora_scale=lora_scale)
         run_server(load, ServeOptions(host=host, port=port, replicas=replicas, gpus_per_replica=gpus_per_replica,
                                       threads=threads, max_batch_size=max_batch_size,
                                       concurrent_batches=concurrent_batches, batch_wait_ms=batch_wait_ms,

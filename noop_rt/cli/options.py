@@ -96,18 +96,22 @@ def strategy_options(noises: int | None, stages: str | None, loss: str | None, s
     return options
 
 
-def load_request(source: tuple[Any, str | None], *, backend: str, device: str, method: str | None,
-             classes: str | list[str] | None, prompts: Path | None, template: str | None, strategy: dict[str, Any],
-             max_batch: int | None = None, fp16: bool = False, engines: Path | None = None,
-             classes_from: str | None = None, lora: Path | None = None, lora_scale: float | None = None) -> Any:
-    """The `LoadOptions` a command's flags describe: what `noop_rt.load` opens, here, in batch workers and in
-    server replicas."""
+def load_request(bundle: Path | None = None, ckpt: Path | None = None, model: str | None = None, *,
+                 backend: str = "auto", device: str = "auto", method: str | None = None,
+                 classes: str | list[str] | None = None, prompts: Path | None = None, template: str | None = None,
+                 noises: int | None = None, stages: str | None = None, loss: str | None = None, seed: int = 0,
+                 robust: bool = False, max_batch: int | None = None, fp16: bool = False, engines: Path | None = None,
+                 classes_from: str | None = None, lora: Path | None = None, lora_scale: float | None = None) -> Any:
+    """The `LoadOptions` a command's flags describe (names checked, the source flags and the strategy flags
+    gathered): what `noop_rt.load` opens, here, in batch workers and in server replicas."""
     from noop_rt.api import LoadOptions
 
-    path, kind = source
+    check_choices(backend, method, loss)
+    path, kind = source_of(bundle, ckpt, model)
     return LoadOptions.of(path, kind=kind, backend=backend, device=device, fp16=fp16, max_batch=max_batch,
                           engines=engines, classes=classes, template=template, prompts=prompts,
-                          classes_from=classes_from, method=method, lora=lora, lora_scale=lora_scale, **strategy)
+                          classes_from=classes_from, method=method, lora=lora, lora_scale=lora_scale,
+                          **strategy_options(noises, stages, loss, seed, robust))
 
 
 def open_model(request: Any) -> Any:
