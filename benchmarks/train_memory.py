@@ -61,9 +61,8 @@ def child(model: str, device: str, fp16: bool, batch: int, max_batch: int, check
     import torch
 
     from noop_rt.demo.digits import write_image_folders
-    from noop_rt.runtime.backends.torch_runner import pick_device
     from noop_rt.runtime.classes import make_prompts
-    from noop_rt.train.backbones import load_backbone
+    from noop_rt.train.backbones import load_backbone, pick_device
     from noop_rt.train.checkpoint import backbone_fingerprint
     from noop_rt.train.noop import TrainConfig, train_noop
     from noop_rt.train.trainer import encode_split, fewshot_split

@@ -43,7 +43,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from noop_rt import __version__
 from noop_rt.api import LoadOptions
 from noop_rt.runtime.errors import BadInputError
-from noop_rt.serve import ServeOptions, kserve
+from noop_rt.serve import kserve
+from noop_rt.serve.options import ServeOptions
 from noop_rt.serve.uploads import (
     RequestError,
     check_declared_length,

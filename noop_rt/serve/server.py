@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from noop_rt.runtime import errors
 from noop_rt.runtime.errors import BadInputError, MissingDependencyError, NoopError
 from noop_rt.runtime.extras import install_hint
-from noop_rt.serve import APP_NAME, ServeOptions
+from noop_rt.serve.options import APP_NAME, ServeOptions
 
 if TYPE_CHECKING:
     from noop_rt.api import LoadOptions

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from noop_rt.runtime.bundle import sha256_file
-from noop_rt.runtime.errors import BackboneError
+from noop_rt.runtime.errors import BackboneError, BadInputError
 from noop_rt.train.diffusion_error import ClassErrors
 
 DEMO_SOURCE = "demo"
@@ -225,6 +225,18 @@ def load_backbone(model: str | Path | None = DEMO_SOURCE, dtype: torch.dtype = t
         max_tokens=max_tokens, dtype=dtype, device=device, lora=lora_record,
     )
     return backbone.requires_grad_(False)
+
+
+def pick_device(device: str) -> torch.device:
+    """`auto` | `cpu` | `cuda[:N]` -> the torch device, refusing CUDA where torch sees none."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInputError("--device cuda asked for, but torch sees no CUDA GPU")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise BadInputError(f"unknown device {device!r} (use auto, cpu or cuda[:N])") from None
 
 
 # ---------------------------------------------------------------------------------------------- LoRA

@@ -145,9 +145,8 @@ def train_command(*, data: Path, out: Path, model: str, shots: int, val_shots: i
                   ) -> dict:
     """`noop-rt train`: split, load the backbone, train, write the checkpoint; returns the summary."""
     from noop_rt.demo import DEMO_TEMPLATE
-    from noop_rt.runtime.backends.torch_runner import pick_device
     from noop_rt.runtime.classes import DEFAULT_TEMPLATE
-    from noop_rt.train.backbones import DEMO_SOURCE, load_backbone
+    from noop_rt.train.backbones import DEMO_SOURCE, load_backbone, pick_device
     from noop_rt.train.checkpoint import save_checkpoint
 
     split = fewshot_split(data, shots, val_shots, seed)

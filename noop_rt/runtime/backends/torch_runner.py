@@ -22,10 +22,9 @@ from noop_rt.demo import model_name
 from noop_rt.runtime.backends.base import GraphRunner, env_flag
 from noop_rt.runtime.backends.torch_cuda_graph import Capture, CudaGraphed
 from noop_rt.runtime.bundle import sha256_file
-from noop_rt.runtime.errors import BadInputError
 from noop_rt.runtime.graph_model import ModelInfo, default_preprocessing
 from noop_rt.runtime.graph_specs import CLASSIFIER, GraphSpec
-from noop_rt.train.backbones import DEMO_SOURCE, Backbone, load_backbone
+from noop_rt.train.backbones import DEMO_SOURCE, Backbone, load_backbone, pick_device
 from noop_rt.train.checkpoint import NoopCheckpoint, backbone_fingerprint, checkpoint_backbone, load_checkpoint
 from noop_rt.train.graph_modules import backbone_specs, graph_modules
 
@@ -36,17 +35,6 @@ def set_threads(threads: int | None) -> None:
     """torch's intra-op threads (a Ray actor gets its share of the cores); None leaves torch's default."""
     if threads:
         torch.set_num_threads(threads)
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BadInputError("--device cuda asked for, but torch sees no CUDA GPU")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise BadInputError(f"unknown device {device!r} (use auto, cpu or cuda[:N])") from None
 
 
 class TorchRunner(GraphRunner):

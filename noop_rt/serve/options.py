@@ -1,0 +1,52 @@
+"""How to serve: the server's settings, checked when made (one line per bad value)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from noop_rt.runtime.errors import BadInputError
+
+APP_NAME = "noop-rt"  # the Ray Serve application's name
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How to serve. `max_upload_mb` 0 means no limit on the request body (images are still refused over
+    `max_pixels` before they are decoded)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0: any free port (the printed URL says which)
+    replicas: int = 1  # model replicas, one classifier each
+    gpus_per_replica: float = 0.0
+    threads: int | None = None  # engine threads per replica (None: see server.replica_resources)
+    max_batch_size: int = 8  # images gathered into one B*C UNet batch
+    concurrent_batches: int | None = None  # batches a replica runs at once (None: app.concurrent_batches)
+    batch_wait_ms: float = 2.0  # longest wait for a batch to fill (requests that arrive while all of a replica's
+    # concurrent batches run are held and batched anyway: the wait only matters when one can start at once)
+    max_upload_mb: float = 10.0  # largest request body
+    ray_address: str | None = None  # an existing cluster (else RAY_ADDRESS, else a local one)
+    top_k: int = 5  # classes per answer unless the request asks (?top_k=)
+    max_pixels: int = 50_000_000  # larger images are refused from their header, never decoded
+    max_files: int = 256  # images per request
+    drain_timeout_s: float = 30.0  # longest wait for in-flight requests after SIGTERM/SIGINT
+    drain_quiet_s: float = 1.0  # drained once no request has been in flight for this long
+
+    def __post_init__(self) -> None:
+        checks = [(self.replicas >= 1, "--replicas must be at least 1"),
+                  (self.max_batch_size >= 1, "--max-batch-size must be at least 1"),
+                  (self.concurrent_batches is None or self.concurrent_batches >= 1,
+                   "--concurrent-batches must be at least 1"),
+                  (self.batch_wait_ms >= 0, "--batch-wait-ms must not be negative"),
+                  (self.max_upload_mb >= 0, "--max-upload-mb must not be negative"),
+                  (self.gpus_per_replica >= 0, "--gpus-per-replica must not be negative"),
+                  (self.threads is None or self.threads >= 1, "--threads must be at least 1"),
+                  (0 <= self.port <= 65535, "--port must be 0..65535"),
+                  (self.top_k >= 1, "--top-k must be at least 1"),
+                  (self.max_pixels >= 1 and self.max_files >= 1, "max_pixels and max_files must be positive")]
+        for ok, message in checks:
+            if not ok:
+                raise BadInputError(message)
+
+    @property
+    def max_upload_bytes(self) -> int | None:
+        return int(self.max_upload_mb * 1024 * 1024) if self.max_upload_mb > 0 else None
