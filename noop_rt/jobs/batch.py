@@ -348,7 +348,7 @@ class _RayClassifier:
     def __init__(self, load: LoadOptions, top_k: int, ident: str, threads: int) -> None:
         from noop_rt.api import load as open_model
 
-        self.classifier = open_model(load.replace(threads=max(1, threads)))
+        self.classifier = open_model(load.updated(threads=max(1, threads)))
         self.top_k, self.ident = top_k, ident
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -190,7 +190,7 @@ class ModelReplica:
         from noop_rt.api import load as open_model
 
         if load.threads is None and threads is not None:
-            load = load.replace(threads=threads)
+            load = load.updated(threads=threads)
         self.classifier = open_model(load)
         self.threads = load.threads
         self.concurrent = concurrent_batches(options, self.classifier.backend)
