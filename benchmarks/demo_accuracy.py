@@ -4,7 +4,8 @@
 
 Reports the `baseline` strategy with N = 1, 10, 100 (t evenly spaced, eps ~ N(0, I), noise seed 0) and the accuracy of
 ONE random noise at t in {100, 300, 500, 700} as mean +- std over 5 noise seeds: the noise instability NoOp removes.
-Noises come from `scoring.noise_bank` (numpy PCG64). `--quick` (20 images, N = 1 and 2, t = 500, 2 seeds) only
+Noises come from `noop_rt.runtime.strategies.noise_bank` (numpy PCG64). `--quick` (20 images, N = 1 and 2, t = 500, 2
+seeds) only
 proves the script runs end to end. DIR defaults to benchmarks/results.
 """
 

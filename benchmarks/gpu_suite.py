@@ -171,9 +171,10 @@ def plan_steps(cfg: Config, facts: dict[str, bool]) -> list[Step]:
         Step("tensorrt-tests", [sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_engines.py"],
              requires=("tensorrt",)),
         # SD-1.5 architecture, random weights, 512 px, `classes` classes
-        Step("sd15-checkpoint", [sys.executable, "-c", "import sys; from pathlib import Path; from noop_rt.jobs.bench "
-                                 "import sd15_shape_checkpoint; print(sd15_shape_checkpoint(Path(sys.argv[1]), "
-                                 "int(sys.argv[2])))", str(cache), k], requires=("torch", "diffusers"),
+        Step("sd15-checkpoint", [sys.executable, "-c", "import sys; from pathlib import Path; from "
+                                 "noop_rt.build.shape_fixtures import shape_checkpoint; print(shape_checkpoint("
+                                 "'sd15-shape', Path(sys.argv[1]), int(sys.argv[2])))", str(cache), k],
+             requires=("torch", "diffusers"),
              prepares=True),
         sd15_torch := Step("sd15-torch", noop("bench", *sd15_bench, "--backends", "torch", "--device", "cuda",
                                               "--fp16", "--runs", runs, "--json", str(w / "bench-sd15-torch.json")),

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.3.0"
-__all__ = ["Classifier", "Result", "__version__", "load"]
+__all__ = ["ClassScore", "Classifier", "LoadOptions", "NoopError", "Result", "__version__", "load"]
 
 
 def __getattr__(name: str) -> Any:  # lazy: `import noop_rt` stays cheap for the CLI's --help

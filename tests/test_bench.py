@@ -199,3 +199,11 @@ def test_percentiles_and_extrapolated_stats() -> None:
     s = stats([0.01, 0.02, 0.03], evals=100, gflop=1.0, scale=10)
     assert s["p50_ms"] == 200.0 and abs(s["images_per_s"] - 5.0) < 1e-9
     assert abs(s["achieved_tflops"] - 100 * 1.0 / 1e3 / 0.2) < 1e-9
+
+
+def test_the_shape_fixture_names_match_the_models_built() -> None:
+    """The CLI checks `--backbone` against the torch-free list; the build side holds one model per name."""
+    from noop_rt.build import SHAPE_FIXTURES
+    from noop_rt.build.shape_fixtures import REFERENCE_UNET_GFLOP, SHAPES
+
+    assert set(SHAPES) == set(SHAPE_FIXTURES) == set(REFERENCE_UNET_GFLOP)

@@ -436,3 +436,31 @@ def test_install_hints_fit_the_installation(monkeypatch) -> None:
     assert extras.install_hint("train") in (f"pip install -e '{REPO}[train]'", "pip install -e '.[train]'")
     monkeypatch.setattr(extras, "source_checkout", lambda: None)
     assert extras.install_hint("openvino") == "pip install 'noop-rt[openvino]'"
+
+
+def test_load_options_normalise_whatever_way_they_are_made(tmp_path) -> None:
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("class,prompt\nseven,a handwritten digit seven\none,a handwritten digit one\n")
+    made = noop_rt.LoadOptions(classes="seven,one", prompts=str(prompts), engines="e", strategy={"loss": None})
+    assert made.classes == ["seven", "one"] and made.prompts == {"seven": "a handwritten digit seven",
+                                                                  "one": "a handwritten digit one"}
+    assert made.engines == Path("e") and made.strategy == {}
+    assert noop_rt.load(made).classes == ["seven", "one"]
+    with pytest.raises(TypeError, match="pairs=N"):
+        noop_rt.load(noises=5)
+    with pytest.raises(UsageError, match="did you mean 'bundle'"):
+        noop_rt.load(kind="bundel")
+    with pytest.raises(TypeError, match=r"'mehtod' \(did you mean 'method'\?\)"):
+        noop_rt.load().classify(SEVEN, mehtod="noop")
+
+
+def test_bytes_and_unit_range_arrays() -> None:
+    clf = noop_rt.load()
+    assert clf.classify(SEVEN.read_bytes()).label == "seven"
+    x = _preprocessed(SEVEN, clf.resolution)
+    with pytest.raises(BadInputError, match=r"\[0, 1\]"):
+        clf.classify((x + 1) / 2)  # scaled to [0, 1]: refused, not silently wrong
+    with pytest.raises(BadInputError, match="preprocessed batch must be float"):
+        clf.classify(np.zeros((2, 3, 16, 16), np.uint8))
+    white = np.ones((3, 16, 16), np.float32)  # a plain white image is a valid preprocessed image
+    assert clf.classify(white).label in clf.classes

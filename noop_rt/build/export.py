@@ -33,11 +33,11 @@ from noop_rt.build.shared_weights import share_weights
 from noop_rt.demo import model_name
 from noop_rt.runtime.backends.torch_runner import TorchRunner
 from noop_rt.runtime.bundle import FORMAT, MANIFEST, VERSION, Bundle, sha256_file, write_json_atomic
+from noop_rt.runtime.choices import LOSSES
 from noop_rt.runtime.errors import BadInputError, ValidationFailedError
 from noop_rt.runtime.graph_model import default_preprocessing
 from noop_rt.runtime.graph_specs import CLASSIFIER, ENCODER, GRAPH_NAMES, NOISE, SCORER, TEXT_ENCODER, GraphSpec
 from noop_rt.runtime.images import IMAGE_SUFFIXES, load_image
-from noop_rt.runtime.strategies import LOSSES
 from noop_rt.train.backbones import Backbone
 from noop_rt.train.checkpoint import NoopCheckpoint, checkpoint_backbone, load_checkpoint
 from noop_rt.train.graph_modules import TRACE_DIMS, backbone_specs, graph_modules, sample_inputs

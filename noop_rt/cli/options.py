@@ -9,9 +9,8 @@ from typing import Annotated, Any
 
 import typer
 
-from noop_rt.runtime.backends.base import BACKENDS
+from noop_rt.runtime.choices import BACKENDS, LOSSES, METHODS
 from noop_rt.runtime.errors import BadInputError
-from noop_rt.runtime.strategies import LOSSES, METHODS
 
 # ---------------------------------------------------------------------------------------------- shared options
 BundleOpt = Annotated[Path | None, typer.Option("--bundle", metavar="DIR",
@@ -119,9 +118,7 @@ def open_model(request: Any) -> Any:
     from noop_rt.api import load
 
     classifier = load(request)
-    classifier.on_drift = lambda message: print(f"warning: {message}", file=sys.stderr)
-    for note in classifier.notes:
-        print(f"note: {note}", file=sys.stderr)
+    classifier.report_to(sys.stderr)
     return classifier
 
 

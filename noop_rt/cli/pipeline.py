@@ -18,8 +18,8 @@ from noop_rt.cli.options import (
     TemplateOpt,
 )
 from noop_rt.demo import SHOTS, VAL_SHOTS
+from noop_rt.runtime.choices import LOSSES
 from noop_rt.runtime.errors import BadInputError
-from noop_rt.runtime.strategies import LOSSES
 
 
 # ---------------------------------------------------------------------------------------------- train / export

@@ -72,7 +72,7 @@ def noop_classifier(ckpt: str | Path | None = None, max_batch: int = 512) -> Cla
     return noop_rt.load(ckpt or CKPT_PATH, backend="torch", device="cpu", method="noop", max_batch=max_batch)
 
 
-# ---------------------------------------------------------------------------------------------- scoring
+# ---------------------------------------------------------------------------------------------- scores
 def targets(classifier: Classifier, names: Sequence[str]) -> np.ndarray:
     """Column index in `classifier.classes` of each class name. (N,) int64"""
     index = {name: i for i, name in enumerate(classifier.classes)}
@@ -125,7 +125,7 @@ def model_protocol(classifier: Classifier, images: int) -> dict[str, Any]:
 
 
 def strategy_protocol(classifier: Classifier, method: str | None = None, **options: Any) -> dict[str, Any]:
-    """`scoring.protocol` of `method` with `options` over the classifier's own settings (loss defaults to the
+    """`strategies.protocol` of `method` with `options` over the classifier's own settings (loss defaults to the
     model's): method, its settings, loss, seed, timestep grid, noise source."""
     method = method or classifier.method
     info = classifier.model.info

@@ -203,10 +203,11 @@ def classify_decoded(classifier: Any, top_k: int, ident: str, paths: list[str], 
                                "top_errors": None, "method": classifier.method, "backend": classifier.backend,
                                "unet_evals": 0, "model_id": ident, "error": errors[i]}
         if i in preds:  # the `classify --json` object, in columns
-            top = preds[i].to_json()["top"]
+            answer = preds[i].to_json()
+            top = answer["top"]
             row.update(label=top[0]["class"], prob=top[0]["prob"], top_classes=[t["class"] for t in top],
                        top_probs=[t["prob"] for t in top], top_errors=[t["error"] for t in top],
-                       unet_evals=preds[i].to_json()["unet_evals"])
+                       unet_evals=answer["unet_evals"])
         rows.append(row)
     return rows
 
@@ -241,9 +242,7 @@ def run_batch(inputs: list[str], out: Path, load: LoadOptions, options: BatchOpt
     if not paths:
         raise BadInputError("no input images")
     classifier = open_model(load)
-    classifier.on_drift = lambda message: print(f"warning: {message}", file=log)
-    for note in classifier.notes:
-        print(f"note: {note}", file=log)
+    classifier.report_to(log)
     ident = model_id(classifier)
     backend, resolution = classifier.backend, classifier.resolution
     existing = read_rows(out)

@@ -27,7 +27,8 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 
 from noop_rt.jobs.startup import STARTUP_RUNS, measure_startup, startup_line
-from noop_rt.runtime.backends.base import ENGINES, nvidia_gpus
+from noop_rt.runtime.backends.base import nvidia_gpus
+from noop_rt.runtime.choices import ENGINES
 from noop_rt.runtime.errors import BadInputError, MissingDependencyError, UsageError
 from noop_rt.runtime.suggest import suggest
 
@@ -120,7 +121,7 @@ def time_single(classifier: Classifier, images: np.ndarray, runs: int, warmup: i
     for i in range(runs):
         start = time.perf_counter()
         results = classifier.classify(images[i % n][None], top_k=1, method=method, **strategy)
-        seconds.append(time.perf_counter() - start)  # predict synchronises the device before it returns
+        seconds.append(time.perf_counter() - start)  # classify synchronises the device before it returns
         evals = results[0].unet_evals
     return seconds, evals
 

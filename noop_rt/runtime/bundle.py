@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ def user_cache_dir() -> Path:
 class Bundle:
     root: Path
     manifest: dict[str, Any]
+    _specs: dict[str, GraphSpec | None] = field(default_factory=dict, repr=False, compare=False)  # parsed once
 
     # ------------------------------------------------------------------------------------------ fields
     @property
@@ -74,9 +75,12 @@ class Bundle:
         return graph in self.manifest["graphs"]
 
     def graph_spec(self, graph: str) -> GraphSpec | None:
-        """One graph's description from the manifest (None where the manifest gives only its file)."""
-        entry = self.manifest["graphs"].get(graph)
-        return GraphSpec.from_json(graph, entry) if isinstance(entry, dict) and "inputs" in entry else None
+        """One graph's description from the manifest (None where the manifest gives only its file), parsed once."""
+        if graph not in self._specs:
+            entry = self.manifest["graphs"].get(graph)
+            self._specs[graph] = (GraphSpec.from_json(graph, entry) if isinstance(entry, dict) and "inputs" in entry
+                                  else None)
+        return self._specs[graph]
 
     def path(self, graph: str) -> Path:
         return self.root / self.manifest["graphs"][graph]["file"]

@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 
 from noop_rt.runtime import strategies
+from noop_rt.runtime.choices import LOSSES, METHODS
 from noop_rt.runtime.drift import DriftMonitor
 from noop_rt.runtime.errors import BadInputError, UsageError
 from noop_rt.runtime.graph_model import GraphModel
-from noop_rt.runtime.images import as_model_input
-from noop_rt.runtime.suggest import suggest
+from noop_rt.runtime.images import as_model_input, preprocessed_batch
+from noop_rt.runtime.suggest import close_match, suggest
 
 
 def _log_warning(message: str) -> None:
@@ -100,10 +101,17 @@ class Classifier:
         self.check_method(self.method)
         self.drift = DriftMonitor.from_profile(model.info.drift)  # None: no validation profile to compare with
         self.on_drift: Callable[[str], None] = _log_warning  # where a drift warning goes (the CLI prints it)
-        self._drift_lock = threading.Lock()  # predict may run in several threads at once (a server's batches)
+        self._drift_lock = threading.Lock()  # classify may run in several threads at once (a server's batches)
+
+    def report_to(self, stream: Any) -> None:
+        """Print the loader's notes to `stream` (one `note:` line each), and send drift warnings there from now on
+        (`warning:` lines) instead of the `noop_rt` logger."""
+        for note in self.notes:
+            print(f"note: {note}", file=stream)
+        self.on_drift = lambda message: print(f"warning: {message}", file=stream)
 
     def drift_report(self) -> dict[str, Any] | None:
-        """The drift monitor's report (None without a validation profile), consistent while other threads predict."""
+        """The drift monitor's report (None without a validation profile), consistent while other threads classify."""
         if self.drift is None:
             return None
         with self._drift_lock:
@@ -144,7 +152,7 @@ class Classifier:
 
     def check_method(self, method: str) -> None:
         if method not in strategies.STRATEGIES:
-            raise suggest(method, strategies.METHODS, "method")
+            raise suggest(method, METHODS, "method")
         if method == "noop" and not self.model.info.has_noise:
             raise UsageError("method 'noop' needs a learned noise: load a NoOp checkpoint (NAME.pt) or bundle; "
                              f"{self.model.info.location} is a plain diffusion model (use baseline, adaptive or "
@@ -154,10 +162,15 @@ class Classifier:
         """The strategy config: the classifier's options < call options; the loss defaults to the model's own."""
         method = method or self.method
         self.check_method(method)
+        unknown = [k for k in options if k not in strategies.OPTIONS]
+        if unknown:
+            close = close_match(unknown[0], [*strategies.OPTIONS, "method", "top_k", "progress"])
+            raise TypeError(f"unexpected keyword argument {unknown[0]!r}" + (f" (did you mean {close!r}?)" if close
+                                                                             else ""))
         merged = {**self.options, **{k: v for k, v in options.items() if v is not None}}
         merged.setdefault("loss", self.model.info.loss)
-        if merged["loss"] not in strategies.LOSSES:
-            raise suggest(str(merged["loss"]), strategies.LOSSES, "loss")
+        if merged["loss"] not in LOSSES:
+            raise suggest(str(merged["loss"]), LOSSES, "loss")
         if method == "pruned" and "pairs" in merged:
             merged.setdefault("max_pairs", merged["pairs"])
         if method == "adaptive" and "stages" not in merged and "pairs" in merged:  # scaled Pets schedule
@@ -191,10 +204,11 @@ class Classifier:
     def classify(self, images: ImageLike | Sequence[ImageLike] | np.ndarray, *, top_k: int = 5,
                  method: str | None = None, progress: Callable[[int], None] | None = None,
                  **options: Any) -> Result | list[Result]:
-        """Classify images: one path, PIL image or numpy array gives one Result; a list of them, or a preprocessed
-        batch (B, 3, R, R) float32 in [-1, 1], gives a list. Arrays: (H, W, 3) or (H, W) uint8 images are preprocessed
-        like files, a (3, R, R) float array in [-1, 1] is taken as preprocessed. Strategy options (loss, pairs,
-        stages, seed, alpha, round_size, robust) override the loaded ones; `progress(n)` is called as images finish.
+        """Classify images: one path, PIL image, bytes of an image file or numpy array gives one Result; a list of
+        them, or a preprocessed batch (B, 3, R, R) float32 in [-1, 1], gives a list. Arrays: (H, W, 3) or (H, W) uint8
+        images are preprocessed like files, a (3, R, R) float array in [-1, 1] is taken as preprocessed. Strategy
+        options (loss, pairs, stages, seed, alpha, round_size, robust) override the loaded ones; an unknown one is a
+        TypeError. `progress(n)` is called as images finish.
 
         Images go to the model in one place: here, `images_per_call` at a time for NoOp (one B*C UNet batch), one at a
         time for the multi-pass strategies."""
@@ -213,7 +227,7 @@ class Classifier:
         for s in range(0, len(items), step):
             chunk = items[s:s + step]
             t0 = time.perf_counter()
-            arrays = (np.ascontiguousarray(chunk, dtype=np.float32) if batch
+            arrays = (preprocessed_batch(chunk, self.resolution) if batch
                       else np.stack([as_model_input(x, self.resolution) for x in chunk]))
             preprocess_s = time.perf_counter() - t0
             scores, model_s = self.score(arrays, method, **options)

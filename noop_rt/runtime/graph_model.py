@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from noop_rt.runtime.backends.base import GraphRunner
+from noop_rt.runtime.choices import LOSSES
 from noop_rt.runtime.errors import BadInputError, NonFiniteError
 from noop_rt.runtime.graph_specs import CLASSIFIER, ENCODER, NOISE, SCORER, TEXT_ENCODER, error_output
 from noop_rt.runtime.strategies import Progress
@@ -40,7 +41,7 @@ class ModelInfo:
     loss: str = "l2"  # the error norm NoOp was trained (and tau fitted) with; zero-shot default l2
     prompt_tuned: bool = False
     precision: str = "fp32"
-    scorer_losses: tuple[str, ...] = ("l2", "l1", "huber")
+    scorer_losses: tuple[str, ...] = LOSSES
     preprocessing: dict[str, Any] = field(default_factory=dict)
     manifest: dict[str, Any] | None = None  # the bundle's manifest, when there is one
     drift: dict[str, Any] | None = None  # the validation split's confidence profile

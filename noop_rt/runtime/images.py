@@ -111,6 +111,8 @@ def as_model_input(image: object, resolution: int) -> np.ndarray:
     are preprocessed like files; a (3, R, R) float array is taken as already preprocessed."""
     if isinstance(image, (str, Path)):
         return load_image(image, resolution)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return to_model_input(decode_rgb(bytes(image), "<bytes>"), resolution)
     if isinstance(image, Image.Image):
         return to_model_input(to_rgb(image), resolution)
     if isinstance(image, np.ndarray):
@@ -118,12 +120,27 @@ def as_model_input(image: object, resolution: int) -> np.ndarray:
             return to_model_input(to_rgb(Image.fromarray(image.squeeze(-1) if image.ndim == 3 and
                                                           image.shape[2] == 1 else image)), resolution)
         if image.ndim == 3 and image.shape == (3, resolution, resolution) and np.issubdtype(image.dtype, np.floating):
-            if not np.isfinite(image).all() or image.min() < -1.001 or image.max() > 1.001:
-                raise BadInputError("a preprocessed float image must hold finite values in [-1, 1]")
-            return np.ascontiguousarray(image, dtype=np.float32)
+            return preprocessed_batch(image[None], resolution, unit_range=True)[0]
         raise BadInputError(f"cannot classify an array of shape {image.shape} and dtype {image.dtype}: pass an "
                             f"(H, W, 3) uint8 image or a preprocessed (3, {resolution}, {resolution}) float array")
     raise BadInputError(f"cannot classify a {type(image).__name__}: pass a path, a PIL image or a numpy array")
+
+
+def preprocessed_batch(images: np.ndarray, resolution: int, *, unit_range: bool = False) -> np.ndarray:
+    """A preprocessed batch (B, 3, R, R), checked: float, finite, within [-1, 1]. `unit_range`: also refuse an image
+    whose values vary within [0, 1] only, the mark of an array scaled to [0, 1] (classified wrong without a word);
+    a plain white image (all 1) passes."""
+    if images.ndim != 4 or images.shape[1:] != (3, resolution, resolution) or not np.issubdtype(images.dtype,
+                                                                                              np.floating):
+        raise BadInputError(f"a preprocessed batch must be float (B, 3, {resolution}, {resolution}) in [-1, 1]; got "
+                            f"{images.dtype} {tuple(images.shape)} (pass uint8 (H, W, 3) images one by one to have "
+                            "them preprocessed)")
+    if not np.isfinite(images).all() or images.min() < -1.001 or images.max() > 1.001:
+        raise BadInputError("a preprocessed float image must hold finite values in [-1, 1]")
+    if unit_range and images.size and images.min() >= 0.0 and images.max() > images.min():
+        raise BadInputError("a preprocessed float image holds values in [0, 1] only: the model takes [-1, 1] "
+                            "(x * 2 - 1), or pass the uint8 (H, W, 3) image")
+    return np.ascontiguousarray(images, dtype=np.float32)
 
 
 def load_image(path: str | Path, resolution: int) -> np.ndarray:

@@ -16,27 +16,26 @@ from typing import Any
 
 import numpy as np
 
-from noop_rt.runtime.backends.base import BACKENDS, ROBUST_NEEDS_TORCH, installed, nvidia_gpus
+from noop_rt.runtime.backends.base import ROBUST_NEEDS_TORCH, installed, nvidia_gpus
+from noop_rt.runtime.choices import BACKENDS, SOURCE_KINDS
 from noop_rt.runtime.classes import DEFAULT_TEMPLATE, make_prompts, parse_class_list, read_prompts_file
 from noop_rt.runtime.classifier import Classifier, ClassSet
 from noop_rt.runtime.errors import BadInputError, MissingDependencyError, UsageError
 from noop_rt.runtime.extras import install_hint, require_torch_side
 from noop_rt.runtime.graph_model import GraphModel, ModelInfo
-from noop_rt.runtime.strategies import STRATEGIES
+from noop_rt.runtime.strategies import OPTIONS
 from noop_rt.runtime.suggest import close_match, suggest
 
 TORCH_MAX_BATCH = 256
-# strategy options `noop_rt.load` and `classify` take (each strategy config's fields, `pairs` for all, and robust)
-STRATEGY_OPTIONS = tuple(sorted({f for s in STRATEGIES.values() for f in s.config.__dataclass_fields__}
-                                | {"pairs", "robust"}))
-SOURCE_KINDS = "a bundle folder (manifest.json), a checkpoint NAME.pt, a diffusers Stable Diffusion folder " \
-               "(model_index.json), or 'demo'"
+SOURCE_DESCRIPTION = "a bundle folder (manifest.json), a checkpoint NAME.pt, a diffusers Stable Diffusion folder " \
+                     "(model_index.json), or 'demo'"
 
 
 @dataclass(frozen=True, kw_only=True)
 class LoadOptions:
     """What to open and how: the one description that the CLI, `batch` (in process and on Ray workers), `eval`,
-    `bench` and the server build and hand to `noop_rt.load`. Plain data (it travels to Ray actors).
+    `bench` and the server build and hand to `noop_rt.load`. Plain data (it travels to Ray actors); fields are
+    normalised when it is made (`classes` may be "a,b,c", `prompts` a CSV file, paths strings).
 
     Class options: `classes` (names), `template` (one '{}'), `prompts` ({class: prompt}, e.g. from Li et al.'s CSV
     files); `classes_from` names where `classes` came from when they must be the trained set (`--data DIR`)."""
@@ -55,9 +54,34 @@ class LoadOptions:
     prompts: dict[str, str] | None = None
     classes_from: str | None = None
     method: str | None = None
-    strategy: dict[str, Any] = field(default_factory=dict)  # loss, pairs, stages, seed, alpha, round_size, robust
+    # loss, pairs, stages, seed, alpha, round_size, max_pairs, noises, robust (None values dropped)
+    strategy: dict[str, Any] = field(default_factory=dict, compare=False)
     lora: Path | None = None  # a LoRA .safetensors fused into a diffusers folder / a checkpoint's backbone (torch)
     lora_scale: float | None = None  # None: 1, or the scale a checkpoint was trained with
+
+    def __post_init__(self) -> None:
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        if isinstance(self.classes, str):
+            put("classes", parse_class_list(self.classes))
+        elif self.classes is not None:
+            put("classes", list(self.classes))
+        if isinstance(self.prompts, (str, Path)):
+            put("prompts", read_prompts_file(self.prompts))
+        for name in ("engines", "lora"):
+            if getattr(self, name) is not None:
+                put(name, Path(getattr(self, name)))
+        if self.kind is not None and self.kind not in SOURCE_KINDS:
+            raise suggest(self.kind, SOURCE_KINDS, "source kind")
+        unknown = [k for k in self.strategy if k not in OPTIONS]
+        if unknown:
+            raise _unexpected(unknown[0], OPTIONS)
+        noises = self.strategy.get("noises")
+        if noises is not None and not isinstance(noises, np.ndarray):
+            raise TypeError(f"noises takes a noise bank, an array (pairs, c, h, w), not {type(noises).__name__}; "
+                            "for a number of (t, eps) pairs use pairs=N")
+        put("strategy", {k: v for k, v in self.strategy.items() if v is not None})
 
     @classmethod
     def of(cls, source: str | Path | None = None, **options: Any) -> LoadOptions:
@@ -66,25 +90,21 @@ class LoadOptions:
 
     def updated(self, **options: Any) -> LoadOptions:
         """A copy with fields changed by keyword: the fields above, and strategy options (loss, pairs, stages, seed,
-        alpha, round_size, max_pairs, noises, robust) merged into `strategy`; `classes` may be "a,b,c", `prompts` a
-        CSV file. An unknown keyword is a TypeError naming the closest known one."""
-        fields = {f.name for f in dataclasses.fields(self)} - {"strategy"}
-        unknown = [k for k in options if k not in fields and k not in STRATEGY_OPTIONS]
+        alpha, round_size, max_pairs, noises, robust) merged into `strategy`. An unknown keyword is a TypeError
+        naming the closest known one."""
+        fields = {f.name for f in dataclasses.fields(self)}
+        unknown = [k for k in options if k not in fields and k not in OPTIONS]
         if unknown:
-            close = close_match(unknown[0], sorted(fields | set(STRATEGY_OPTIONS)))
-            raise TypeError(f"load() got an unexpected keyword argument {unknown[0]!r}"
-                            + (f" (did you mean {close!r}?)" if close else ""))
-        strategy = {**self.strategy, **{k: options.pop(k) for k in list(options) if k in STRATEGY_OPTIONS}}
-        if isinstance(options.get("classes"), str):
-            options["classes"] = parse_class_list(options["classes"])
-        elif options.get("classes") is not None:
-            options["classes"] = list(options["classes"])
-        if isinstance(options.get("prompts"), (str, Path)):
-            options["prompts"] = read_prompts_file(options["prompts"])
-        for name in ("engines", "lora"):
-            if options.get(name) is not None:
-                options[name] = Path(options[name])
+            raise _unexpected(unknown[0], sorted((fields - {"strategy"}) | set(OPTIONS)))
+        strategy = {**self.strategy, **options.pop("strategy", {}),
+                    **{k: options.pop(k) for k in list(options) if k in OPTIONS}}
         return dataclasses.replace(self, strategy=strategy, **options)
+
+
+def _unexpected(name: str, known: Any) -> TypeError:
+    close = close_match(name, sorted(known))
+    return TypeError(f"load() got an unexpected keyword argument {name!r}" + (f" (did you mean {close!r}?)"
+                                                                              if close else ""))
 
 
 def source_kind(source: str | Path | None) -> tuple[str, Path | None]:
@@ -98,14 +118,14 @@ def source_kind(source: str | Path | None) -> tuple[str, Path | None]:
         if (path / "model_index.json").is_file():
             return "diffusers", path
         raise BadInputError(f"{path} is neither a noop-rt bundle (manifest.json) nor a diffusers folder "
-                            f"(model_index.json); load {SOURCE_KINDS}")
+                            f"(model_index.json); load {SOURCE_DESCRIPTION}")
     if path.suffix == ".pt":
         if not path.is_file():
             raise BadInputError(f"checkpoint not found: {path}")
         return "checkpoint", path
     if not path.exists():
-        raise BadInputError(f"not found: {path} (load {SOURCE_KINDS})")
-    raise BadInputError(f"cannot load {path}: expected {SOURCE_KINDS}")
+        raise BadInputError(f"not found: {path} (load {SOURCE_DESCRIPTION})")
+    raise BadInputError(f"cannot load {path}: expected {SOURCE_DESCRIPTION}")
 
 
 def open_classifier(options: LoadOptions) -> Classifier:

@@ -16,8 +16,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-LOSSES = ("l2", "l1", "huber")
-METHODS = ("noop", "baseline", "adaptive", "pruned")
+from noop_rt.runtime.choices import LOSSES, METHODS  # noqa: F401 - METHODS: the registry's names
+from noop_rt.runtime.errors import BadInputError
+
 Progress = Callable[[int], None] | None
 
 # Li et al.'s published adaptive schedules (their commands.md: --n_samples per stage, --to_keep after it).
@@ -216,7 +217,7 @@ def _noises(config: Any, n: int, model: ScoringModel) -> np.ndarray:
     if config.noises is not None:
         bank = np.asarray(config.noises, dtype=np.float32)
         if bank.shape[0] < n or tuple(bank.shape[1:]) != tuple(model.latent_shape):
-            raise ValueError(f"the given noise bank has shape {bank.shape}; this run needs ({n}, "
+            raise BadInputError(f"the given noise bank has shape {bank.shape}; this run needs ({n}, "
                              f"{', '.join(map(str, model.latent_shape))})")
         return bank[:n]
     return noise_bank(n, tuple(model.latent_shape), config.seed)
@@ -337,6 +338,10 @@ STRATEGIES: dict[str, Strategy] = {
     "adaptive": Strategy(adaptive, AdaptiveConfig, "Li et al.'s stages: few pairs for all, more for the best"),
     "pruned": Strategy(pruned, PrunedConfig, "Clark & Jaini: drop classes a paired t-test rejects"),
 }
+
+
+# the strategy options `noop_rt.load` and `classify` take: every config's fields, `pairs` for all, and robust mode
+OPTIONS = tuple(sorted({f for s in STRATEGIES.values() for f in s.config.__dataclass_fields__} | {"pairs", "robust"}))
 
 
 def make_config(method: str, **options: Any) -> StrategyConfig:

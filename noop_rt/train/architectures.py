@@ -84,7 +84,6 @@ TINY_SD = Architecture(
     scheduler=SD_SCALED_LINEAR,
 )
 
-ARCHITECTURES = {a.name: a for a in (DEMO, TINY_SD)}
 
 
 @dataclass

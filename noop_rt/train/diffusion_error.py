@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from noop_rt.runtime.strategies import LOSSES
+from noop_rt.runtime.choices import LOSSES
 
 
 def noised(z0: torch.Tensor, eps: torch.Tensor, abar_t: torch.Tensor) -> torch.Tensor:

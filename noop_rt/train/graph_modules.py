@@ -9,6 +9,7 @@ from copy import deepcopy
 import torch
 from torch import nn
 
+from noop_rt.runtime.choices import LOSSES
 from noop_rt.runtime.graph_specs import (
     BATCH,
     CLASSES,
@@ -21,7 +22,6 @@ from noop_rt.runtime.graph_specs import (
     GraphSpec,
     graph_specs,
 )
-from noop_rt.runtime.strategies import LOSSES
 from noop_rt.train.backbones import Backbone
 from noop_rt.train.checkpoint import NoopCheckpoint
 from noop_rt.train.diffusion_error import ClassErrors, Float32Graph, NoopClassifier, TextEncoderGraph

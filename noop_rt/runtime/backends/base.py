@@ -16,8 +16,6 @@ import numpy as np
 from noop_rt.runtime.errors import BadInputError
 from noop_rt.runtime.graph_specs import OPTIONAL_INPUTS, GraphSpec
 
-ENGINES = ("tensorrt", "onnxruntime", "openvino", "torch")
-BACKENDS = ("auto", *ENGINES)
 ROBUST_NEEDS_TORCH = ("--robust needs the torch backend (it takes gradients through the model): load the checkpoint "
                       "(NAME.pt)")
 
@@ -38,7 +36,9 @@ class GraphRunner(ABC):
     execution_precision: str | None = None
 
     def run(self, graph: str, feeds: dict[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
-        """Run `graph` on `feeds`; returns the named outputs as float32/int64 numpy arrays, in order."""
+        """Run `graph` on `feeds`; returns the named outputs as float32/int64 numpy arrays, in order. A feed given
+        as None is left out (the classifier's class embeddings then default to the trained classes')."""
+        feeds = {name: value for name, value in feeds.items() if value is not None}
         spec = self.graph_spec(graph)
         if spec is not None:
             check_feeds(spec, feeds, outputs)
@@ -97,6 +97,9 @@ def check_feeds(spec: GraphSpec, feeds: dict[str, np.ndarray], outputs: Sequence
             if (spec.name, t.name) in OPTIONAL_INPUTS:
                 continue
             raise BadInputError(f"the {spec.name} graph needs input {t.name!r}")
+        if not isinstance(value, np.ndarray):
+            raise BadInputError(f"the {spec.name} graph's input {t.name!r} is a {type(value).__name__}; expected a "
+                                f"numpy array of {t.dtype}")
         if value.dtype != np.dtype(t.dtype):
             raise BadInputError(f"the {spec.name} graph's input {t.name!r} is {value.dtype}; expected {t.dtype}")
         if value.ndim != len(t.shape):

@@ -185,7 +185,6 @@ class OnnxRuntimeRunner(GraphRunner):
         self.sessions: dict[str, Any] = {}
         self.device = f"cuda:{cuda_index(device)}" if self.want_cuda else "CPUExecutionProvider"
         self._specs: dict[str, GraphSpec] | None = None  # read from the manifest when a binding needs them
-        self._graph_specs: dict[str, GraphSpec | None] = {}  # the feeds' check, per graph
         self.bindings: ShapeCache[Bound] = ShapeCache(MAX_BINDINGS, evict=True)
         self.captured: ShapeCache[Bound] = ShapeCache(MAX_CUDA_GRAPH_SESSIONS, evict=False)  # CUDA-graph sessions
         self.notes: list[str] = []  # fallbacks taken (a CUDA graph that could not be captured)
@@ -224,7 +223,7 @@ class OnnxRuntimeRunner(GraphRunner):
         return session
 
     def graph_spec(self, graph: str) -> GraphSpec | None:
-        return self._graph_specs.setdefault(graph, self.bundle.graph_spec(graph))
+        return self.bundle.graph_spec(graph)
 
     def _run(self, graph: str, feeds: dict[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
         if not self.io_binding:
