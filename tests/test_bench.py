@@ -82,7 +82,7 @@ def test_bench_cli_exact_baseline_and_no_torch_ratio(two_images: Path, tmp_path:
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     res = CliRunner().invoke(app, ["bench", "--backends", "onnxruntime", "--runs", "2", "--baseline-noises", "2",
                                    "--measured-pairs", "5", "--images", str(two_images), "--no-startup",
-                                   "--json", str(out), "--plot", str(png)])
+                                   "--out", str(out), "--plot", str(png)])
     assert res.exit_code == 0, res.output
     report = json.loads(out.read_text())
     base = report["backends"]["onnxruntime"]["baseline"]
@@ -207,3 +207,10 @@ def test_the_shape_fixture_names_match_the_models_built() -> None:
     from noop_rt.build.shape_fixtures import REFERENCE_UNET_GFLOP, SHAPES
 
     assert set(SHAPES) == set(SHAPE_FIXTURES) == set(REFERENCE_UNET_GFLOP)
+
+
+def test_bench_json_prints_the_report_on_stdout(two_images: Path) -> None:
+    res = CliRunner().invoke(app, ["bench", "--backends", "onnxruntime", "--runs", "1", "--baseline-noises", "1",
+                                   "--images", str(two_images), "--no-startup", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["backends"]["onnxruntime"]["noop"]["unet_evals_per_image"] == DEMO_CLASSES

@@ -225,3 +225,26 @@ def test_train_takes_li_et_al_prompt_files(tiny_sd, shape_images, tmp_path) -> N
     ckpt = load_checkpoint(out)
     assert dict(zip(ckpt.classes, ckpt.prompts, strict=True)) == {"red square": "a red square, a shape",
                                                                    "blue circle": "a blue circle, a shape"}
+
+
+@pytest.mark.parametrize("args", [
+    ["train", "--data", "DATA", "--out", "OUT/x.pt"],
+    ["export", "--ckpt", "CKPT", "--out", "OUT/bundle"],
+    ["batch", "DATA", "--out", "OUT/labels.jsonl"],
+    ["bench", "--backends", "onnxruntime", "--no-startup", "--out", "OUT/bench.json"],
+])
+def test_an_output_that_cannot_be_written_fails_before_any_work(args, tmp_path) -> None:
+    """The output's folder is under a regular file: refused in one line, exit 1, before a model is opened."""
+    import time
+
+    from noop_rt.demo import CKPT_PATH, EXAMPLES_DIR
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    subs = {"DATA": str(EXAMPLES_DIR), "CKPT": str(CKPT_PATH), "OUT": str(blocker)}
+    argv = [a.replace("OUT", subs["OUT"]) if a.startswith("OUT") else subs.get(a, a) for a in args]
+    start = time.perf_counter()
+    res = CliRunner().invoke(app, argv)
+    assert time.perf_counter() - start < 2  # the check, not training or loading
+    assert res.exit_code == 1, res.output
+    assert res.stderr.count("\n") == 1 and "a-file" in res.stderr and "not a folder" in res.stderr, res.stderr

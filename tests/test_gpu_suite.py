@@ -68,7 +68,7 @@ def test_step_list_with_every_engine_present(suite, tmp_path) -> None:
     assert {"--device", "cuda", "--fp16"} <= set(steps["train-memory"].cmd)
     for step in steps.values():
         if step.result is not None and "bench" in step.cmd:
-            assert step.cmd[step.cmd.index("--json") + 1] == str(step.result)
+            assert step.cmd[step.cmd.index("--out") + 1] == str(step.result)
 
 
 def test_fast_path_variants_rerun_their_base_bench_with_one_switch(suite, tmp_path) -> None:

@@ -31,7 +31,10 @@ from noop_rt.cli.options import (
     TopKOpt,
     load_request,
 )
-from noop_rt.runtime.errors import BadInputError, UsageError
+from noop_rt.runtime.backends.base import installed
+from noop_rt.runtime.errors import BadInputError, MissingDependencyError, UsageError
+from noop_rt.runtime.extras import install_hint
+from noop_rt.runtime.outputs import check_writable
 from noop_rt.serve import ServeOptions
 
 
@@ -64,6 +67,7 @@ def batch(
                             max_batch=max_batch, engines=engines, lora=lora, lora_scale=lora_scale)
         options = BatchOptions(top_k=top_k, batch_size=batch_size, ray=ray or ray_address is not None,
                                ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker)
+        check_writable(out, "--out")
         report = run_batch(inputs, out, load, options)
         summary = {"out": str(report.out), "total": report.total, "skipped": report.skipped,
                    "classified": report.classified, "failed": report.failed, "seconds": round(report.seconds, 2),
@@ -103,8 +107,8 @@ def bench(
                                           "process (import, open, first image).")] = True,
     cache_dir: Annotated[Path, typer.Option("--cache-dir", metavar="DIR", help="Where sd15-shape models/bundles "
                                             "are kept.")] = Path("~/.cache/noop-rt"),
-    json_file: Annotated[Path | None, typer.Option("--json", metavar="FILE", help="Write the report as JSON.")]
-        = None,
+    out: Annotated[Path | None, typer.Option("--out", metavar="FILE", help="Write the report as JSON.")] = None,
+    as_json: JsonOpt = False,
     plot_file: Annotated[Path | None, typer.Option("--plot", metavar="FILE", help="Write a latency bar chart "
                                                    "(PNG).")] = None,
     engines: EnginesOpt = None,
@@ -117,6 +121,13 @@ def bench(
                                baseline_noises=baseline_noises, baseline_measured_pairs=measured_pairs, runs=runs,
                                device=device, fp16=fp16, startup=startup)
         names = check_names(options.backends)
+        if out is not None:
+            check_writable(out, "--out")
+        if plot_file is not None:
+            check_writable(plot_file, "--plot")
+            if not installed("matplotlib"):
+                raise MissingDependencyError(f"--plot needs matplotlib: {install_hint('train')} (or pip install "
+                                             "matplotlib)")
         if backbone == "ckpt":
             report, table = bench_command(options, bundle=bundle, ckpt=ckpt, images=images, engines=engines)
         else:
@@ -124,12 +135,11 @@ def bench(
                                      bundle_needed=any(n != "torch" for n in names))
             report, table = bench_command(options, bundle=fixture.bundle, ckpt=fixture.ckpt, images=images,
                                           engines=engines, backbone=backbone, reference_gflop=fixture.reference_gflop)
-        print(table)
-        if json_file is not None:
+        print(json.dumps(report, indent=2) if as_json else table)
+        if out is not None:
             from noop_rt.runtime.bundle import write_json_atomic
 
-            json_file.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(json_file, report)
+            write_json_atomic(out, report)
         if plot_file is not None:
             from noop_rt.jobs.bench import plot
 

@@ -20,6 +20,7 @@ from noop_rt.cli.options import (
 from noop_rt.demo import SHOTS, VAL_SHOTS
 from noop_rt.runtime.choices import LOSSES
 from noop_rt.runtime.errors import BadInputError
+from noop_rt.runtime.outputs import check_writable
 
 
 # ---------------------------------------------------------------------------------------------- train / export
@@ -71,6 +72,7 @@ def train(
             raise suggest(loss, LOSSES, "loss")
         if out.suffix != ".pt":
             raise BadInputError(f"--out must name a .pt file, got {out}")
+        check_writable(out, "--out")
         require_torch_side("`noop-rt train`")
         from noop_rt.train.trainer import train_command
 
@@ -129,13 +131,20 @@ def export(
     def go() -> None:
         from noop_rt.runtime.extras import require_torch_side
 
+        if ckpt.is_dir():
+            raise BadInputError(f"--ckpt {ckpt} is a folder" + (" (an exported bundle); export takes the checkpoint "
+                                                                "it came from, NAME.pt" if (ckpt / "manifest.json")
+                                                                .is_file() else "; pass a checkpoint NAME.pt"))
+        if not ckpt.is_file():
+            raise BadInputError(f"checkpoint not found: {ckpt}")
         require_torch_side("`noop-rt export`")
         from noop_rt.build.export import ExportOptions, collect_images, export_bundle
 
         if fp16 and int8:
             raise BadInputError("choose one of --fp16 and --int8")
         precision = "int8" if int8 else "fp16" if fp16 else "fp32"
-        target = out or Path("export") / (ckpt.stem + ("-int8" if int8 else ""))
+        target = check_writable(out or Path("export") / (ckpt.stem + ("-int8" if int8 else "")), "--out",
+                                folder=True)
         options = ExportOptions(opset=opset, precision=precision, force=force,
                                 images_per_batch=images_per_batch, tolerance=tolerance, min_agreement=min_agreement,
                                 validate_images=collect_images(validate_data) if validate_data else [],
