@@ -464,3 +464,23 @@ def test_bytes_and_unit_range_arrays() -> None:
         clf.classify(np.zeros((2, 3, 16, 16), np.uint8))
     white = np.ones((3, 16, 16), np.float32)  # a plain white image is a valid preprocessed image
     assert clf.classify(white).label in clf.classes
+
+
+def test_a_manifest_with_two_class_names_swapped_is_refused(tmp_path) -> None:
+    """manifest.json is the one file of a bundle that no hash covers; the classifier graph's metadata does."""
+    from typer.testing import CliRunner
+
+    from noop_rt.cli import app
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(BUNDLE_DIR, copy, ignore=shutil.ignore_patterns(".verified.json"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    classes = manifest["classes"]
+    i, j = classes.index("six"), classes.index("seven")
+    classes[i], classes[j] = classes[j], classes[i]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"names class 'seven' where it was exported with 'six'"):
+        noop_rt.load(copy)
+    for args in (["classify", str(SEVEN), "--bundle", str(copy)], ["verify", str(copy)]):
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 1 and res.stderr.count("\n") == 1 and "edited manifest" in res.stderr, res.output

@@ -32,7 +32,7 @@ from noop_rt import __version__
 from noop_rt.build.shared_weights import share_weights
 from noop_rt.demo import model_name
 from noop_rt.runtime.backends.torch_runner import TorchRunner
-from noop_rt.runtime.bundle import FORMAT, MANIFEST, VERSION, Bundle, sha256_file, write_json_atomic
+from noop_rt.runtime.bundle import FORMAT, LABEL_KEYS, MANIFEST, VERSION, Bundle, sha256_file, write_json_atomic
 from noop_rt.runtime.choices import LOSSES
 from noop_rt.runtime.errors import BadInputError, ValidationFailedError
 from noop_rt.runtime.graph_model import default_preprocessing
@@ -145,6 +145,13 @@ def set_default_input(model: Any, name: str, value: np.ndarray) -> None:
     if name not in {i.name for i in model.graph.input}:
         raise ValueError(f"graph has no input {name}")
     model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value, dtype=np.float32), name))
+
+
+def set_labels(model: Any, classes: list[str], prompts: list[str]) -> None:
+    """Write the class names and prompts into the classifier graph's metadata_props, so that a manifest.json edited
+    after export (two names swapped relabel every image) is refused when the bundle is opened."""
+    for key, value in ((LABEL_KEYS[0], classes), (LABEL_KEYS[1], prompts)):
+        model.metadata_props.add(key=key, value=json.dumps(list(value)))
 
 
 def _validation_images(options: ExportOptions, ckpt: NoopCheckpoint, resolution: int) -> tuple[np.ndarray, str]:
@@ -319,6 +326,7 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, options: ExportOptions
                                                                  emb.numpy(), work)
             print(f"  quantized classifier.onnx to INT8 on {int8} in {time.perf_counter() - t0:.1f} s", file=log)
         set_default_input(models[specs[CLASSIFIER].file], "class_embeddings", emb.numpy())
+        set_labels(models[specs[CLASSIFIER].file], ckpt.classes, ckpt.prompts)
         weights = share_weights(models, tmp)
         shutil.rmtree(work)
         print(f"  weights stored once: {weights['bytes'] / 1e6:.1f} MB in {weights['file']} "

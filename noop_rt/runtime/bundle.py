@@ -20,6 +20,7 @@ import numpy as np
 
 from noop_rt.runtime.errors import BundleError
 from noop_rt.runtime.graph_specs import CLASSIFIER, GraphSpec
+from noop_rt.runtime.onnx_metadata import read_metadata_props
 
 FORMAT = "noop-rt.bundle"
 VERSION = 2
@@ -28,6 +29,9 @@ VERIFIED = ".verified.json"
 REQUIRED = ("name", "classes", "prompts", "t_star", "loss", "tau", "resolution", "latent_shape", "max_tokens",
             "text_dim", "num_train_timesteps", "max_batch", "precision", "graphs", "files", "preprocessing",
             "classifier_graph", "backbone")
+
+
+LABEL_KEYS = ("noop_rt.classes", "noop_rt.prompts")  # the classifier graph's metadata: what it was exported for
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -122,7 +126,32 @@ class Bundle:
         manifest = read_manifest(root)
         bundle = cls(root, manifest)
         bundle.check_files(verify)
+        bundle.check_labels()
         return bundle
+
+    def check_labels(self) -> None:
+        """The class names and prompts of manifest.json against those the classifier graph was exported with (its
+        metadata; the graph's bytes are hashed, the manifest that holds the hashes is not). Bundles exported before
+        the graphs carried them are not checked."""
+        entry = self.manifest["graphs"].get(CLASSIFIER)
+        if not isinstance(entry, dict) or "file" not in entry:
+            return
+        props = read_metadata_props(self.root / entry["file"]) or {}
+        for key, field_name in zip(LABEL_KEYS, ("classes", "prompts"), strict=True):
+            if key not in props:
+                continue
+            try:
+                exported = json.loads(props[key])
+            except json.JSONDecodeError:
+                raise BundleError(f"{self.root / entry['file']} carries unreadable {field_name}") from None
+            if exported != list(self.manifest.get(field_name) or []):
+                diff = next((f"{a!r} where it was exported with {b!r}" for a, b in
+                             zip(self.manifest.get(field_name) or [], exported, strict=False) if a != b),
+                            f"{len(self.manifest.get(field_name) or [])} entries where it was exported with "
+                            f"{len(exported)}")
+                what = "class" if field_name == "classes" else "prompt"
+                raise BundleError(f"{self.root}/{MANIFEST} names {what} {diff} (edited manifest?); restore it or "
+                                  "re-export the bundle")
 
     def check_files(self, verify: str = "changed") -> list[str]:
         """Presence, size and (per `verify`) sha256 of every file the manifest lists; returns the files hashed."""

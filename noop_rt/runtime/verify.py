@@ -12,7 +12,8 @@ from noop_rt.runtime.errors import BundleError
 
 def verify_bundle(root: str | Path) -> dict[str, Any]:
     bundle = Bundle.open(root, verify="all")
-    checks = [f"sha256 of {len(bundle.manifest['files'])} files"]
+    checks = [f"sha256 of {len(bundle.manifest['files'])} files",
+              "class names and prompts agree with those the classifier graph was exported for"]
     emb = bundle.class_embeddings()
     checks.append(f"class_embeddings.npy: {emb.shape} float32 for {len(bundle.classes)} classes")
     ids = bundle.tokenize(list(bundle.manifest["prompts"]))
