@@ -479,7 +479,7 @@ def test_a_manifest_with_two_class_names_swapped_is_refused(tmp_path) -> None:
     i, j = classes.index("six"), classes.index("seven")
     classes[i], classes[j] = classes[j], classes[i]
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match=r"names class 'seven' where it was exported with 'six'"):
+    with pytest.raises(BundleError, match=r"names class '(six|seven)' where it was exported with '(seven|six)'"):
         noop_rt.load(copy)
     for args in (["classify", str(SEVEN), "--bundle", str(copy)], ["verify", str(copy)]):
         res = CliRunner().invoke(app, args)
