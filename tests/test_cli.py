@@ -114,8 +114,13 @@ def test_bad_inputs_exit_1_with_one_line(tiny_sd, shape_images, tmp_path) -> Non
     one_line_error(invoke("classify", bad, "--model", tiny_sd), 1, "no classes given")
     one_line_error(invoke("eval", "--data", tmp_path / "nope", "--model", tiny_sd), 1, "data folder not found")
     one_line_error(invoke("classify", bad, "--bundle", tmp_path), 1, "manifest.json is missing")
+    # a bad --stages value is a usage error (exit 2), like every other bad option value
     one_line_error(invoke("classify", bad, "--model", tiny_sd, "--classes", "a,b", "--method", "adaptive",
-                          "--stages", "25:5,10:1"), 1, "increasing pair counts")
+                          "--stages", "25:5,10:1"), 2, "increasing pair counts")
+    one_line_error(invoke("classify", bad, "--method", "adaptive", "--stages", "5:x"), 2, "bad stage '5:x'")
+    not_a_bundle = tmp_path / "README.md"
+    not_a_bundle.write_text("# a file")
+    one_line_error(invoke("classify", bad, "--bundle", not_a_bundle), 1, "is a file; a bundle is a folder")
 
 
 def test_arguments_are_checked_before_the_model_is_opened(tmp_path) -> None:
@@ -248,3 +253,10 @@ def test_an_output_that_cannot_be_written_fails_before_any_work(args, tmp_path) 
     assert time.perf_counter() - start < 2  # the check, not training or loading
     assert res.exit_code == 1, res.output
     assert res.stderr.count("\n") == 1 and "a-file" in res.stderr and "not a folder" in res.stderr, res.stderr
+
+
+def test_version() -> None:
+    from noop_rt import __version__
+
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.stdout.strip() == f"noop-rt {__version__}"

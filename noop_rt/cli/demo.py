@@ -19,7 +19,7 @@ from noop_rt.cli.options import (
     open_model,
 )
 from noop_rt.demo import SHOTS, VAL_SHOTS
-from noop_rt.runtime.errors import BadInputError
+from noop_rt.runtime.errors import BadInputError, MissingDependencyError
 
 
 # ---------------------------------------------------------------------------------------------- demo
@@ -33,6 +33,12 @@ def demo_data(
     """Write the demo's digits split (few-shot train, val, held-out test) as image folders."""
     def go() -> None:
         from noop_rt.demo.digits import write_image_folders
+        from noop_rt.runtime.backends.base import installed
+        from noop_rt.runtime.extras import install_hint
+
+        if not installed("sklearn"):
+            raise MissingDependencyError(f"`noop-rt demo-data` reads scikit-learn's digits: {install_hint('train')} "
+                                         "(or pip install scikit-learn)")
 
         if out.exists() and any(out.iterdir()):
             raise BadInputError(f"{out} exists and is not empty")

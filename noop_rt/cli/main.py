@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from noop_rt.runtime.errors import NoopError
+from noop_rt.runtime.errors import NoopError, ReportedInterrupt
 
 
 def _plain_help_labels() -> None:
@@ -43,7 +43,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   rich_markup_mode=None,
                   help="Diffusion classifiers at one UNet pass per class: train NoOp, export to ONNX, build "
                        "TensorRT engines, classify.")
-_state: dict[str, bool] = {"debug": False}
+_state: dict[str, bool] = {"debug": False, "interrupt_reported": False}
 
 
 def _fail(exc: BaseException) -> None:
@@ -61,6 +61,9 @@ def guarded(fn: Any) -> Any:
     """Call the library; map any exception to one line on stderr (traceback only with --debug)."""
     try:
         return fn()
+    except ReportedInterrupt:  # the job said what it kept: exit 130 without "error: aborted"
+        _state["interrupt_reported"] = True
+        raise
     except (typer.Exit, typer.Abort, KeyboardInterrupt):
         raise
     except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as shell tools do
@@ -72,8 +75,18 @@ def guarded(fn: Any) -> Any:
         _fail(exc)
 
 
+def _version(show: bool) -> None:
+    if show:
+        from noop_rt import __version__
+
+        print(f"noop-rt {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
+def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+         version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="Print the version and exit.")] = False) -> None:
     _state["debug"] = debug
 
 
@@ -107,8 +120,10 @@ def run() -> None:
         if exc.format_message().strip():  # empty: the help was shown for a bare `noop-rt`
             print(f"error: {exc.format_message()} (see {where})", file=sys.stderr)
         sys.exit(2)
-    except (typer.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt) as exc:
         code = 130
-    if code == 130:  # typer turns Ctrl-C into Exit(130) without a word
+        _state["interrupt_reported"] = _state["interrupt_reported"] or isinstance(exc, ReportedInterrupt) or \
+            isinstance(exc.__context__, ReportedInterrupt)
+    if code == 130 and not _state["interrupt_reported"]:  # typer turns Ctrl-C into Exit(130) without a word
         print("error: aborted", file=sys.stderr)
     sys.exit(code if isinstance(code, int) else 0)

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from noop_rt.runtime.choices import BACKENDS, LOSSES, METHODS
-from noop_rt.runtime.errors import BadInputError
+from noop_rt.runtime.errors import BadInputError, UsageError
 
 # ---------------------------------------------------------------------------------------------- shared options
 BundleOpt = Annotated[Path | None, typer.Option("--bundle", metavar="DIR",
@@ -87,7 +87,7 @@ def strategy_options(noises: int | None, stages: str | None, loss: str | None, s
         try:
             options["stages"] = parse_stages(stages)
         except ValueError as exc:
-            raise BadInputError(f"--stages: {exc}") from None
+            raise UsageError(f"--stages: {exc}") from None
     if robust:
         from noop_rt.train.robust import RobustConfig
 

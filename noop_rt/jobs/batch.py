@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from noop_rt.runtime.errors import BadInputError
+from noop_rt.runtime.errors import BadInputError, ReportedInterrupt
 from noop_rt.runtime.images import IMAGE_SUFFIXES, is_uri, load_image
 
 if TYPE_CHECKING:
@@ -232,7 +232,7 @@ def run_batch(inputs: list[str], out: Path, load: LoadOptions, options: BatchOpt
     """Classify every input path into `out`, resuming from what `out` (and unfinished part files) already hold.
 
     `load`: what `noop_rt.load` opens, here and in every Ray worker. A bundle never imports torch. Ctrl-C keeps the
-    rows done so far in part files, says so on `log` (stderr) and re-raises KeyboardInterrupt."""
+    rows done so far in part files, says so on `log` (stderr) and raises ReportedInterrupt (a KeyboardInterrupt)."""
     from noop_rt.api import load as open_model
 
     log = sys.stderr if log is None else log
@@ -281,7 +281,7 @@ def run_batch(inputs: list[str], out: Path, load: LoadOptions, options: BatchOpt
         write_rows_atomic(rows, out)
     except KeyboardInterrupt:
         print(f"interrupted: {_kept(out, parts)}; re-run the same command to resume", file=log)
-        raise
+        raise ReportedInterrupt from None
     except Exception:
         if _next_part(parts):  # a crash after some batches: say that they are not lost
             print(f"stopped: {_kept(out, parts)}; re-run the same command to resume", file=log)

@@ -189,6 +189,8 @@ class Bundle:
 
 def read_manifest(root: Path) -> dict[str, Any]:
     path = root / MANIFEST
+    if root.is_file():
+        raise BundleError(f"{root} is a file; a bundle is a folder holding {MANIFEST} (written by noop-rt export)")
     if not root.is_dir():
         raise BundleError(f"bundle folder not found: {root}")
     if not path.is_file():

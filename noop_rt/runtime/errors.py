@@ -44,6 +44,10 @@ class ValidationFailedError(NoopError):
     exit_code = 3
 
 
+class ReportedInterrupt(KeyboardInterrupt):
+    """Ctrl-C that a job has already reported (what it kept, how to resume): the CLI exits 130 without a word more."""
+
+
 class UsageError(NoopError):
     """An unknown option value (backend, method, loss...): exit 2 like any other usage error."""
 
