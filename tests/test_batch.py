@@ -183,6 +183,7 @@ def test_ctrl_c_keeps_the_rows_done_says_so_and_resumes(images: Path, tmp_path: 
     assert lines == [f"interrupted: kept 2 row(s) (2 in the unfinished part files {parts}{os.sep}); re-run the "
                      "same command to resume"]
     assert "Traceback" not in err  # typer turns Ctrl-C into exit 130 with nothing printed: this line is the news
+    assert "error: aborted" not in err  # the job's own line says it all
     assert not out.exists() and len(read_parts_rows(out)) == 2
     with pytest.raises(SystemExit) as exit_info:
         run()  # the same command again

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -260,3 +261,30 @@ def test_version() -> None:
 
     res = runner.invoke(app, ["--version"])
     assert res.exit_code == 0 and res.stdout.strip() == f"noop-rt {__version__}"
+
+
+def test_what_a_label_should_be_read_with_is_said(tmp_path) -> None:
+    """A blank image and an animated one are classified, with a warning each in --json and on stderr; an image
+    over the pixel limit is one line, and Pillow's own bomb warning never reaches the user."""
+    from PIL import Image
+
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (1, 1), (255, 255, 255)).save(blank)
+    gif = tmp_path / "moving.gif"
+    frames = [Image.new("L", (16, 16), v) for v in (0, 128, 255)]
+    frames[0].save(gif, save_all=True, append_images=frames[1:])
+    res = runner.invoke(app, ["classify", str(blank), str(gif), "--json"])
+    assert res.exit_code == 0, res.output
+    answers = {Path(a["image"]).name: a for a in json.loads(res.stdout)}
+    assert "blank image" in answers["blank.png"]["warnings"][0]
+    assert "3 frames: the first is classified" in answers["moving.gif"]["warnings"][0]
+    assert f"warning: {blank}: a blank image" in res.stderr
+    huge = tmp_path / "huge.png"
+    Image.new("1", (9500, 9500)).save(huge)  # 90 M pixels: over the 89 M limit, a few kB on disk
+    import subprocess
+    import sys
+
+    # a fresh process: pytest would capture a Python warning before it reached stderr
+    res = subprocess.run([sys.executable, "-m", "noop_rt", "classify", str(huge)], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 1 and res.stderr.count("\n") == 1 and "pixel limit" in res.stderr, res.stderr

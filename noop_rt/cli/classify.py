@@ -54,6 +54,9 @@ def print_results(images: list[Path], classifier: Any, top_k: int, as_json: bool
         for r in results:
             rest = ", ".join(f"{t.label} {t.prob:.2f}" for t in r.top[1:])
             print(f"{r.image}: {r.label} ({r.prob:.2f})" + (f"  | {rest}" if rest else ""))
+    for r in results:
+        for warning in r.warnings:
+            print(f"warning: {r.image}: {warning}", file=sys.stderr)
     print(classifier.speed_line(results), file=sys.stderr)
 
 

@@ -67,6 +67,7 @@ class Result:
     timings: dict[str, float]  # ms per image: preprocess, model, scoring
     calibrated: bool = True  # probabilities use the fitted tau (else a per-image 1/std scale)
     zero_shot: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # what the label should be read with (a blank image, ...)
 
     @property
     def prob(self) -> float:
@@ -83,6 +84,8 @@ class Result:
                                "calibrated": self.calibrated}
         if self.zero_shot:
             out["zero_shot_classes"] = self.zero_shot
+        if self.warnings:
+            out["warnings"] = self.warnings
         return out
 
 
@@ -227,12 +230,16 @@ class Classifier:
         for s in range(0, len(items), step):
             chunk = items[s:s + step]
             t0 = time.perf_counter()
+            notes: list[list[str]] = [[] for _ in chunk]
             arrays = (preprocessed_batch(chunk, self.resolution) if batch
-                      else np.stack([as_model_input(x, self.resolution) for x in chunk]))
+                      else np.stack([as_model_input(x, self.resolution, n) for x, n in zip(chunk, notes, strict=True)]))
             preprocess_s = time.perf_counter() - t0
             scores, model_s = self.score(arrays, method, **options)
             names = [None] * len(chunk) if batch else [str(x) if isinstance(x, (str, Path)) else None for x in chunk]
-            results += self._results(scores, names, method, calibrated, top_k, preprocess_s, model_s)
+            for result, said in zip(self._results(scores, names, method, calibrated, top_k, preprocess_s, model_s),
+                                    notes, strict=True):
+                result.warnings = said
+                results.append(result)
             if progress is not None:
                 progress(len(chunk))
         return results[0] if single else results

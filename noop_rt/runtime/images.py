@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -56,14 +57,21 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_rgb(data: bytes, name: str | Path) -> Image.Image:
-    """Decode image bytes to RGB (EXIF orientation applied). Pillow's decompression-bomb guard stays on: an image
-    of more than ~179 M pixels is refused before its pixels are allocated."""
+def decode_rgb(data: bytes, name: str | Path, notes: list[str] | None = None) -> Image.Image:
+    """Decode image bytes to RGB (EXIF orientation applied). An image over MAX_PIXELS is refused from its header,
+    before its pixels are allocated (Pillow's own bomb warning is not shown: this limit is the one that holds). An
+    animated image's first frame is decoded, and `notes` (when given) says so."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        with img:
             if img.width * img.height > MAX_PIXELS:
                 raise BadInputError(f"cannot read image {name}: {img.width}x{img.height} pixels is over the "
                                     f"{MAX_PIXELS // 1_000_000} M pixel limit")
+            frames = int(getattr(img, "n_frames", 1) or 1)
+            if frames > 1 and notes is not None:
+                notes.append(f"an animated image of {frames} frames: the first is classified")
             img.load()
             return to_rgb(ImageOps.exif_transpose(img))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
@@ -74,9 +82,9 @@ def decode_rgb(data: bytes, name: str | Path) -> Image.Image:
         raise BadInputError(f"cannot read image {name}: {reason}") from None
 
 
-def open_rgb(path: str | Path) -> Image.Image:
+def open_rgb(path: str | Path, notes: list[str] | None = None) -> Image.Image:
     """Read and decode one image (local path or URI) to RGB."""
-    return decode_rgb(read_bytes(path), path)
+    return decode_rgb(read_bytes(path), path, notes)
 
 
 def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
@@ -106,13 +114,21 @@ def to_model_input(img: Image.Image, resolution: int) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
-def as_model_input(image: object, resolution: int) -> np.ndarray:
-    """A path, PIL image or numpy array -> (3, R, R) float32 in [-1, 1]. Arrays: (H, W, 3) or (H, W) uint8 images
-    are preprocessed like files; a (3, R, R) float array is taken as already preprocessed."""
+def as_model_input(image: object, resolution: int, notes: list[str] | None = None) -> np.ndarray:
+    """A path, PIL image, image file bytes or numpy array -> (3, R, R) float32 in [-1, 1]. Arrays: (H, W, 3) or
+    (H, W) uint8 images are preprocessed like files; a (3, R, R) float array is taken as already preprocessed.
+    `notes` (when given) gets a line for what the label should be read with: an animated image, a blank one."""
+    array = _model_input(image, resolution, notes)
+    if notes is not None and array.size and float(array.max() - array.min()) < 1e-6:
+        notes.append("a blank image (one colour): unlike any training image, its label says little")
+    return array
+
+
+def _model_input(image: object, resolution: int, notes: list[str] | None) -> np.ndarray:
     if isinstance(image, (str, Path)):
-        return load_image(image, resolution)
+        return to_model_input(open_rgb(image, notes), resolution)
     if isinstance(image, (bytes, bytearray, memoryview)):
-        return to_model_input(decode_rgb(bytes(image), "<bytes>"), resolution)
+        return to_model_input(decode_rgb(bytes(image), "<bytes>", notes), resolution)
     if isinstance(image, Image.Image):
         return to_model_input(to_rgb(image), resolution)
     if isinstance(image, np.ndarray):
