@@ -77,6 +77,34 @@ def test_training_lowers_the_loss_and_is_deterministic(tiny_setup) -> None:
     assert first.tau > 0 and 1 <= first.best_epoch <= 3
 
 
+def test_ctrl_c_keeps_the_best_epoch_so_far_and_every_image_pass_is_counted(tiny_setup) -> None:
+    """Ctrl-C (a KeyboardInterrupt from the progress callback) in epoch 2 ends training with epoch 1 kept and tau
+    fitted; in epoch 1 there is nothing to keep and it propagates. The callbacks see every training and validation
+    image: the progress bar's total is reached exactly."""
+    backbone, prompts, zt, yt, zv, yv = tiny_setup
+    config = TrainConfig(epochs=3, batch_size=4, meta_channels=(8, 16), seed=3)
+    seen = {"images": 0}
+
+    def count(record: dict) -> None:
+        seen["images"] += record.get("images", 0)
+
+    train_noop(backbone, prompts, "a {}", zt, yt, zv, yv, config, count,
+               on_validate=lambda n: seen.update(images=seen["images"] + n))
+    assert seen["images"] == config.epochs * (len(zt) + len(zv)) + len(zv)
+
+    def stop_in(epoch: int):
+        def on_step(record: dict) -> None:
+            if record["epoch"] == epoch and "images" in record:
+                raise KeyboardInterrupt
+        return on_step
+
+    result = train_noop(backbone, prompts, "a {}", zt, yt, zv, yv, config, stop_in(2))
+    assert result.interrupted_in_epoch == 2 and result.best_epoch == 1 and len(result.history) == 1
+    assert result.tau > 0
+    with pytest.raises(KeyboardInterrupt):
+        train_noop(backbone, prompts, "a {}", zt, yt, zv, yv, config, stop_in(1))
+
+
 # ------------------------------------------------------------------------------------------------ the training step
 def class_value(emb: torch.Tensor) -> torch.Tensor:
     """One number per text embedding (N, L, D): channel 0 averaged over the tokens (the first token alone is the same

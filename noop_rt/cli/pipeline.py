@@ -19,7 +19,7 @@ from noop_rt.cli.options import (
 )
 from noop_rt.demo import SHOTS, VAL_SHOTS
 from noop_rt.runtime.choices import LOSSES
-from noop_rt.runtime.errors import BadInputError
+from noop_rt.runtime.errors import BadInputError, ReportedInterrupt
 from noop_rt.runtime.outputs import check_writable
 
 
@@ -96,6 +96,10 @@ def train(
             print(f"wrote {out}: {summary['classes']} classes, {summary['train_images']} training images, validation "
                   f"accuracy {summary['val_accuracy']:.4f} (epoch {summary['best_epoch']}), tau {summary['tau']:.3g}, "
                   f"{summary['minutes']:.1f} min")
+        if summary["interrupted_in_epoch"] is not None:
+            print(f"interrupted in epoch {summary['interrupted_in_epoch']}: {out} holds the best epoch before it "
+                  f"(epoch {summary['best_epoch']})", file=sys.stderr)
+            raise ReportedInterrupt
 
     guarded(go)
 

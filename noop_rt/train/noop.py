@@ -162,6 +162,7 @@ class TrainResult:
     best_epoch: int = -1
     val_accuracy: float = float("nan")
     minutes: float = 0.0
+    interrupted_in_epoch: int | None = None  # Ctrl-C stopped training in this epoch; the best epoch before is kept
 
 
 def zscore(errors: torch.Tensor) -> torch.Tensor:
@@ -188,9 +189,10 @@ def sample_classes(labels: torch.Tensor, num_classes: int, k: int, generator: to
 
 @torch.no_grad()
 def evaluate_noise(backbone: Backbone, noise: NoiseModel, emb: torch.Tensor, z0: torch.Tensor,
-                   labels: torch.Tensor, t_star: int, loss: str, max_batch: int) -> tuple[float, torch.Tensor]:
+                   labels: torch.Tensor, t_star: int, loss: str, max_batch: int,
+                   progress: Callable[[int], None] | None = None) -> tuple[float, torch.Tensor]:
     """(accuracy, errors (N, C) on the CPU) of the single-pass NoOp classifier on cached latents (on any device:
-    each chunk moves to the backbone's device)."""
+    each chunk moves to the backbone's device); `progress(n)` after each chunk of n images."""
     module = backbone.class_errors((loss,))
     emb = emb.to(backbone.device)
     errors = []
@@ -198,6 +200,8 @@ def evaluate_noise(backbone: Backbone, noise: NoiseModel, emb: torch.Tensor, z0:
         z = z0[start:start + 64].to(backbone.device)
         t = torch.full((len(z),), float(t_star), device=backbone.device)
         errors.append(class_errors(module, z, noise(z).float(), t, emb, max_batch).cpu())
+        if progress is not None:
+            progress(len(z))
     err = torch.cat(errors)
     return float((err.argmin(dim=1) == labels.cpu()).float().mean()), err
 
@@ -268,11 +272,13 @@ def loss_and_backward(backbone: Backbone, noise: NoiseModel, class_embeddings: C
 def train_noop(
     backbone: Backbone, prompts: list[str], template: str, z_train: torch.Tensor, train_labels: torch.Tensor,
     z_val: torch.Tensor, val_labels: torch.Tensor, config: TrainConfig,
-    on_step: Callable[[dict], None] | None = None, steps_total: Callable[[int], None] | None = None,
+    on_step: Callable[[dict], None] | None = None, on_validate: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Learn eps_D (+ meta-net, + prompt context) from cached clean latents z0 (N, c, h, w) and labels; select the
     epoch with the best validation accuracy (ties: lower validation loss); fit tau on the validation errors.
-    Deterministic for a seed."""
+    Deterministic for a seed. `on_step` gets each step's record (with its `images`) and each epoch's validation
+    record; `on_validate(n)` follows the validation passes image by image. Ctrl-C after the first epoch stops
+    training and keeps the best epoch so far (`interrupted_in_epoch` says where); before it, it propagates."""
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     start_time = time.time()
@@ -298,41 +304,46 @@ def train_noop(
         return prompt.embed(backbone) if prompt is not None else fixed_emb
 
     steps_per_epoch = math.ceil(len(z_train) / config.batch_size)
-    if steps_total is not None:
-        steps_total(steps_per_epoch * config.epochs)
     best: tuple[float, float] = (-1.0, float("inf"))
     best_state: dict = {}
     history: list[dict] = []
+    interrupted = None
     for epoch in range(config.epochs):
-        noise.train()
-        order = torch.randperm(len(z_train), generator=generator)
-        epoch_loss = 0.0
-        for step in range(steps_per_epoch):
-            pick = order[step * config.batch_size:(step + 1) * config.batch_size]
-            z0, y = z_train[pick].to(device), train_labels[pick]
-            cls = sample_classes(y, num_classes, config.negatives, generator)  # (B, K), true class at 0
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_and_backward(backbone, noise, class_embeddings, z0, cls, config)
-            optimizer.step()
-            epoch_loss += loss.item() * len(pick)
+        try:
+            noise.train()
+            order = torch.randperm(len(z_train), generator=generator)
+            epoch_loss = 0.0
+            for step in range(steps_per_epoch):
+                pick = order[step * config.batch_size:(step + 1) * config.batch_size]
+                z0, y = z_train[pick].to(device), train_labels[pick]
+                cls = sample_classes(y, num_classes, config.negatives, generator)  # (B, K), true class at 0
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_and_backward(backbone, noise, class_embeddings, z0, cls, config)
+                optimizer.step()
+                epoch_loss += loss.item() * len(pick)
+                if on_step is not None:
+                    on_step({"epoch": epoch + 1, "loss": loss.item(), "images": len(pick)})
+            noise.eval()
+            with torch.no_grad():
+                emb = class_embeddings()
+            val_acc, val_err = evaluate_noise(backbone, noise, emb, z_val, val_labels, config.t_star, config.loss,
+                                              config.max_batch, on_validate)
+            val_loss = float(F.cross_entropy(-config.logit_scale * zscore(val_err), val_labels))
+            record = {"epoch": epoch + 1, "train_loss": epoch_loss / len(z_train), "val_accuracy": val_acc,
+                      "val_loss": val_loss}
+            history.append(record)
             if on_step is not None:
-                on_step({"epoch": epoch + 1, "loss": loss.item()})
-        noise.eval()
-        with torch.no_grad():
-            emb = class_embeddings()
-        val_acc, val_err = evaluate_noise(backbone, noise, emb, z_val, val_labels, config.t_star, config.loss,
-                                          config.max_batch)
-        val_loss = float(F.cross_entropy(-config.logit_scale * zscore(val_err), val_labels))
-        record = {"epoch": epoch + 1, "train_loss": epoch_loss / len(z_train), "val_accuracy": val_acc,
-                  "val_loss": val_loss}
-        history.append(record)
-        if on_step is not None:
-            on_step(record)
-        if (val_acc, -val_loss) > (best[0], -best[1]):
-            best = (val_acc, val_loss)
-            best_state = {"noise": copy.deepcopy(noise.state_dict()),
-                          "prompt": copy.deepcopy(prompt.state_dict()) if prompt is not None else None,
-                          "epoch": epoch + 1}
+                on_step(record)
+            if (val_acc, -val_loss) > (best[0], -best[1]):
+                best = (val_acc, val_loss)
+                best_state = {"noise": copy.deepcopy(noise.state_dict()),
+                              "prompt": copy.deepcopy(prompt.state_dict()) if prompt is not None else None,
+                              "epoch": epoch + 1}
+        except KeyboardInterrupt:
+            if not best_state:  # not one epoch finished: nothing to keep
+                raise
+            interrupted = epoch + 1
+            break
     noise.load_state_dict(best_state["noise"])
     if prompt is not None:
         prompt.load_state_dict(best_state["prompt"])
@@ -340,11 +351,11 @@ def train_noop(
     with torch.no_grad():
         emb = class_embeddings().detach()
     val_acc, val_err = evaluate_noise(backbone, noise, emb, z_val, val_labels, config.t_star, config.loss,
-                                      config.max_batch)
+                                      config.max_batch, on_validate)
     tau = fit_temperature(val_err, val_labels)
     return TrainResult(noise=noise, prompt=prompt, class_embeddings=emb.cpu(), tau=tau, history=history,
                        best_epoch=best_state["epoch"], val_accuracy=val_acc,
-                       minutes=(time.time() - start_time) / 60)
+                       minutes=(time.time() - start_time) / 60, interrupted_in_epoch=interrupted)
 
 
 def random_noise_model(shape: Sequence[int], seed: int) -> NoiseModel:

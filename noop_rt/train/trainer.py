@@ -81,20 +81,20 @@ def train_checkpoint(backbone: Backbone, split: FewShotSplit, template: str, con
     else:
         prompts = make_prompts(split.classes, template)
     z_train, y_train, z_val, y_val = encode_split(backbone, split, show_progress)
-    bar = tqdm(desc="train NoOp", unit="step", file=sys.stderr, disable=not show_progress)
+    # one bar over every image pass: each epoch's training images and validation images, then the final validation
+    # (tau); the ETA holds because validation time is in it
+    total = config.epochs * (len(z_train) + len(z_val)) + len(z_val)
+    bar = tqdm(total=total, desc="train NoOp", unit="img", file=sys.stderr, disable=not show_progress)
 
     def on_step(record: dict) -> None:
         if "val_accuracy" in record:
             bar.set_postfix(epoch=record["epoch"], val_acc=f"{record['val_accuracy']:.3f}")
         else:
-            bar.update(1)
+            bar.update(record["images"])
             bar.set_postfix(epoch=record["epoch"], loss=f"{record['loss']:.3f}")
 
-    def set_total(total: int) -> None:
-        bar.total = total
-        bar.refresh()
-
-    result = train_noop(backbone, prompts, template, z_train, y_train, z_val, y_val, config, on_step, set_total)
+    result = train_noop(backbone, prompts, template, z_train, y_train, z_val, y_val, config, on_step,
+                        on_validate=bar.update)
     bar.close()
     drift = validation_profile(backbone, result.noise, result.class_embeddings, z_val, config, result.tau)
     meta = result.noise.meta_net
@@ -167,4 +167,4 @@ def train_command(*, data: Path, out: Path, model: str, shots: int, val_shots: i
     save_checkpoint(ckpt, out)
     return {"out": str(out), "classes": len(split.classes), "train_images": len(split.train),
             "val_images": len(split.val), "val_accuracy": result.val_accuracy, "best_epoch": result.best_epoch,
-            "tau": result.tau, "minutes": round(result.minutes, 2)}
+            "tau": result.tau, "minutes": round(result.minutes, 2), "interrupted_in_epoch": result.interrupted_in_epoch}
