@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from noop_rt.runtime.classifier import Classifier
 
 MAX_IMAGES = 64  # images kept in memory from --images
+MIN_RUNS_P95 = 20  # a p95 is reported from this many timed runs up
 
 
 @dataclass
@@ -149,7 +150,8 @@ def matmul_gflops(a: Any, b: Any, repeats: int = 5) -> float:
 def stats(seconds: list[float], evals: float, gflop: float | None, scale: float = 1.0) -> dict[str, Any]:
     """p50/p95 (ms), sequential images/s and UNet evals per image; `scale` multiplies the times (extrapolation)."""
     p50 = 1e3 * _percentile(seconds, 0.5) * scale
-    out = {"p50_ms": p50, "p95_ms": 1e3 * _percentile(seconds, 0.95) * scale,
+    p95 = 1e3 * _percentile(seconds, 0.95) * scale if len(seconds) >= MIN_RUNS_P95 else None
+    out = {"p50_ms": p50, "p95_ms": p95, "timed_runs": len(seconds),
            "images_per_s": 1e3 / (statistics.mean(seconds) * 1e3 * scale), "unet_evals_per_image": evals}
     if gflop:
         out["achieved_tflops"] = evals * gflop / 1e3 / (p50 / 1e3)
@@ -215,15 +217,18 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [f"{report['classes']} classes at {report['resolution']} px, backbone {report['backbone']}, "
              f"baseline = {report['baseline_noises']} noises x all classes{flops}",
              f"{'backend':<12} {'method':<9} {'p50 ms':>10} {'p95 ms':>10} {'img/s':>8} {'UNet evals':>10} "
-             f"{'TFLOP/s':>8} {'speed-up':>9}"]
+             f"{'compute':>13} {'speed-up':>9}"]
     for name, b in report["backends"].items():
         for method in ("noop", "baseline"):
             s = b[method]
             mark = "*" if s.get("extrapolated") else ""
             speed = f"{b['speedup_vs_baseline']:.1f}x" if method == "noop" else ""
-            tflops = f"{s['achieved_tflops']:.3g}" if "achieved_tflops" in s else "-"
-            lines.append(f"{name:<12} {method:<9} {s['p50_ms']:>9.1f}{mark} {s['p95_ms']:>10.1f} "
-                         f"{s['images_per_s']:>8.2f} {s['unet_evals_per_image']:>10.0f} {tflops:>8} {speed:>9}")
+            rate = flop_rate(s["achieved_tflops"]) if "achieved_tflops" in s else "-"
+            p95 = f"{s['p95_ms']:>10.1f}" if s.get("p95_ms") is not None else f"{'-':>10}"
+            lines.append(f"{name:<12} {method:<9} {s['p50_ms']:>9.1f}{mark} {p95} "
+                         f"{s['images_per_s']:>8.2f}{mark} {s['unet_evals_per_image']:>10.0f} {rate:>13} {speed:>9}")
+    if any(s.get("p95_ms") is None for b in report["backends"].values() for s in (b["noop"], b["baseline"])):
+        lines.append(f"p95: shown from {MIN_RUNS_P95} timed runs up (--runs)")
     if any(b["baseline"].get("extrapolated") for b in report["backends"].values()):
         lines.append(f"* baseline extrapolated linearly from {report.get('baseline_measured_pairs', '?')} timed pairs "
                      "(cost is linear in pairs)")
@@ -242,6 +247,11 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def flop_rate(tflops: float) -> str:
+    """Achieved FLOP/s in a unit that reads: TFLOP/s from 1 up, else GFLOP/s."""
+    return f"{tflops:.3g} TFLOP/s" if tflops >= 1 else f"{1e3 * tflops:.3g} GFLOP/s"
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -253,8 +263,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
     base = [report["backends"][n]["baseline"]["p50_ms"] for n in names]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     xs = range(len(names))
-    ax.bar([x - 0.2 for x in xs], base, 0.4, label=f"baseline ({report['baseline_noises']} noises)")
-    ax.bar([x + 0.2 for x in xs], noop, 0.4, label="NoOp (1 pass)")
+    extrapolated = any(report["backends"][n]["baseline"].get("extrapolated") for n in names)
+    bars = ax.bar([x - 0.2 for x in xs], base, 0.4, hatch="//" if extrapolated else None,
+                  label=f"baseline ({report['baseline_noises']} noises{', extrapolated' if extrapolated else ''})")
+    ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    bars = ax.bar([x + 0.2 for x in xs], noop, 0.4, label="NoOp (1 pass)")
+    ax.bar_label(bars, fmt="%.1f", fontsize=7)
     ax.set_xticks(list(xs), names)
     ax.set_yscale("log")
     ax.set_ylabel("p50 latency per image (ms, log)")
