@@ -137,7 +137,7 @@ def test_as_model_input_takes_paths_pil_images_and_arrays(tmp_path) -> None:
     (np.zeros((16, 16, 2), np.uint8), r"shape \(16, 16, 2\)"),
     (np.zeros((2, 16, 16, 3), np.uint8), "shape"),
     ([[0, 1], [2, 3]], "cannot classify a list"),
-    (b"not an image", "cannot classify a bytes"),
+    (b"not an image", "cannot read image <bytes>: not an image format"),  # bytes are decoded as an image file
 ])
 def test_as_model_input_rejects_what_it_cannot_take(item: object, message: str) -> None:
     with pytest.raises(BadInputError, match=message):
@@ -255,3 +255,22 @@ def test_missing_prompts_file(tmp_path) -> None:
         read_prompts_file(tmp_path / "none.csv")
     with pytest.raises(BadInputError, match="prompts file not found"):
         read_prompts_file(tmp_path)  # a folder
+
+
+def test_li_et_al_prompt_files_keep_classidx_as_identity(tmp_path) -> None:
+    """ImageNet's file names two classes twice ("missile", "sunglasses"): every classidx stays a class, in classidx
+    order, repeated names told apart and said so."""
+    path = tmp_path / "imagenet_prompts.csv"
+    path.write_text("prompt,classname,classidx\n"
+                    "a photo of a missile,missile,2\n"
+                    "a photo of a tench,tench,0\n"
+                    "a photo of a missile,missile,1\n"
+                    "a photo of a goldfish,goldfish,3\n")
+    table = read_prompts_file(path)
+    assert list(table) == ["tench", "missile [1]", "missile [2]", "goldfish"]
+    assert table["missile [2]"] == "a photo of a missile"
+    assert len(table.notes) == 1 and "missile" in table.notes[0]
+    plain = tmp_path / "plain.csv"
+    plain.write_text("cat,a photo of a cat\ndog,a photo of a dog\n")
+    assert dict(read_prompts_file(plain)) == {"cat": "a photo of a cat", "dog": "a photo of a dog"}
+    assert read_prompts_file(plain).notes == []

@@ -116,12 +116,42 @@ def read_prompts_file(path: str | Path) -> dict[str, str]:
         raise BadInputError(f"prompts file {p} needs both a 'prompt' and a 'classname' (or 'class') column")
     else:
         class_col, prompt_col, body = 0, 1, rows
-    out: dict[str, str] = {}
+    index_col = header.index("classidx") if body is not rows and "classidx" in header else None
+    entries: list[tuple[str, str, str | None]] = []
     for n, row in body:
         if len(row) <= max(class_col, prompt_col) or not row[class_col].strip() or not row[prompt_col].strip():
             raise BadInputError(f"prompts file {p}, line {n}: expected a class and a prompt")
-        name, prompt = row[class_col].strip(), row[prompt_col].strip()
+        index = row[index_col].strip() if index_col is not None and len(row) > index_col else None
+        entries.append((row[class_col].strip(), row[prompt_col].strip(), index or None))
+    out = PromptTable()
+    if index_col is not None:  # Li et al.'s files: classidx is the class's identity, a name may repeat
+        counts = {name: sum(e[0] == name for e in entries) for name, _, _ in entries}
+        repeated = sorted(name for name, c in counts.items() if c > 1)
+        by_index: dict[str, str] = {}
+        if all(index is not None and index.isdigit() for _, _, index in entries):
+            entries.sort(key=lambda e: int(e[2] or 0))  # class i is their classidx i
+        for name, prompt, index in entries:
+            if index is None:
+                raise BadInputError(f"prompts file {p}: a row of class {name!r} has no classidx")
+            if index in by_index:
+                raise BadInputError(f"prompts file {p} gives classidx {index} twice")
+            key = f"{name} [{index}]" if name in repeated else name
+            by_index[index] = key
+            out[key] = prompt
+        if repeated:
+            out.notes.append(f"{p.name}: class name(s) {', '.join(repeated)} occur more than once; told apart by "
+                             "their classidx, e.g. " + next(k for k in out if k.startswith(repeated[0] + " [")))
+        return out
+    for name, prompt, _ in entries:
         if name in out and out[name] != prompt:
             raise BadInputError(f"prompts file {p} gives class {name!r} two prompts; noop-rt takes one per class")
         out[name] = prompt
     return out
+
+
+class PromptTable(dict[str, str]):
+    """{class: prompt} in file order, with the remarks reading it called for (`notes`)."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self.notes: list[str] = []

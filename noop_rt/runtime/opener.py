@@ -296,6 +296,7 @@ def resolve_classes(model: GraphModel, trained_emb: np.ndarray | None, options: 
     info = model.info
     trained = dict(zip(info.classes or [], info.prompts or [], strict=True))
     names, prompts = _requested(info, options)
+    notes.extend(getattr(options.prompts, "notes", []))  # what reading the prompts file called for
     if names is None:  # the trained set
         return ClassSet(list(trained), list(trained.values()), trained_emb, trained=True)
     if trained and dict(zip(names, prompts, strict=True)) == trained:
