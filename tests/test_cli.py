@@ -288,3 +288,14 @@ def test_what_a_label_should_be_read_with_is_said(tmp_path) -> None:
     res = subprocess.run([sys.executable, "-m", "noop_rt", "classify", str(huge)], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 1 and res.stderr.count("\n") == 1 and "pixel limit" in res.stderr, res.stderr
+
+
+def test_a_named_adaptive_setting_brings_its_loss(capsys) -> None:
+    """`--stages pets` is Li et al.'s whole setting: its schedule and their l1 loss, said on stderr; --loss wins."""
+    from noop_rt.cli.options import load_request
+
+    request = load_request(method="adaptive", stages="pets")
+    assert request.strategy["stages"] == ((25, 5), (250, 1)) and request.strategy["loss"] == "l1"
+    assert "stages 25:5,250:1, loss l1" in capsys.readouterr().err
+    assert load_request(method="adaptive", stages="pets", loss="l2").strategy["loss"] == "l2"
+    assert "loss" not in load_request(method="adaptive", stages="25:5,250:1").strategy

@@ -82,12 +82,17 @@ def strategy_options(noises: int | None, stages: str | None, loss: str | None, s
     if loss is not None:
         options["loss"] = loss
     if stages is not None:
-        from noop_rt.runtime.strategies import parse_stages
+        from noop_rt.runtime.strategies import PUBLISHED_LOSS, PUBLISHED_STAGES, parse_stages
 
         try:
             options["stages"] = parse_stages(stages)
         except ValueError as exc:
             raise UsageError(f"--stages: {exc}") from None
+        if stages.strip().lower() in PUBLISHED_STAGES:  # a named setting brings its whole setting, said once
+            options.setdefault("loss", PUBLISHED_LOSS)
+            schedule = ",".join(f"{p}:{k}" for p, k in options["stages"])
+            print(f"note: --stages {stages.strip()} is Li et al.'s setting: stages {schedule}, loss "
+                  f"{options['loss']}" + ("" if loss else " (--loss overrides it)"), file=sys.stderr)
     if robust:
         from noop_rt.train.robust import RobustConfig
 
