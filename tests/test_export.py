@@ -341,3 +341,14 @@ def test_int8_classifier_is_quantized_and_gated_on_agreement(tiny_ckpt, tmp_path
     res = runner.invoke(app, ["export", "--ckpt", str(tiny_ckpt), "--int8", "--out", str(tmp_path / "no"),
                               "--min-agreement", "1.01"])
     assert res.exit_code == 3 and not (tmp_path / "no").exists(), res.output
+
+
+def test_the_manifest_describes_the_whole_preprocessing(tiny_bundle) -> None:
+    """A runtime that has only the bundle must composite transparency on white, take an animated image's first
+    frame and scale 16-bit images as noop-rt does: the manifest says each (the shipped demo's too)."""
+    from noop_rt.demo import BUNDLE_DIR
+
+    for root in (tiny_bundle, BUNDLE_DIR):
+        pre = json.loads((Path(root) / "manifest.json").read_text())["preprocessing"]
+        assert "white" in pre["alpha"] and "first frame" in pre["decode"] and "65535" in pre["modes"]
+        assert "EXIF" in pre["decode"] and pre["range"] == [-1.0, 1.0]

@@ -65,9 +65,17 @@ class ModelInfo:
 
 
 def default_preprocessing(resolution: int) -> dict[str, Any]:
-    return {"resolution": resolution, "resize": "shorter side to resolution, bicubic (torchvision Resize arithmetic)",
-            "crop": "centre, resolution x resolution (torchvision CenterCrop arithmetic)", "channels": "RGB",
-            "range": [-1.0, 1.0], "layout": "NCHW float32"}
+    """What `runtime/images.py` does to a file before the classifier graph sees it, for a runtime that has only the
+    bundle (a third-party server must do the same to get the same labels)."""
+    return {"resolution": resolution,
+            "decode": "the first frame of an animated image; EXIF orientation applied",
+            "alpha": "composited on white (255, 255, 255) before resizing (RGBA, LA, PA, and P with transparency)",
+            "modes": "16-bit greyscale scaled by 65535 (by 255 when no value exceeds 255); palette, greyscale and CMYK "
+                     "converted to RGB by Pillow",
+            "resize": "shorter side to resolution, bicubic (torchvision Resize arithmetic: the longer side "
+                      "int(resolution * long / short))",
+            "crop": "centre, resolution x resolution (torchvision CenterCrop arithmetic: offsets rounded half to even)",
+            "channels": "RGB", "range": [-1.0, 1.0], "scale": "x / 127.5 - 1", "layout": "NCHW float32"}
 
 
 class GraphModel:
