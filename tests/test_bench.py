@@ -53,7 +53,7 @@ def test_demo_report_counts_unet_evals_from_the_class_count(demo_report) -> None
         assert b["baseline"]["extrapolated"] is True and b["baseline"]["measured_pairs"] == 2
         for method in ("noop", "baseline"):
             s = b[method]
-            assert 0 < s["p50_ms"] and math.isfinite(s["images_per_s"])
+            assert s["p50_ms"] > 0 and math.isfinite(s["images_per_s"])
             assert s["p95_ms"] is None and s["timed_runs"] < 20  # a p95 of 2 runs is not reported
         # the speed-up is the ratio of the two p50s measured in this run (not a constant or an estimate)
         assert b["speedup_vs_baseline"] == pytest.approx(b["baseline"]["p50_ms"] / b["noop"]["p50_ms"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import pathlib
 import shutil
 import socket
 import subprocess
@@ -348,7 +349,7 @@ def test_the_manifest_describes_the_whole_preprocessing(tiny_bundle) -> None:
     frame and scale 16-bit images as noop-rt does: the manifest says each (the shipped demo's too)."""
     from noop_rt.demo import BUNDLE_DIR
 
-    for root in (tiny_bundle, BUNDLE_DIR):
-        pre = json.loads((Path(root) / "manifest.json").read_text())["preprocessing"]
+    for root in (pathlib.Path(tiny_bundle), BUNDLE_DIR):
+        pre = json.loads((root / "manifest.json").read_text())["preprocessing"]
         assert "white" in pre["alpha"] and "first frame" in pre["decode"] and "65535" in pre["modes"]
         assert "EXIF" in pre["decode"] and pre["range"] == [-1.0, 1.0]

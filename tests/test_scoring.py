@@ -17,6 +17,7 @@ from scipy.stats import ttest_rel
 from torch import nn
 
 from noop_rt.runtime import strategies
+from noop_rt.runtime.errors import BadInputError
 from noop_rt.train.diffusion_error import ClassErrors, NoopClassifier, class_errors, error_norm, noised, v_to_eps
 
 ABAR = torch.linspace(0.9999, 0.005, 1000)  # any decreasing schedule will do for the stand-in UNets
@@ -394,7 +395,7 @@ def test_baseline_seeded_bank_and_a_bad_bank() -> None:
     model = Oracle(margins_with_best([1], 3))
     strategies.baseline(model, model.images(), strategies.BaselineConfig(pairs=4, seed=11, loss="l2"))
     assert np.array_equal(np.concatenate([c["eps"] for c in model.calls]), strategies.noise_bank(4, SHAPE, 11))
-    with pytest.raises(ValueError, match="noise bank"):
+    with pytest.raises(BadInputError, match="noise bank"):  # one line to a user, not an internal error
         strategies.baseline(model, model.images(), strategies.BaselineConfig(pairs=4, loss="l2",
                                                                         noises=np.zeros((3, *SHAPE))))
     with pytest.raises(ValueError, match="unknown loss"):
