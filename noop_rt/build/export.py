@@ -138,13 +138,22 @@ def _device_of(module: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def set_default_input(model: Any, name: str, value: np.ndarray) -> None:
-    """Give graph input `name` a default: an initializer of the same name (feeding the input overrides it)."""
+def bake_input(model: Any, name: str, value: np.ndarray) -> None:
+    """Make graph input `name` a constant of the graph: an initializer of that name, and no longer an input (so a
+    session fed `image` alone runs silently, and the engine may fold what depends on it). New class sets run through
+    the scorer graph instead."""
     from onnx import numpy_helper
 
-    if name not in {i.name for i in model.graph.input}:
+    inputs = [i for i in model.graph.input if i.name == name]
+    if not inputs:
         raise ValueError(f"graph has no input {name}")
+    model.graph.input.remove(inputs[0])
     model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value, dtype=np.float32), name))
+
+
+def baked_classifier_spec(spec: GraphSpec) -> GraphSpec:
+    """The classifier graph's description once its class embeddings are baked in: `image` in, errors and probs out."""
+    return GraphSpec(spec.name, tuple(t for t in spec.inputs if t.name != "class_embeddings"), spec.outputs)
 
 
 def set_labels(model: Any, classes: list[str], prompts: list[str]) -> None:
@@ -325,7 +334,7 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, options: ExportOptions
             models[specs[CLASSIFIER].file] = quantize_classifier(models[specs[CLASSIFIER].file], calibration,
                                                                  emb.numpy(), work)
             print(f"  quantized classifier.onnx to INT8 on {int8} in {time.perf_counter() - t0:.1f} s", file=log)
-        set_default_input(models[specs[CLASSIFIER].file], "class_embeddings", emb.numpy())
+        bake_input(models[specs[CLASSIFIER].file], "class_embeddings", emb.numpy())
         set_labels(models[specs[CLASSIFIER].file], ckpt.classes, ckpt.prompts)
         weights = share_weights(models, tmp)
         shutil.rmtree(work)
@@ -355,10 +364,11 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, options: ExportOptions
             "images_per_batch": options.images_per_batch, "max_batch": options.images_per_batch * c, "opt_batch": c,
             "preprocessing": default_preprocessing(backbone.resolution),
             "classifier_graph": {"file": classifier.file, "input": "image", "errors": "errors", "probs": "probs",
-                                 "class_embeddings": "class_embeddings",
-                                 "note": "feed `image` alone: class_embeddings defaults to the trained classes"},
+                                 "note": "feed `image` alone: the trained classes' embeddings are constants of the "
+                                         "graph (other class sets run through the scorer graph)"},
             "scorer_losses": list(LOSSES),
-            "graphs": {g: spec.to_json() for g, spec in specs.items()},
+            "graphs": {g: (baked_classifier_spec(spec) if g == CLASSIFIER else spec).to_json()
+                       for g, spec in specs.items()},
             "weights": weights, "drift": ckpt.train.get("drift"),
             "int8": None if int8 is None else {"graph": CLASSIFIER, "calibration": int8,
                                                "quantizer": "onnxruntime quantize_static, QDQ, per-channel int8 "

@@ -96,11 +96,14 @@ class GraphModel:
 
     def classifier_fits_classes(self) -> bool:
         """Whether the classifier graph can score the current class set: its built-in (trained) classes always;
-        others only where the engine lets its `class_embeddings` input be overridden and the graph is not INT8
-        (quantized for the trained embeddings' range). Otherwise NoOp runs through encoder, noise and scorer."""
+        others only where the graph still takes a `class_embeddings` input (bundles before 0.3, the torch backend),
+        the engine lets it be fed and the graph is not INT8 (quantized for the trained embeddings' range).
+        Otherwise NoOp runs through encoder, noise and scorer."""
         if not self.custom_classes:
             return True
-        return self.runner.classifier_takes_embeddings and self.info.precision != "int8"
+        spec = self.runner.graph_spec(CLASSIFIER)
+        takes = spec is None or any(t.name == "class_embeddings" for t in spec.inputs)  # bundles before 0.3 do
+        return takes and self.runner.classifier_takes_embeddings and self.info.precision != "int8"
 
     def prepare(self, method: str) -> None:
         """Load the graphs `method` runs now (sessions are otherwise created on first use), so the first image's
