@@ -26,7 +26,11 @@ def test_classify_json_contract(tiny_sd, shape_images) -> None:
     out = json.loads(res.stdout)
     assert len(out) == 1
     row = out[0]
-    assert set(row) == {"image", "top", "method", "backend", "latency_ms", "unet_evals", "calibrated"}
+    assert set(row) == {"image", "label", "prob", "top", "method", "backend", "latency_ms", "timings", "unet_evals",
+                        "calibrated"}
+    assert row["label"] == row["top"][0]["class"] and row["prob"] == row["top"][0]["prob"]
+    assert set(row["timings"]) == {"preprocess", "model", "scoring"}
+    assert row["latency_ms"] == pytest.approx(sum(row["timings"].values()), abs=1e-3)
     assert row["method"] == "baseline" and row["backend"] == "torch" and row["unet_evals"] == 3 * 2
     assert [t["class"] for t in row["top"]] and {t["class"] for t in row["top"]} == {"red square", "blue circle"}
     assert sum(t["prob"] for t in row["top"]) == pytest.approx(1.0, abs=1e-5)

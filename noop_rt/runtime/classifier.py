@@ -78,10 +78,13 @@ class Result:
         return round(sum(self.timings.values()), 3)
 
     def to_json(self) -> dict[str, Any]:
-        """The `classify --json` object."""
-        out: dict[str, Any] = {"image": self.image, "top": [t.to_json() for t in self.top], "method": self.method,
-                               "backend": self.backend, "latency_ms": self.latency_ms, "unet_evals": self.unet_evals,
-                               "calibrated": self.calibrated}
+        """The `classify --json` object (also what batch rows and the server's answers are made of). The design's
+        keys (`top` entries of `class`, `prob`, `error`; `latency_ms`), plus `label`, `prob` and `timings` under the
+        attributes' own names."""
+        out: dict[str, Any] = {"image": self.image, "label": self.label, "prob": self.prob,
+                               "top": [t.to_json() for t in self.top], "method": self.method, "backend": self.backend,
+                               "latency_ms": self.latency_ms, "timings": dict(self.timings),
+                               "unet_evals": self.unet_evals, "calibrated": self.calibrated}
         if self.zero_shot:
             out["zero_shot_classes"] = self.zero_shot
         if self.warnings:
