@@ -54,12 +54,15 @@ def test_commands_that_need_torch_say_which_extra(tmp_path) -> None:
     """Without torch: a checkpoint, train and export each fail with one line naming the train extra as this clone
     installs it (pip install -e 'CLONE[train]'), exit 1."""
     for args in (["classify", str(SEVEN), "--ckpt", str(CKPT_PATH)], ["export", "--ckpt", str(CKPT_PATH)],
+                 ["classify", str(SEVEN), "--backend", "torch"],
                  ["train", "--data", str(tmp_path), "--out", str(tmp_path / "x.pt")]):
         code = BLOCK_TORCH + f"sys.argv = ['noop-rt', *{args!r}]\nfrom noop_rt.cli import run\nrun()\n"
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
         assert res.returncode == 1 and len(lines) == 1, res.stderr
         assert f"pip install -e '{REPO}[train]'" in lines[0] or "pip install -e '.[train]'" in lines[0], lines
+        if "--backend" in args:  # no checkpoint was named: the line speaks of the flag that was
+            assert lines[0].startswith("error: --backend torch needs torch"), lines
 
 
 def test_api_takes_paths_pil_images_and_arrays() -> None:

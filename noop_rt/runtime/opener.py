@@ -271,7 +271,7 @@ def _open_torch(kind: str, path: Path | None, options: LoadOptions) -> tuple[Gra
         raise UsageError(f"--backend {options.backend} runs exported bundles; a {kind} runs on the torch backend "
                          f"(export it first: noop-rt export --ckpt NAME.pt)" if kind == "checkpoint" else
                          f"--backend {options.backend} runs exported bundles; a {kind} folder runs on torch")
-    require_torch_side("--backend torch" if (options.backend == "torch" and path is None) or str(path) == "demo"
+    require_torch_side("--backend torch" if options.backend == "torch"
                        else f"a {kind} runs on the torch backend (or export it to a bundle where torch is), which")
     from noop_rt.runtime.backends import torch_runner
 
