@@ -87,3 +87,25 @@ def test_page_classifies_an_uploaded_example(server: Any, browser: Any) -> None:
         probs = [float(p) for _, p in bars]
         assert probs == sorted(probs, reverse=True) and 0 < probs[0] <= 1
         assert "ms" in latency
+
+
+def test_page_asks_a_keyed_server_for_its_key_once(browser: Any) -> None:
+    """A server started with --api-key: the page's first call gets 401, it asks for the key (a prompt), keeps it for
+    the tab and classifies with it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from noop_rt.serve.launch import ServerProcess
+
+    key = "ui-key-0123456789abcdef"
+    with ServerProcess(["--api-key", key]) as keyed:
+        browser.get(keyed.url + "/")
+        prompt = WebDriverWait(browser, 60).until(expected_conditions.alert_is_present())
+        assert "API key" in prompt.text
+        prompt.send_keys(key)
+        prompt.accept()
+        WebDriverWait(browser, 60).until(lambda d: "classes" in d.find_element(By.ID, "model").text)
+        label, _, _ = upload_and_read(browser, str(EXAMPLES_DIR / "four.png"))  # no second prompt: the key is kept
+        assert label == "four"
+        assert browser.execute_script("return sessionStorage.getItem('noop-rt-key')") == key

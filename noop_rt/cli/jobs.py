@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -193,6 +194,11 @@ def serve(
                                                  "limit).")] = 10.0,
     ray_address: Annotated[str | None, typer.Option("--ray", metavar="ADDRESS", help="An existing Ray cluster "
                                                     "(default: RAY_ADDRESS, else a local one).")] = None,
+    api_key: Annotated[list[str] | None, typer.Option("--api-key", metavar="KEY", help="Require Authorization: "
+                                                      "Bearer KEY on every route but the probes and the page "
+                                                      "(repeatable; also NOOP_RT_API_KEY).")] = None,
+    api_key_file: Annotated[Path | None, typer.Option("--api-key-file", metavar="FILE", help="Keys, one per "
+                                                      "line.")] = None,
     device: DeviceOpt = "auto", max_batch: MaxBatchOpt = None, engines: EnginesOpt = None, lora: LoraOpt = None,
     lora_scale: LoraScaleOpt = None,
 ) -> None:
@@ -203,8 +209,15 @@ def serve(
         load = load_request(bundle, ckpt, model, backend=backend, device=device, method=method, classes=classes,
                             prompts=prompts, template=template, noises=noises, stages=stages, loss=loss, seed=seed,
                             max_batch=max_batch, engines=engines, lora=lora, lora_scale=lora_scale)
-        run_server(load, ServeOptions(host=host, port=port, replicas=replicas, gpus_per_replica=gpus_per_replica,
-                                      threads=threads, max_batch_size=max_batch_size,
+        from noop_rt.serve.auth import KEY_ENV, is_loopback, key_digest, read_keys
+
+        keys = read_keys(api_key or (), api_key_file)
+        if not keys and not is_loopback(host):
+            print(f"warning: serving on {host} without an API key: anyone who reaches the port can use the model "
+                  f"(--api-key KEY or {KEY_ENV})", file=sys.stderr)
+        digests = tuple(key_digest(k) for k in keys)
+        run_server(load, ServeOptions(api_key_digests=digests, host=host, port=port, replicas=replicas,
+                                      gpus_per_replica=gpus_per_replica, threads=threads, max_batch_size=max_batch_size,
                                       concurrent_batches=concurrent_batches, batch_wait_ms=batch_wait_ms,
                                       max_upload_mb=max_upload_mb, ray_address=ray_address, top_k=top_k))
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
 import time
 import urllib.request
@@ -44,6 +45,7 @@ from noop_rt import __version__
 from noop_rt.api import LoadOptions
 from noop_rt.runtime.errors import BadInputError
 from noop_rt.serve import kserve
+from noop_rt.serve.auth import CHALLENGE, DIGESTS_ENV, OPEN_PATHS, authorized
 from noop_rt.serve.options import ServeOptions
 from noop_rt.serve.uploads import (
     RequestError,
@@ -67,6 +69,19 @@ api = FastAPI(
                 "image body answers the `noop-rt classify --json` objects plus server timings; the KServe v2 "
                 "protocol (`/v2/...`) answers standard clients such as tritonclient.",
 )
+
+
+@api.middleware("http")
+async def _require_key(request: Request, call_next: Any) -> Response:
+    """401 with a Bearer challenge, before any route runs, for a request without one of the configured keys. The
+    digests are read from this process's environment, which the ingress replica sets when it starts (module state
+    would not do: Ray Serve may ship the app and the deployment class as separate copies)."""
+    digests = [d for d in os.environ.get(DIGESTS_ENV, "").split(",") if d]
+    if digests and request.url.path not in OPEN_PATHS and not authorized(request.headers.get("authorization"),
+                                                                          digests):
+        return JSONResponse({"error": "missing or wrong API key: send the header Authorization: Bearer KEY"},
+                            status_code=401, headers=CHALLENGE)
+    return await call_next(request)
 
 
 @api.exception_handler(RequestError)
@@ -279,6 +294,7 @@ class Ingress:
     """HTTP in front of the model deployment."""
 
     def __init__(self, model: DeploymentHandle, options: ServeOptions) -> None:
+        os.environ[DIGESTS_ENV] = ",".join(options.api_key_digests)
         # A handle made here takes this replica's Serve settings (gRPC to the model replicas in Serve's
         # throughput-optimized mode); the one passed in keeps those of the process that built the application.
         self.model = serve.get_deployment_handle(model.deployment_name, app_name=model.app_name, _check_exists=False)

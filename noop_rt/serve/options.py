@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from noop_rt.runtime.errors import BadInputError
 
@@ -30,6 +30,8 @@ class ServeOptions:
     max_files: int = 256  # images per request
     drain_timeout_s: float = 30.0  # longest wait for in-flight requests after SIGTERM/SIGINT
     drain_quiet_s: float = 1.0  # drained once no request has been in flight for this long
+    # SHA-256 digests of the Bearer keys every route but the probes requires (serve.auth.key_digest); no key is here
+    api_key_digests: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         checks = [(self.replicas >= 1, "--replicas must be at least 1"),

@@ -185,7 +185,7 @@ def serve_forever(load: LoadOptions, options: ServeOptions) -> None:
         except NoopError as exc:
             why = _last_line(_deployment_messages(serve).get("Ingress", "")) if direct else ""
             raise NoopError(f"{exc}{f'; the ingress replica says: {why}' if why else ''}") from None
-        info = _get_json(f"{url}/v1/model")
+        info = handle.model_info.remote().result(timeout_s=30)  # the handle: no API key needed from here
         signals.ready = True
         print(url, flush=True)
         _log(f"serving {info.get('name')} ({len(info.get('classes', []))} classes, method {info.get('method')}, "
@@ -322,13 +322,6 @@ def _deploy_error(serve: Any, exc: Exception) -> NoopError:
         cls = getattr(errors, name, NoopError)
         return cls(text.strip()) if isinstance(cls, type) and issubclass(cls, NoopError) else NoopError(text)
     return NoopError(f"the model replicas failed to start: {_last_line(message) or exc}")
-
-
-def _get_json(url: str, timeout: float = 10.0) -> dict[str, Any]:
-    import json
-
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return dict(json.loads(response.read()))
 
 
 def _wait_ready(url: str) -> None:
