@@ -745,3 +745,14 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(server: Any) -> None:
     assert "drained" in "\n".join(server.stderr)
     time.sleep(0.5)  # the reader threads see the pipes close
     assert [line for line in server.stdout if line.strip()] == [server.url]  # stdout: the URL, once
+
+
+@pytest.mark.parametrize("body", [
+    b"[" * 100_000 + b"]" * 100_000,  # deeper than the JSON parser goes
+    b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1], "data": ' + b"[" * 900 + b"1" + b"]" * 900
+    + b"}]}",  # parses, then nests too deep for the tensor reader
+])
+def test_deeply_nested_json_is_a_400(body: bytes) -> None:
+    with pytest.raises(RequestError) as refused:
+        kserve.parse_infer_request(body, None)
+    assert refused.value.status == 400

@@ -99,6 +99,15 @@ def deserialize_bytes(buffer: bytes | memoryview, count: int) -> list[bytes]:
 
 # ---------------------------------------------------------------------------------------------- requests
 def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
+    """The inference request of a body (JSON, or JSON + binary tensor data); a malformed one of any shape, nesting
+    deeper than the parser goes included, is a 400."""
+    try:
+        return _parse_infer_request(body, header_length)
+    except RecursionError:  # no inference request is nested like that
+        raise RequestError(400, "the inference request's JSON is nested too deeply") from None
+
+
+def _parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
     """A v2 infer request: JSON, or JSON then binary tensor data when `Inference-Header-Content-Length` is set."""
     if not body:
         raise RequestError(400, "empty request body: send a v2 inference request (JSON)")
@@ -117,6 +126,7 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         hint = f" (binary tensor data needs the {HEADER} header)" if header_length is None else ""
         raise RequestError(400, f"the inference request is not valid JSON{hint}: {exc}") from None
+
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list):
         raise RequestError(400, "the inference request must be a JSON object with an 'inputs' list")
     inputs = doc["inputs"]
