@@ -109,3 +109,16 @@ def test_page_asks_a_keyed_server_for_its_key_once(browser: Any) -> None:
         label, _, _ = upload_and_read(browser, str(EXAMPLES_DIR / "four.png"))  # no second prompt: the key is kept
         assert label == "four"
         assert browser.execute_script("return sessionStorage.getItem('noop-rt-key')") == key
+
+
+def test_docs_render_offline(server: Any, browser: Any) -> None:
+    """/docs draws Swagger UI from scripts the server itself serves: it renders with no CDN reachable."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server.url + "/docs")
+    html = browser.page_source
+    assert "docs-assets/swagger-ui-bundle.js" in html and "cdn.jsdelivr" not in html
+    WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".swagger-ui .info .title"))
+    assert "noop-rt" in browser.find_element(By.CSS_SELECTOR, ".swagger-ui .info .title").text
+    assert browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")  # the routes are listed

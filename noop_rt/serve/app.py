@@ -26,6 +26,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from importlib.resources import files
+from pathlib import Path
 from typing import Any, cast
 
 import grpc
@@ -68,7 +69,18 @@ api = FastAPI(
     description="Diffusion classifier (NoOp) on Ray Serve. `POST /v1/classify` with image files (multipart) or a raw "
                 "image body answers the `noop-rt classify --json` objects plus server timings; the KServe v2 "
                 "protocol (`/v2/...`) answers standard clients such as tritonclient.",
+    docs_url=None,  # /docs is the ingress's own route: Swagger UI from a package, so it works offline
 )
+DOCS_ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css", "favicon.png": "image/png"}
+
+
+def _swagger_ui_dir() -> Path | None:
+    """Swagger UI's files as the fastapi-offline package ships them (the serve extra); None where it is missing."""
+    try:
+        folder = Path(str(files("fastapi_offline") / "static"))
+    except ModuleNotFoundError:
+        return None
+    return folder if (folder / "swagger-ui-bundle.js").is_file() else None
 
 
 @api.middleware("http")
@@ -422,6 +434,24 @@ class Ingress:
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:
         return HTMLResponse(self.page_html)
+
+    @api.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    async def docs(self) -> HTMLResponse:
+        """Swagger UI over this API's OpenAPI document, its scripts served from here (no CDN, so offline too)."""
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        local = _swagger_ui_dir() is not None
+        assets = {"swagger_js_url": "docs-assets/swagger-ui-bundle.js", "swagger_css_url": "docs-assets/swagger-ui.css",
+                  "swagger_favicon_url": "docs-assets/favicon.png"} if local else {}
+        return get_swagger_ui_html(openapi_url="openapi.json", title="noop-rt API", **assets)
+
+    @api.get("/docs-assets/{name}", include_in_schema=False)
+    async def docs_asset(self, name: str) -> Response:
+        folder = _swagger_ui_dir()
+        if folder is None or name not in DOCS_ASSETS:
+            return JSONResponse({"error": f"no such file: {name}"}, status_code=404)
+        return Response((folder / name).read_bytes(), media_type=DOCS_ASSETS[name],
+                        headers={"Cache-Control": "max-age=86400"})
 
     @api.get("/healthz", summary="Liveness: the server process is up.")
     async def healthz(self) -> dict[str, Any]:
