@@ -303,3 +303,29 @@ def test_a_named_adaptive_setting_brings_its_loss(capsys) -> None:
     assert "stages 25:5,250:1, loss l1" in capsys.readouterr().err
     assert load_request(method="adaptive", stages="pets", loss="l2").strategy["loss"] == "l2"
     assert "loss" not in load_request(method="adaptive", stages="25:5,250:1").strategy
+
+
+@pytest.mark.parametrize(("blocked", "args", "says"), [
+    ("sklearn", ["demo-data", "OUT/digits"], "scikit-learn"),
+    ("matplotlib", ["bench", "--backends", "onnxruntime", "--no-startup", "--plot", "OUT/bench.png"], "matplotlib"),
+])
+def test_a_missing_optional_package_is_named_before_any_work(blocked, args, says, tmp_path) -> None:
+    """In a process where the package cannot be imported: one line naming it and how to install it, exit 1."""
+    import subprocess
+    import sys
+
+    argv = [a.replace("OUT", str(tmp_path)) for a in args]
+    code = (f"import sys\nsys.modules[{blocked!r}] = None\nsys.argv = ['noop-rt', *{argv!r}]\n"
+            "from noop_rt.cli import run\nrun()\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 1 and len(lines) == 1 and says in lines[0] and "pip install" in lines[0], res.stderr
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_export_names_a_bundle_folder_given_as_the_checkpoint() -> None:
+    from noop_rt.demo import BUNDLE_DIR
+
+    res = runner.invoke(app, ["export", "--ckpt", str(BUNDLE_DIR)])
+    assert res.exit_code == 1 and res.stderr.count("\n") == 1
+    assert "an exported bundle" in res.stderr and "NAME.pt" in res.stderr
