@@ -46,6 +46,7 @@ def print_results(images: list[Path], classifier: Any, top_k: int, as_json: bool
     with tqdm(total=len(images), desc="classify", unit="img", file=sys.stderr, disable=len(images) < 32,
               leave=False) as bar:
         results = classifier.classify([str(p) for p in images], top_k=top_k, progress=bar.update)
+        bar.refresh()  # the final count is drawn even when the last updates came within tqdm's redraw interval
     if as_json:
         print(json.dumps([r.to_json() for r in results], indent=2))
     elif truth_table:
