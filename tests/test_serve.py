@@ -323,6 +323,11 @@ def test_start_ready_and_describe(server: Any) -> None:
 
     url = server.url
     assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200
+    page = httpx.get(f"{url}/", timeout=30)  # the page may not be framed by another site, nor run foreign scripts
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert httpx.get(f"{url}/v1/model", timeout=30).headers["x-content-type-options"] == "nosniff"
     ready = httpx.get(f"{url}/readyz", timeout=30)
     assert ready.status_code == 200 and ready.json() == {"ready": True}
     model = httpx.get(f"{url}/v1/model", timeout=30).json()

@@ -56,6 +56,7 @@ def test_a_server_with_a_key_refuses_requests_without_it() -> None:
         for headers in ({}, {"Authorization": f"Bearer {OTHER}"}):
             r = httpx.post(server.url + "/v1/classify", content=image, headers=headers, timeout=60)
             assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
+            assert r.headers["x-content-type-options"] == "nosniff"
             assert "API key" in r.json()["error"]
         for path in ("/v1/model", "/metrics", "/docs", "/v2/models/digits"):
             assert httpx.get(server.url + path, timeout=60).status_code == 401, path

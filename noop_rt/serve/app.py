@@ -83,6 +83,14 @@ def _swagger_ui_dir() -> Path | None:
     return folder if (folder / "swagger-ui-bundle.js").is_file() else None
 
 
+# The page: its own inline script and style, images it previews from blob: URLs, calls to this origin only, never in a
+# frame of another site.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' "
+                                           "'unsafe-inline'; img-src 'self' blob: data:; frame-ancestors 'none'; "
+                                           "base-uri 'none'; form-action 'none'",
+                "Referrer-Policy": "no-referrer"}
+
+
 @api.middleware("http")
 async def _require_key(request: Request, call_next: Any) -> Response:
     """401 with a Bearer challenge, before any route runs, for a request without one of the configured keys. The
@@ -94,6 +102,15 @@ async def _require_key(request: Request, call_next: Any) -> Response:
         return JSONResponse({"error": "missing or wrong API key: send the header Authorization: Bearer KEY"},
                             status_code=401, headers=CHALLENGE)
     return await call_next(request)
+
+
+@api.middleware("http")
+async def _no_sniff(request: Request, call_next: Any) -> Response:
+    """Every answer's type is the one it declares: browsers must not guess another (an upload echoed as HTML).
+    Registered last, so it is the outermost: the key check's 401s carry it too."""
+    response = await call_next(request)
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    return response
 
 
 @api.exception_handler(RequestError)
@@ -433,7 +450,7 @@ class Ingress:
     # ------------------------------------------------------------------------------------------ routes
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:
-        return HTMLResponse(self.page_html)
+        return HTMLResponse(self.page_html, headers=PAGE_HEADERS)
 
     @api.get("/docs", response_class=HTMLResponse, include_in_schema=False)
     async def docs(self) -> HTMLResponse:
