@@ -761,3 +761,47 @@ def test_deeply_nested_json_is_a_400(body: bytes) -> None:
     with pytest.raises(RequestError) as refused:
         kserve.parse_infer_request(body, None)
     assert refused.value.status == 400
+
+
+def test_pixel_limits_follow_the_model_and_bound_a_request() -> None:
+    from noop_rt.serve.options import default_max_pixels
+    from noop_rt.serve.uploads import check_float_images, check_request_pixels
+
+    assert default_max_pixels(16) == default_max_pixels(256) == 16_000_000  # a floor for small models
+    assert default_max_pixels(512) == 64 * 512 * 512 and default_max_pixels(1024) == 64 * 1024 * 1024
+    assert ServeOptions().pixel_limits(16) == (16_000_000, 64_000_000)
+    assert ServeOptions(max_pixels=1000).pixel_limits(16) == (1000, 4000)
+
+    def png(width: int, height: int) -> bytes:
+        import io
+
+        buffer = io.BytesIO()
+        Image.new("1", (width, height)).save(buffer, format="PNG")  # a few bytes per megapixel on disk
+        return buffer.getvalue()
+
+    with pytest.raises(RequestError) as one:  # 7000 x 7000 is over 16 M: refused from its header
+        check_request_pixels([("big.png", png(7000, 7000))], 16_000_000, 64_000_000)
+    assert one.value.status == 400 and "big.png" in one.value.message
+    five = [(f"f{i}.png", png(3000, 3000)) for i in range(8)]  # each under the limit, 72 M in all
+    with pytest.raises(RequestError) as many:
+        check_request_pixels(five, 16_000_000, 64_000_000)
+    assert many.value.status == 413 and "72,000,000 pixels" in many.value.message
+    check_request_pixels(five[:7], 16_000_000, 64_000_000)  # 63 M: within the budget
+    with pytest.raises(RequestError, match="1000 images in one request"):
+        check_float_images(np.zeros((1000, 3, 16, 16), np.float32), 16, 256)
+
+
+@needs_serve
+def test_an_image_over_the_models_pixel_limit_is_refused_from_its_header(server: Any) -> None:
+    """The demo is a 16-px model: a 7000 x 7000 PNG (186 kB on disk, 49 M pixels) is a 400 naming the limit, and
+    the server's description says which limits hold."""
+    import io
+
+    import httpx
+
+    buffer = io.BytesIO()
+    Image.new("1", (7000, 7000)).save(buffer, format="PNG")
+    r = httpx.post(server.url + "/v1/classify", content=buffer.getvalue(), timeout=60)
+    assert r.status_code == 400 and "16,000,000 pixels" in r.json()["error"]
+    limits = httpx.get(server.url + "/v1/model", timeout=60).json()["server"]
+    assert (limits["max_pixels"], limits["max_request_pixels"]) == (16_000_000, 64_000_000)

@@ -194,6 +194,9 @@ def serve(
                                                  "limit).")] = 10.0,
     ray_address: Annotated[str | None, typer.Option("--ray", metavar="ADDRESS", help="An existing Ray cluster "
                                                     "(default: RAY_ADDRESS, else a local one).")] = None,
+    max_pixels: Annotated[int | None, typer.Option("--max-pixels", min=1, metavar="N", help="Largest image, in pixels, "
+                                                   "refused from its header before decoding (default: 64 x R^2, at "
+                                                   "least 16 M); a request may hold 4 x this in all.")] = None,
     api_key: Annotated[list[str] | None, typer.Option("--api-key", metavar="KEY", help="Require Authorization: "
                                                       "Bearer KEY on every route but the probes and the page "
                                                       "(repeatable; also NOOP_RT_API_KEY).")] = None,
@@ -216,8 +219,9 @@ def serve(
             print(f"warning: serving on {host} without an API key: anyone who reaches the port can use the model "
                   f"(--api-key KEY or {KEY_ENV})", file=sys.stderr)
         digests = tuple(key_digest(k) for k in keys)
-        run_server(load, ServeOptions(api_key_digests=digests, host=host, port=port, replicas=replicas,
-                                      gpus_per_replica=gpus_per_replica, threads=threads, max_batch_size=max_batch_size,
+        run_server(load, ServeOptions(api_key_digests=digests, max_pixels=max_pixels, host=host, port=port,
+                                      replicas=replicas, gpus_per_replica=gpus_per_replica, threads=threads,
+                                      max_batch_size=max_batch_size,
                                       concurrent_batches=concurrent_batches, batch_wait_ms=batch_wait_ms,
                                       max_upload_mb=max_upload_mb, ray_address=ray_address, top_k=top_k))
 

@@ -52,6 +52,7 @@ from noop_rt.serve.uploads import (
     RequestError,
     check_declared_length,
     check_float_images,
+    check_request_pixels,
     decode_image,
     inflate,
     read_body,
@@ -324,6 +325,7 @@ class Ingress:
 
     def __init__(self, model: DeploymentHandle, options: ServeOptions) -> None:
         os.environ[DIGESTS_ENV] = ",".join(options.api_key_digests)
+        self.decode_slots = asyncio.Semaphore(os.cpu_count() or 1)  # decodes at once in this replica
         # A handle made here takes this replica's Serve settings (gRPC to the model replicas in Serve's
         # throughput-optimized mode); the one passed in keeps those of the process that built the application.
         self.model = serve.get_deployment_handle(model.deployment_name, app_name=model.app_name, _check_exists=False)
@@ -422,13 +424,23 @@ class Ingress:
 
     async def _decode(self, uploads: list[tuple[str | None, bytes]], resolution: int) \
             -> list[tuple[np.ndarray, float]]:
-        """Each upload as the model's input, with the ms it took; the first bad one fails the request."""
-        def one(name: str | None, data: bytes) -> tuple[np.ndarray, float]:
+        """Each upload as the model's input, with the ms it took; the first bad one fails the request. Every header
+        is checked first (per image and for the request in all); then at most one image per core decodes at a time
+        in this replica, whatever the number of requests (the others wait their turn)."""
+        max_pixels, budget = self.options.pixel_limits(resolution)
+        named = [(name or "the request body", data) for name, data in uploads]
+        check_request_pixels(named, max_pixels, budget)
+
+        def one(name: str, data: bytes) -> tuple[np.ndarray, float]:
             t0 = time.perf_counter()
-            array = decode_image(data, name or "the request body", resolution, self.options.max_pixels)
+            array = decode_image(data, name, resolution, max_pixels)
             return array, 1e3 * (time.perf_counter() - t0)
 
-        return list(await asyncio.gather(*(asyncio.to_thread(one, name, data) for name, data in uploads)))
+        async def bounded(name: str, data: bytes) -> tuple[np.ndarray, float]:
+            async with self.decode_slots:
+                return await asyncio.to_thread(one, name, data)
+
+        return list(await asyncio.gather(*(bounded(name, data) for name, data in named)))
 
     async def _classify(self, image: np.ndarray, top_k: int) -> dict[str, Any]:
         """One image through the model deployment. A replica that dies mid-request is retried once on another;
@@ -485,10 +497,11 @@ class Ingress:
     async def model_info(self) -> dict[str, Any]:
         info = await self._model_info()
         o = self.options
+        max_pixels, max_request_pixels = o.pixel_limits(int(info["resolution"]))
         return {**info, "version": __version__,
                 "server": {"replicas": o.replicas, "max_batch_size": o.max_batch_size, "batch_wait_ms": o.batch_wait_ms,
-                           "max_upload_mb": o.max_upload_mb, "max_pixels": o.max_pixels, "max_files": o.max_files,
-                           "top_k": o.top_k},
+                           "max_upload_mb": o.max_upload_mb, "max_pixels": max_pixels,
+                           "max_request_pixels": max_request_pixels, "max_files": o.max_files, "top_k": o.top_k},
                 "kserve": {"model": info["name"], "infer": f"/v2/models/{info['name']}/infer"}}
 
     @api.post("/v1/classify", openapi_extra=CLASSIFY_BODY,
@@ -585,7 +598,8 @@ class Ingress:
                 arrays = [a for a, _ in await self._decode([(f"images[{i}]", e) for i, e in enumerate(elements)],
                                                            resolution)]
             else:
-                arrays = list(check_float_images(cast(np.ndarray, req.input.data), resolution))
+                arrays = list(check_float_images(cast(np.ndarray, req.input.data), resolution,
+                                                 self.options.max_files))
             outs = await asyncio.gather(*(self._classify(a, len(info["classes"])) for a in arrays))
             probs = np.stack([o["probs"] for o in outs]).astype(np.float32)
             content, headers = kserve.infer_response(info["name"], req, probs, [o["label"] for o in outs],

@@ -9,6 +9,12 @@ from noop_rt.runtime.errors import BadInputError
 APP_NAME = "noop-rt"  # the Ray Serve application's name
 
 
+def default_max_pixels(resolution: int) -> int:
+    """The per-image pixel limit that follows the model: 64 x R^2, and at least 16 M pixels (512 px: 16.8 M, 1024 px:
+    67 M). Decoding holds a few bytes per pixel, so this bounds one image's memory."""
+    return max(16_000_000, 64 * resolution * resolution)
+
+
 @dataclass(frozen=True)
 class ServeOptions:
     """How to serve. `max_upload_mb` 0 means no limit on the request body (images are still refused over
@@ -26,7 +32,9 @@ class ServeOptions:
     max_upload_mb: float = 10.0  # largest request body
     ray_address: str | None = None  # an existing cluster (else RAY_ADDRESS, else a local one)
     top_k: int = 5  # classes per answer unless the request asks (?top_k=)
-    max_pixels: int = 50_000_000  # larger images are refused from their header, never decoded
+    max_pixels: int | None = None  # larger images are refused from their header, never decoded (None: by the
+    # model's resolution, default_max_pixels)
+    max_request_pixels: int | None = None  # pixels one request may decode in all (None: 4 x the per-image limit)
     max_files: int = 256  # images per request
     drain_timeout_s: float = 30.0  # longest wait for in-flight requests after SIGTERM/SIGINT
     drain_quiet_s: float = 1.0  # drained once no request has been in flight for this long
@@ -44,10 +52,16 @@ class ServeOptions:
                   (self.threads is None or self.threads >= 1, "--threads must be at least 1"),
                   (0 <= self.port <= 65535, "--port must be 0..65535"),
                   (self.top_k >= 1, "--top-k must be at least 1"),
-                  (self.max_pixels >= 1 and self.max_files >= 1, "max_pixels and max_files must be positive")]
+                  ((self.max_pixels or 1) >= 1 and self.max_files >= 1 and (self.max_request_pixels or 1) >= 1,
+                   "--max-pixels, max_request_pixels and max_files must be positive")]
         for ok, message in checks:
             if not ok:
                 raise BadInputError(message)
+
+    def pixel_limits(self, resolution: int) -> tuple[int, int]:
+        """(pixels one image may have, pixels one request may decode in all) for a model of `resolution`."""
+        per_image = self.max_pixels or default_max_pixels(resolution)
+        return per_image, self.max_request_pixels or 4 * per_image
 
     @property
     def max_upload_bytes(self) -> int | None:

@@ -98,6 +98,18 @@ def check_image_header(data: bytes, name: str, max_pixels: int) -> tuple[str, in
     return fmt, width, height
 
 
+def check_request_pixels(uploads: list[tuple[str, bytes]], max_pixels: int, budget: int) -> None:
+    """Every image's header against the per-image limit, and their sum against the request's budget, before a
+    single pixel is decoded (many images at the limit each still make one request too large)."""
+    total = 0
+    for name, data in uploads:
+        _, width, height = check_image_header(data, name, max_pixels)
+        total += width * height
+    if total > budget:
+        raise RequestError(413, f"the request's {len(uploads)} image(s) hold {total:,} pixels in all; the limit "
+                                f"per request is {budget:,}")
+
+
 def decode_image(data: bytes, name: str, resolution: int, max_pixels: int) -> np.ndarray:
     """Encoded image bytes -> the model's input (3, R, R) float32 in [-1, 1], after the header check."""
     check_image_header(data, name, max_pixels)
@@ -107,8 +119,11 @@ def decode_image(data: bytes, name: str, resolution: int, max_pixels: int) -> np
         raise RequestError(400, str(exc)) from None
 
 
-def check_float_images(images: np.ndarray, resolution: int) -> np.ndarray:
-    """Preprocessed images (B, 3, R, R) float32: the classifier graph's own input, finite and in [-1, 1]."""
+def check_float_images(images: np.ndarray, resolution: int, max_images: int) -> np.ndarray:
+    """Preprocessed images (B, 3, R, R) float32: the classifier graph's own input, finite and in [-1, 1], at most
+    `max_images` of them (the same cap as for encoded images)."""
+    if images.ndim >= 1 and images.shape[0] > max_images:
+        raise RequestError(400, f"{images.shape[0]} images in one request; the limit is {max_images}")
     if images.ndim != 4 or images.shape[1:] != (3, resolution, resolution) or images.shape[0] < 1:
         raise RequestError(400, f"input 'image' must have shape [B, 3, {resolution}, {resolution}] (B >= 1), got "
                                 f"{list(images.shape)}")
