@@ -642,6 +642,22 @@ class Killer:
 
 
 @needs_serve
+def test_an_image_over_the_models_pixel_limit_is_refused_from_its_header(server: Any) -> None:
+    """The demo is a 16-px model: a 7000 x 7000 PNG (186 kB on disk, 49 M pixels) is a 400 naming the limit, and
+    the server's description says which limits hold."""
+    import io
+
+    import httpx
+
+    buffer = io.BytesIO()
+    Image.new("1", (7000, 7000)).save(buffer, format="PNG")
+    r = httpx.post(server.url + "/v1/classify", content=buffer.getvalue(), timeout=60)
+    assert r.status_code == 400 and "16,000,000 pixels" in r.json()["error"]
+    limits = httpx.get(server.url + "/v1/model", timeout=60).json()["server"]
+    assert (limits["max_pixels"], limits["max_request_pixels"]) == (16_000_000, 64_000_000)
+
+
+@needs_serve
 def test_a_replica_killed_mid_load_is_replaced_and_no_request_is_lost(server: Any) -> None:
     """ray.kill one of the two model replicas while requests flow: every request ends as a correct answer or a 5xx
     (both counted, none lost), Serve starts a new replica, and the server answers correctly afterwards."""
@@ -789,19 +805,3 @@ def test_pixel_limits_follow_the_model_and_bound_a_request() -> None:
     check_request_pixels(five[:7], 16_000_000, 64_000_000)  # 63 M: within the budget
     with pytest.raises(RequestError, match="1000 images in one request"):
         check_float_images(np.zeros((1000, 3, 16, 16), np.float32), 16, 256)
-
-
-@needs_serve
-def test_an_image_over_the_models_pixel_limit_is_refused_from_its_header(server: Any) -> None:
-    """The demo is a 16-px model: a 7000 x 7000 PNG (186 kB on disk, 49 M pixels) is a 400 naming the limit, and
-    the server's description says which limits hold."""
-    import io
-
-    import httpx
-
-    buffer = io.BytesIO()
-    Image.new("1", (7000, 7000)).save(buffer, format="PNG")
-    r = httpx.post(server.url + "/v1/classify", content=buffer.getvalue(), timeout=60)
-    assert r.status_code == 400 and "16,000,000 pixels" in r.json()["error"]
-    limits = httpx.get(server.url + "/v1/model", timeout=60).json()["server"]
-    assert (limits["max_pixels"], limits["max_request_pixels"]) == (16_000_000, 64_000_000)
