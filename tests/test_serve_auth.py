@@ -93,3 +93,22 @@ def test_serve_passes_digests_and_warns_off_loopback_without_a_key(monkeypatch) 
     monkeypatch.setenv("NOOP_RT_API_KEY", OTHER)
     CliRunner().invoke(app, ["serve"])
     assert seen[-1].api_key_digests == (key_digest(OTHER),)
+
+
+@pytest.mark.skipif(not HAVE_SERVE, reason="Ray Serve is not installed (pip install -e '.[serve]'); CI installs it")
+def test_a_request_past_its_deadline_is_a_504_and_the_server_stays_up() -> None:
+    """--request-timeout-s far below one inference: classify and KServe infer answer 504 with a JSON error; the
+    probes still answer."""
+    import httpx
+
+    from noop_rt.demo import EXAMPLES_DIR
+    from noop_rt.serve.launch import ServerProcess
+
+    image = (EXAMPLES_DIR / "seven.png").read_bytes()
+    with ServerProcess(["--request-timeout-s", "0.001"]) as server:
+        r = httpx.post(server.url + "/v1/classify", content=image, timeout=60)
+        assert r.status_code == 504 and "--request-timeout-s" in r.json()["error"]
+        body = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 16, 16], "data": [0.0] * 768}]}
+        r = httpx.post(server.url + "/v2/models/digits/infer", json=body, timeout=60)
+        assert r.status_code == 504
+        assert httpx.get(server.url + "/healthz", timeout=60).status_code == 200

@@ -194,6 +194,9 @@ def serve(
                                                  "limit).")] = 10.0,
     ray_address: Annotated[str | None, typer.Option("--ray", metavar="ADDRESS", help="An existing Ray cluster "
                                                     "(default: RAY_ADDRESS, else a local one).")] = None,
+    request_timeout_s: Annotated[float, typer.Option("--request-timeout-s", min=0.001, metavar="X", help="A request "
+                                                     "still running after X s answers 504 and its work is "
+                                                     "dropped.")] = ServeOptions.request_timeout_s,
     max_pixels: Annotated[int | None, typer.Option("--max-pixels", min=1, metavar="N", help="Largest image, in pixels, "
                                                    "refused from its header before decoding (default: 64 x R^2, at "
                                                    "least 16 M); a request may hold 4 x this in all.")] = None,
@@ -219,7 +222,8 @@ def serve(
             print(f"warning: serving on {host} without an API key: anyone who reaches the port can use the model "
                   f"(--api-key KEY or {KEY_ENV})", file=sys.stderr)
         digests = tuple(key_digest(k) for k in keys)
-        run_server(load, ServeOptions(api_key_digests=digests, max_pixels=max_pixels, host=host, port=port,
+        run_server(load, ServeOptions(api_key_digests=digests, max_pixels=max_pixels,
+                                      request_timeout_s=request_timeout_s, host=host, port=port,
                                       replicas=replicas, gpus_per_replica=gpus_per_replica, threads=threads,
                                       max_batch_size=max_batch_size,
                                       concurrent_batches=concurrent_batches, batch_wait_ms=batch_wait_ms,

@@ -24,7 +24,7 @@ import os
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, cast
@@ -357,6 +357,17 @@ class Ingress:
             if self.inflight == 0:
                 self.idle_since = time.monotonic()
 
+    @contextlib.asynccontextmanager
+    async def _deadline(self) -> AsyncIterator[None]:
+        """The request's deadline: past --request-timeout-s it answers 504, and its pending model calls are
+        cancelled (the images not yet in a batch never reach one)."""
+        try:
+            async with asyncio.timeout(self.options.request_timeout_s):
+                yield
+        except TimeoutError:
+            raise RequestError(504, f"the request took longer than {self.options.request_timeout_s:g} s "
+                                    "(--request-timeout-s); its remaining work was dropped") from None
+
     async def drain(self) -> None:
         """Called by the server on SIGTERM/SIGINT: readiness turns false; requests still arriving are answered."""
         self.draining = True
@@ -513,25 +524,27 @@ class Ingress:
                        top_k: int | None = Query(None, ge=1, description="Classes per answer (default: the "
                                                                          "server's --top-k).")) -> JSONResponse:
         with self._work():
-            t0 = time.perf_counter()
-            info = await self._model_info()
-            uploads = await self._uploads(request)
-            if len(uploads) > self.options.max_files:
-                raise RequestError(400, f"{len(uploads)} files in one request; the limit is {self.options.max_files}")
-            decoded = await self._decode(uploads, info["resolution"])
-            k = top_k or self.options.top_k
-            outs = await asyncio.gather(*(self._classify(array, k) for array, _ in decoded))
-            total_ms = 1e3 * (time.perf_counter() - t0)
-            answers = []
-            for (name, _), (_, decode_ms), out in zip(uploads, decoded, outs, strict=True):
-                obj = dict(out["result"])
-                obj["image"] = name
-                obj["latency_ms"] = round(obj["latency_ms"] + decode_ms, 3)
-                obj["server"] = {"queue_ms": out["queue_ms"], "batch_size": out["batch_size"],
-                                 "decode_ms": round(decode_ms, 3), "inference_ms": out["inference_ms"],
-                                 "total_ms": round(total_ms, 3), "replica": out["replica"]}
-                answers.append(obj)
-            return JSONResponse(answers)
+            async with self._deadline():
+                t0 = time.perf_counter()
+                info = await self._model_info()
+                uploads = await self._uploads(request)
+                if len(uploads) > self.options.max_files:
+                    raise RequestError(400, f"{len(uploads)} files in one request; the limit is "
+                                            f"{self.options.max_files}")
+                decoded = await self._decode(uploads, info["resolution"])
+                k = top_k or self.options.top_k
+                outs = await asyncio.gather(*(self._classify(array, k) for array, _ in decoded))
+                total_ms = 1e3 * (time.perf_counter() - t0)
+                answers = []
+                for (name, _), (_, decode_ms), out in zip(uploads, decoded, outs, strict=True):
+                    obj = dict(out["result"])
+                    obj["image"] = name
+                    obj["latency_ms"] = round(obj["latency_ms"] + decode_ms, 3)
+                    obj["server"] = {"queue_ms": out["queue_ms"], "batch_size": out["batch_size"],
+                                     "decode_ms": round(decode_ms, 3), "inference_ms": out["inference_ms"],
+                                     "total_ms": round(total_ms, 3), "replica": out["replica"]}
+                    answers.append(obj)
+                return JSONResponse(answers)
 
     @api.get("/metrics", response_class=PlainTextResponse,
              summary="Prometheus metrics of this node: Ray Serve's and noop-rt's (all=true: every Ray metric).")
@@ -586,25 +599,26 @@ class Ingress:
     @api.post("/v2/models/{name}/versions/{version}/infer", include_in_schema=False)
     async def v2_infer(self, name: str, request: Request, version: str | None = None) -> Response:
         with self._work():
-            info = await self._kserve_model(name, version)
-            body = await self._body(request)
-            req = kserve.parse_infer_request(body, request.headers.get(kserve.HEADER))
-            resolution = info["resolution"]
-            if req.input.name == kserve.INPUT_BYTES:
-                elements = cast(list[bytes], req.input.data)
-                if len(elements) > self.options.max_files:
-                    raise RequestError(400, f"{len(elements)} images in one request; the limit is "
-                                            f"{self.options.max_files}")
-                arrays = [a for a, _ in await self._decode([(f"images[{i}]", e) for i, e in enumerate(elements)],
-                                                           resolution)]
-            else:
-                arrays = list(check_float_images(cast(np.ndarray, req.input.data), resolution,
-                                                 self.options.max_files))
-            outs = await asyncio.gather(*(self._classify(a, len(info["classes"])) for a in arrays))
-            probs = np.stack([o["probs"] for o in outs]).astype(np.float32)
-            content, headers = kserve.infer_response(info["name"], req, probs, [o["label"] for o in outs],
-                                                     info["classes"])
-            return Response(content, headers=headers)
+            async with self._deadline():
+                info = await self._kserve_model(name, version)
+                body = await self._body(request)
+                req = kserve.parse_infer_request(body, request.headers.get(kserve.HEADER))
+                resolution = info["resolution"]
+                if req.input.name == kserve.INPUT_BYTES:
+                    elements = cast(list[bytes], req.input.data)
+                    if len(elements) > self.options.max_files:
+                        raise RequestError(400, f"{len(elements)} images in one request; the limit is "
+                                                f"{self.options.max_files}")
+                    named = [(f"images[{i}]", e) for i, e in enumerate(elements)]
+                    arrays = [a for a, _ in await self._decode(named, resolution)]
+                else:
+                    arrays = list(check_float_images(cast(np.ndarray, req.input.data), resolution,
+                                                     self.options.max_files))
+                outs = await asyncio.gather(*(self._classify(a, len(info["classes"])) for a in arrays))
+                probs = np.stack([o["probs"] for o in outs]).astype(np.float32)
+                content, headers = kserve.infer_response(info["name"], req, probs, [o["label"] for o in outs],
+                                                         info["classes"])
+                return Response(content, headers=headers)
 
 
 def build_app(load: LoadOptions, options: ServeOptions, *, model_cpus: float, ingress_cpus: float,

@@ -36,6 +36,7 @@ class ServeOptions:
     # model's resolution, default_max_pixels)
     max_request_pixels: int | None = None  # pixels one request may decode in all (None: 4 x the per-image limit)
     max_files: int = 256  # images per request
+    request_timeout_s: float = 60.0  # a classify/infer request still running after this answers 504, its work dropped
     drain_timeout_s: float = 30.0  # longest wait for in-flight requests after SIGTERM/SIGINT
     drain_quiet_s: float = 1.0  # drained once no request has been in flight for this long
     # SHA-256 digests of the Bearer keys every route but the probes requires (serve.auth.key_digest); no key is here
@@ -52,6 +53,7 @@ class ServeOptions:
                   (self.threads is None or self.threads >= 1, "--threads must be at least 1"),
                   (0 <= self.port <= 65535, "--port must be 0..65535"),
                   (self.top_k >= 1, "--top-k must be at least 1"),
+                  (self.request_timeout_s > 0, "--request-timeout-s must be positive"),
                   ((self.max_pixels or 1) >= 1 and self.max_files >= 1 and (self.max_request_pixels or 1) >= 1,
                    "--max-pixels, max_request_pixels and max_files must be positive")]
         for ok, message in checks:
