@@ -120,10 +120,8 @@ def run() -> None:
         if exc.format_message().strip():  # empty: the help was shown for a bare `noop-rt`
             print(f"error: {exc.format_message()} (see {where})", file=sys.stderr)
         sys.exit(2)
-    except (typer.Abort, KeyboardInterrupt) as exc:
+    except (typer.Abort, KeyboardInterrupt):
         code = 130
-        _state["interrupt_reported"] = _state["interrupt_reported"] or isinstance(exc, ReportedInterrupt) or \
-            isinstance(exc.__context__, ReportedInterrupt)
     if code == 130 and not _state["interrupt_reported"]:  # typer turns Ctrl-C into Exit(130) without a word
         print("error: aborted", file=sys.stderr)
     sys.exit(code if isinstance(code, int) else 0)

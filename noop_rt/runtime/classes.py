@@ -4,6 +4,7 @@ class)."""
 from __future__ import annotations
 
 import io
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,19 +126,18 @@ def read_prompts_file(path: str | Path) -> dict[str, str]:
         entries.append((row[class_col].strip(), row[prompt_col].strip(), index or None))
     out = PromptTable()
     if index_col is not None:  # Li et al.'s files: classidx is the class's identity, a name may repeat
-        counts = {name: sum(e[0] == name for e in entries) for name, _, _ in entries}
+        counts = Counter(name for name, _, _ in entries)
         repeated = sorted(name for name, c in counts.items() if c > 1)
-        by_index: dict[str, str] = {}
+        seen: set[str] = set()
         if all(index is not None and index.isdigit() for _, _, index in entries):
             entries.sort(key=lambda e: int(e[2] or 0))  # class i is their classidx i
         for name, prompt, index in entries:
             if index is None:
                 raise BadInputError(f"prompts file {p}: a row of class {name!r} has no classidx")
-            if index in by_index:
+            if index in seen:
                 raise BadInputError(f"prompts file {p} gives classidx {index} twice")
-            key = f"{name} [{index}]" if name in repeated else name
-            by_index[index] = key
-            out[key] = prompt
+            seen.add(index)
+            out[f"{name} [{index}]" if name in repeated else name] = prompt
         if repeated:
             out.notes.append(f"{p.name}: class name(s) {', '.join(repeated)} occur more than once; told apart by "
                              "their classidx, e.g. " + next(k for k in out if k.startswith(repeated[0] + " [")))

@@ -21,7 +21,7 @@ from noop_rt.runtime.drift import DriftMonitor
 from noop_rt.runtime.errors import BadInputError, UsageError
 from noop_rt.runtime.graph_model import GraphModel
 from noop_rt.runtime.images import as_model_input, preprocessed_batch
-from noop_rt.runtime.suggest import close_match, suggest
+from noop_rt.runtime.suggest import suggest, unexpected_keyword
 
 
 def _log_warning(message: str) -> None:
@@ -170,9 +170,7 @@ class Classifier:
         self.check_method(method)
         unknown = [k for k in options if k not in strategies.OPTIONS]
         if unknown:
-            close = close_match(unknown[0], [*strategies.OPTIONS, "method", "top_k", "progress"])
-            raise TypeError(f"unexpected keyword argument {unknown[0]!r}" + (f" (did you mean {close!r}?)" if close
-                                                                             else ""))
+            raise unexpected_keyword("classify()", unknown[0], [*strategies.OPTIONS, "method", "top_k", "progress"])
         merged = {**self.options, **{k: v for k, v in options.items() if v is not None}}
         merged.setdefault("loss", self.model.info.loss)
         if merged["loss"] not in LOSSES:
@@ -239,16 +237,13 @@ class Classifier:
             preprocess_s = time.perf_counter() - t0
             scores, model_s = self.score(arrays, method, **options)
             names = [None] * len(chunk) if batch else [str(x) if isinstance(x, (str, Path)) else None for x in chunk]
-            for result, said in zip(self._results(scores, names, method, calibrated, top_k, preprocess_s, model_s),
-                                    notes, strict=True):
-                result.warnings = said
-                results.append(result)
+            results += self._results(scores, names, notes, method, calibrated, top_k, preprocess_s, model_s)
             if progress is not None:
                 progress(len(chunk))
         return results[0] if single else results
 
-    def _results(self, scores: strategies.Scores, names: list[str | None], method: str, calibrated: bool,
-                 top_k: int, preprocess_s: float, model_s: float) -> list[Result]:
+    def _results(self, scores: strategies.Scores, names: list[str | None], notes: list[list[str]], method: str,
+                 calibrated: bool, top_k: int, preprocess_s: float, model_s: float) -> list[Result]:
         """Typed results of one scored chunk: probabilities (the fitted tau or a per-image scale), the drift
         monitor's update, the top-k ranking, and each stage's time per image."""
         t0 = time.perf_counter()
@@ -264,12 +259,12 @@ class Classifier:
         per = {"preprocess": 1e3 * preprocess_s / n, "model": 1e3 * model_s / n,
                "scoring": 1e3 * (time.perf_counter() - t0) / n}
         out = []
-        for i, name in enumerate(names):
+        for i, (name, said) in enumerate(zip(names, notes, strict=True)):
             top = [ClassScore(self.classes[c], float(probs[i, c]), float(scores.errors[i, c]))
                    for c in ranking[i].tolist()]
             out.append(Result(image=name, label=top[0].label, top=top, method=method, backend=self.backend,
                               unet_evals=int(scores.unet_evals[i]), timings=dict(per), calibrated=calibrated,
-                              zero_shot=list(self.class_set.zero_shot)))
+                              zero_shot=list(self.class_set.zero_shot), warnings=said))
         return out
 
     def speed_line(self, results: Sequence[Result], method: str | None = None) -> str:

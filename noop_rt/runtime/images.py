@@ -126,7 +126,7 @@ def as_model_input(image: object, resolution: int, notes: list[str] | None = Non
 
 def _model_input(image: object, resolution: int, notes: list[str] | None) -> np.ndarray:
     if isinstance(image, (str, Path)):
-        return to_model_input(open_rgb(image, notes), resolution)
+        return load_image(image, resolution, notes)
     if isinstance(image, (bytes, bytearray, memoryview)):
         return to_model_input(decode_rgb(bytes(image), "<bytes>", notes), resolution)
     if isinstance(image, Image.Image):
@@ -159,8 +159,8 @@ def preprocessed_batch(images: np.ndarray, resolution: int, *, unit_range: bool 
     return np.ascontiguousarray(images, dtype=np.float32)
 
 
-def load_image(path: str | Path, resolution: int) -> np.ndarray:
+def load_image(path: str | Path, resolution: int, notes: list[str] | None = None) -> np.ndarray:
     """`open_rgb` then `to_model_input` (local path or URI): (3, R, R) float32 in [-1, 1]."""
-    return to_model_input(open_rgb(path), resolution)
+    return to_model_input(open_rgb(path, notes), resolution)
 
 

@@ -24,7 +24,7 @@ from noop_rt.runtime.errors import BadInputError, MissingDependencyError, UsageE
 from noop_rt.runtime.extras import install_hint, require_torch_side
 from noop_rt.runtime.graph_model import GraphModel, ModelInfo
 from noop_rt.runtime.strategies import OPTIONS
-from noop_rt.runtime.suggest import close_match, suggest
+from noop_rt.runtime.suggest import close_match, suggest, unexpected_keyword
 
 TORCH_MAX_BATCH = 256
 SOURCE_DESCRIPTION = "a bundle folder (manifest.json), a checkpoint NAME.pt, a diffusers Stable Diffusion folder " \
@@ -76,7 +76,7 @@ class LoadOptions:
             raise suggest(self.kind, SOURCE_KINDS, "source kind")
         unknown = [k for k in self.strategy if k not in OPTIONS]
         if unknown:
-            raise _unexpected(unknown[0], OPTIONS)
+            raise unexpected_keyword("load()", unknown[0], OPTIONS)
         noises = self.strategy.get("noises")
         if noises is not None and not isinstance(noises, np.ndarray):
             raise TypeError(f"noises takes a noise bank, an array (pairs, c, h, w), not {type(noises).__name__}; "
@@ -95,16 +95,10 @@ class LoadOptions:
         fields = {f.name for f in dataclasses.fields(self)}
         unknown = [k for k in options if k not in fields and k not in OPTIONS]
         if unknown:
-            raise _unexpected(unknown[0], sorted((fields - {"strategy"}) | set(OPTIONS)))
+            raise unexpected_keyword("load()", unknown[0], [*(fields - {"strategy"}), *OPTIONS])
         strategy = {**self.strategy, **options.pop("strategy", {}),
                     **{k: options.pop(k) for k in list(options) if k in OPTIONS}}
         return dataclasses.replace(self, strategy=strategy, **options)
-
-
-def _unexpected(name: str, known: Any) -> TypeError:
-    close = close_match(name, sorted(known))
-    return TypeError(f"load() got an unexpected keyword argument {name!r}" + (f" (did you mean {close!r}?)"
-                                                                              if close else ""))
 
 
 def source_kind(source: str | Path | None) -> tuple[str, Path | None]:
