@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from noop_rt.runtime import strategies
-from noop_rt.runtime.choices import LOSSES, METHODS
+from noop_rt.runtime.choices import ESCALATIONS, LOSSES, METHODS
 from noop_rt.runtime.drift import DriftMonitor
 from noop_rt.runtime.errors import BadInputError, UsageError
 from noop_rt.runtime.graph_model import GraphModel
@@ -68,6 +68,7 @@ class Result:
     calibrated: bool = True  # probabilities use the fitted tau (else a per-image 1/std scale)
     zero_shot: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # what the label should be read with (a blank image, ...)
+    escalated: bool | None = None  # cascade only: whether NoOp passed the image on to the escalation strategy
 
     @property
     def prob(self) -> float:
@@ -85,6 +86,8 @@ class Result:
                                "top": [t.to_json() for t in self.top], "method": self.method, "backend": self.backend,
                                "latency_ms": self.latency_ms, "timings": dict(self.timings),
                                "unet_evals": self.unet_evals, "calibrated": self.calibrated}
+        if self.escalated is not None:
+            out["escalated"] = self.escalated
         if self.zero_shot:
             out["zero_shot_classes"] = self.zero_shot
         if self.warnings:
@@ -105,6 +108,11 @@ class Classifier:
         self.options = dict(options or {})  # strategy options (loss, pairs, stages, seed, ...) set at load time
         self.method = method or self.default_method()
         self.check_method(self.method)
+        if self.method == "cascade" and not model.info.cascade:
+            self.notes.append(f"{model.info.name} has no fitted cascade (trained before noop-rt 0.4): threshold "
+                              f"{strategies.DEFAULT_CASCADE_THRESHOLD}, shortlist {strategies.DEFAULT_SHORTLIST}, "
+                              f"escalate {strategies.DEFAULT_ESCALATE} (retrain to fit them, or set "
+                              "--cascade-threshold/--shortlist/--escalate)")
         self.drift = DriftMonitor.from_profile(model.info.drift)  # None: no validation profile to compare with
         self.on_drift: Callable[[str], None] = _log_warning  # where a drift warning goes (the CLI prints it)
         self._drift_lock = threading.Lock()  # classify may run in several threads at once (a server's batches)
@@ -159,8 +167,8 @@ class Classifier:
     def check_method(self, method: str) -> None:
         if method not in strategies.STRATEGIES:
             raise suggest(method, METHODS, "method")
-        if method == "noop" and not self.model.info.has_noise:
-            raise UsageError("method 'noop' needs a learned noise: load a NoOp checkpoint (NAME.pt) or bundle; "
+        if method in ("noop", "cascade") and not self.model.info.has_noise:
+            raise UsageError(f"method {method!r} needs a learned noise: load a NoOp checkpoint (NAME.pt) or bundle; "
                              f"{self.model.info.location} is a plain diffusion model (use baseline, adaptive or "
                              "pruned)")
 
@@ -181,14 +189,31 @@ class Classifier:
             n = int(merged["pairs"])
             merged["stages"] = ((max(1, n // 10), min(5, len(self.classes))), (n, 1))
         try:
+            if method == "cascade":
+                return self._cascade_config(merged, options)
             return strategies.make_config(method, **merged)
         except (TypeError, ValueError) as exc:
             raise BadInputError(str(exc)) from None
 
+    def _cascade_config(self, merged: dict[str, Any], options: dict[str, Any]) -> strategies.CascadeConfig:
+        """The cascade's settings: defaults < the artifact's fitted ones < load and call options; the escalation
+        strategy's config from the same options; NoOp's tau where it applies (trained classes, its own loss)."""
+        fitted = self.model.info.cascade or {}
+        escalate = str(merged.get("escalate") or fitted.get("escalate") or strategies.DEFAULT_ESCALATE)
+        if escalate not in ESCALATIONS:
+            raise suggest(escalate, ESCALATIONS, "escalation strategy")
+        calibrated = self.class_set.trained and merged["loss"] == self.model.info.loss
+        return strategies.CascadeConfig(
+            cascade_threshold=float(merged.get("cascade_threshold", fitted.get("threshold",
+                                                                             strategies.DEFAULT_CASCADE_THRESHOLD))),
+            shortlist=int(merged.get("shortlist", fitted.get("shortlist", strategies.DEFAULT_SHORTLIST))),
+            escalate=escalate, loss=merged["loss"], tau=self.model.info.tau if calibrated else None,
+            escalation=self.config(escalate, **options))  # type: ignore[arg-type]
+
     def calibrated(self, method: str, config: strategies.StrategyConfig) -> bool:
         """The fitted tau applies: NoOp, the trained classes and prompts, the loss it was fitted with."""
         info = self.model.info
-        return (method == "noop" and info.tau is not None and self.class_set.trained
+        return (method in ("noop", "cascade") and info.tau is not None and self.class_set.trained
                 and getattr(config, "loss", None) == info.loss)
 
     # ------------------------------------------------------------------------------------------ running
@@ -226,7 +251,7 @@ class Classifier:
         method = method or self.method
         config = self.config(method, **options)
         calibrated = self.calibrated(method, config)
-        step = max(1, self.model.images_per_call()) if method == "noop" else 1
+        step = max(1, self.model.images_per_call()) if method in ("noop", "cascade") else 1
         results: list[Result] = []
         for s in range(0, len(items), step):
             chunk = items[s:s + step]
@@ -247,13 +272,19 @@ class Classifier:
         """Typed results of one scored chunk: probabilities (the fitted tau or a per-image scale), the drift
         monitor's update, the top-k ranking, and each stage's time per image."""
         t0 = time.perf_counter()
-        tau = self.model.info.tau if calibrated else strategies.uncalibrated_tau(scores.errors)
-        probs = scores.probabilities(tau)
-        if calibrated and self.drift is not None:  # the profile holds for the calibrated NoOp path only
+        stage1 = scores.errors if scores.stage1 is None else scores.stage1  # NoOp's pass (cascade: its first stage)
+        tau = self.model.info.tau if calibrated else strategies.uncalibrated_tau(stage1)
+        probs = (scores.probabilities(tau) if scores.stage1 is None
+                 else strategies.softmax(-np.asarray(tau) * stage1))
+        if calibrated and self.drift is not None:  # the profile holds for the calibrated NoOp pass only
             with self._drift_lock:
-                warning = self.drift.update(probs.max(axis=1), scores.errors.min(axis=1), probs.argmax(axis=1))
+                warning = self.drift.update(probs.max(axis=1), stage1.min(axis=1), probs.argmax(axis=1))
             if warning is not None:
                 self.on_drift(warning)
+        escalated = np.zeros(len(names), bool) if scores.escalated is None else scores.escalated
+        for i in np.flatnonzero(escalated).tolist():  # the escalation's probabilities over its survivors
+            alive = scores.survivors[i]
+            probs[i] = scores.probabilities(strategies.uncalibrated_tau(scores.errors[i:i + 1, alive]))[i]
         ranking = scores.ranking()[:, :min(top_k, len(self.classes))]
         n = len(names)
         per = {"preprocess": 1e3 * preprocess_s / n, "model": 1e3 * model_s / n,
@@ -263,8 +294,9 @@ class Classifier:
             top = [ClassScore(self.classes[c], float(probs[i, c]), float(scores.errors[i, c]))
                    for c in ranking[i].tolist()]
             out.append(Result(image=name, label=top[0].label, top=top, method=method, backend=self.backend,
-                              unet_evals=int(scores.unet_evals[i]), timings=dict(per), calibrated=calibrated,
-                              zero_shot=list(self.class_set.zero_shot), warnings=said))
+                              unet_evals=int(scores.unet_evals[i]), timings=dict(per),
+                              calibrated=calibrated and not escalated[i], zero_shot=list(self.class_set.zero_shot),
+                              warnings=said, escalated=None if scores.escalated is None else bool(escalated[i])))
         return out
 
     def speed_line(self, results: Sequence[Result], method: str | None = None) -> str:

@@ -45,6 +45,7 @@ class ModelInfo:
     preprocessing: dict[str, Any] = field(default_factory=dict)
     manifest: dict[str, Any] | None = None  # the bundle's manifest, when there is one
     drift: dict[str, Any] | None = None  # the validation split's confidence profile
+    cascade: dict[str, Any] | None = None  # the cascade's threshold, shortlist and escalation fitted on validation
 
     @property
     def has_noise(self) -> bool:
@@ -61,7 +62,8 @@ class ModelInfo:
                    fingerprint=str(m.get("cache_key", "")), classes=list(m["classes"]), prompts=list(m["prompts"]),
                    template=m.get("template"), t_star=int(m["t_star"]), tau=float(m["tau"]), loss=str(m["loss"]),
                    prompt_tuned=bool(m.get("prompt_tuned")), precision=str(m["precision"]), scorer_losses=losses,
-                   preprocessing=dict(m["preprocessing"]), manifest=m, drift=m.get("drift"))
+                   preprocessing=dict(m["preprocessing"]), manifest=m, drift=m.get("drift"),
+                   cascade=m.get("cascade"))
 
 
 def default_preprocessing(resolution: int) -> dict[str, Any]:

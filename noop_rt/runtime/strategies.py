@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from noop_rt.runtime.choices import LOSSES, METHODS  # noqa: F401 - METHODS: the registry's names
+from noop_rt.runtime.choices import ESCALATIONS, LOSSES, METHODS  # noqa: F401 - METHODS: the registry's names
 from noop_rt.runtime.errors import BadInputError
 
 Progress = Callable[[int], None] | None
@@ -102,6 +102,9 @@ class Scores:
     pairs_scored: np.ndarray  # (B, C) int64
     unet_evals: np.ndarray  # (B,) int64 UNet evaluations spent on each image
     alive: np.ndarray | None = None  # (B, C) bool classes not eliminated; None: all (baseline, noop)
+    # cascade only: which images went past NoOp, and NoOp's errors for every image (what drift is judged on)
+    escalated: np.ndarray | None = None  # (B,) bool
+    stage1: np.ndarray | None = None  # (B, C) float64
 
     @property
     def survivors(self) -> np.ndarray:
@@ -123,8 +126,11 @@ class Scores:
     @classmethod
     def concat(cls, parts: list[Scores]) -> Scores:
         alive = None if all(p.alive is None for p in parts) else np.concatenate([p.survivors for p in parts])
+        cascaded = all(p.escalated is not None for p in parts)
         return cls(np.concatenate([p.errors for p in parts]), np.concatenate([p.pairs_scored for p in parts]),
-                   np.concatenate([p.unet_evals for p in parts]), alive)
+                   np.concatenate([p.unet_evals for p in parts]), alive,
+                   np.concatenate([p.escalated for p in parts]) if cascaded else None,  # type: ignore[misc]
+                   np.concatenate([p.stage1 for p in parts]) if cascaded else None)  # type: ignore[misc]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -211,7 +217,38 @@ class PrunedConfig:
                              f"{self.max_pairs}, round_size {self.round_size}, alpha {self.alpha}")
 
 
-StrategyConfig = NoopConfig | BaselineConfig | AdaptiveConfig | PrunedConfig
+# the cascade's defaults where a checkpoint or bundle has no fitted ones (before 0.4); `train` fits its own
+DEFAULT_CASCADE_THRESHOLD = 0.99
+DEFAULT_SHORTLIST = 5
+DEFAULT_ESCALATE = "pruned"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CascadeConfig:
+    """NoOp first, the zero-shot `escalate` strategy only where NoOp is unsure. An image whose stage-1 top-1
+    probability softmax(-tau * err) reaches `cascade_threshold` is answered by NoOp (C evaluations). Otherwise its
+    shortlist, the fewest best stage-1 classes whose probabilities sum to `cascade_threshold` (2 to `shortlist` of
+    them), goes to `escalate` over the same scorer; the other classes are ruled out and never scored again.
+    `tau`: NoOp's fitted temperature (None: the per-image 1/std scale); `escalation`: the escalation strategy's own
+    config (None: its defaults with `loss`)."""
+
+    cascade_threshold: float = DEFAULT_CASCADE_THRESHOLD
+    shortlist: int = DEFAULT_SHORTLIST
+    escalate: str = DEFAULT_ESCALATE
+    loss: str | None = None
+    tau: float | None = None
+    escalation: BaselineConfig | AdaptiveConfig | PrunedConfig | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.cascade_threshold <= 1:
+            raise ValueError(f"the cascade threshold is a probability in (0, 1], got {self.cascade_threshold}")
+        if self.shortlist < 2:
+            raise ValueError(f"the cascade's shortlist needs at least 2 classes, got {self.shortlist}")
+        if self.escalate not in ESCALATIONS:
+            raise ValueError(f"cascade escalates to one of {', '.join(ESCALATIONS)}, not {self.escalate!r}")
+
+
+StrategyConfig = NoopConfig | BaselineConfig | AdaptiveConfig | PrunedConfig | CascadeConfig
 
 
 def _noises(config: Any, n: int, model: ScoringModel) -> np.ndarray:
@@ -320,6 +357,65 @@ def pruned(model: ScoringModel, images: np.ndarray, config: PrunedConfig, progre
     return Scores(errors, pairs_scored, evals, survivors)
 
 
+def confidence_set(probs: np.ndarray, threshold: float, cap: int) -> np.ndarray:
+    """One image's shortlist: its classes best first (stage-1 probabilities (C,)) until their probabilities sum to
+    `threshold`, then clipped to 2..`cap` classes (never more than there are). (K,) int64 class indices"""
+    order = np.argsort(-probs, kind="stable")
+    needed = int(np.searchsorted(np.cumsum(probs[order]), threshold)) + 1
+    return order[:min(len(order), max(2, min(needed, cap)))]
+
+
+class _Shortlisted:
+    """A `ScoringModel` view of one image's shortlisted classes, its z0 already encoded: the escalation strategy
+    runs on it unchanged, and its class indices map back to the model's."""
+
+    def __init__(self, model: ScoringModel, classes: np.ndarray, z0: np.ndarray) -> None:
+        self.model, self.classes, self.z0 = model, classes, z0
+        self.num_classes = len(classes)
+        self.latent_shape = model.latent_shape
+        self.num_train_timesteps = model.num_train_timesteps
+
+    def noop_errors(self, images: np.ndarray, loss: str) -> np.ndarray:
+        raise NotImplementedError("a cascade escalates to a zero-shot strategy")
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        return self.z0
+
+    def class_errors(self, z0: np.ndarray, eps: np.ndarray, t: np.ndarray, classes: np.ndarray | None, loss: str,
+                     progress: Progress = None) -> np.ndarray:
+        picked = self.classes if classes is None else self.classes[np.asarray(classes)]
+        return self.model.class_errors(z0, eps, t, picked, loss, progress)
+
+
+def cascade(model: ScoringModel, images: np.ndarray, config: CascadeConfig, progress: Progress = None) -> Scores:
+    """NoOp's pass for every image; the images below the threshold escalate on their shortlist (encoded once, in one
+    call). Escalated rows hold the escalation's errors and survivors on the shortlist; the classes NoOp ruled out keep
+    their stage-1 error, one pair, and are not survivors."""
+    b, c = len(images), model.num_classes
+    stage1 = model.noop_errors(images, _loss(config)).astype(np.float64)
+    if progress is not None:
+        progress(b * c)
+    tau = uncalibrated_tau(stage1) if config.tau is None else config.tau
+    probs = softmax(-np.asarray(tau) * stage1)
+    escalated = probs.max(axis=1) < config.cascade_threshold
+    errors, pairs_scored = stage1.copy(), np.ones((b, c), np.int64)
+    evals, alive = np.full(b, c, np.int64), np.ones((b, c), bool)
+    rows = np.flatnonzero(escalated)
+    if len(rows):
+        z0 = model.encode(images[rows])
+        strategy = STRATEGIES[config.escalate]
+        escalation = config.escalation or strategy.config(loss=config.loss)
+        for j, i in enumerate(rows.tolist()):
+            short = confidence_set(probs[i], config.cascade_threshold, config.shortlist)
+            sub = strategy.fn(_Shortlisted(model, short, z0[j:j + 1]), images[i:i + 1], escalation, progress)
+            errors[i, short] = sub.errors[0]
+            pairs_scored[i, short] = sub.pairs_scored[0]
+            alive[i] = False
+            alive[i, short] = sub.survivors[0]
+            evals[i] += sub.unet_evals[0]
+    return Scores(errors, pairs_scored, evals, alive, escalated, stage1)
+
+
 def _loss(config: Any) -> str:
     if config.loss not in LOSSES:
         raise ValueError(f"unknown loss {config.loss!r}; choose one of {', '.join(LOSSES)}")
@@ -338,11 +434,16 @@ STRATEGIES: dict[str, Strategy] = {
     "baseline": Strategy(baseline, BaselineConfig, "N evenly spaced (t, eps) pairs for every class (N*C evals)"),
     "adaptive": Strategy(adaptive, AdaptiveConfig, "Li et al.'s stages: few pairs for all, more for the best"),
     "pruned": Strategy(pruned, PrunedConfig, "Clark & Jaini: drop classes a paired t-test rejects"),
+    "cascade": Strategy(cascade, CascadeConfig, "NoOp first; only images it is unsure of go to a zero-shot strategy, "
+                        "on the classes it could not rule out"),
 }
 
 
-# the strategy options `noop_rt.load` and `classify` take: every config's fields, `pairs` for all, and robust mode
-OPTIONS = tuple(sorted({f for s in STRATEGIES.values() for f in s.config.__dataclass_fields__} | {"pairs", "robust"}))
+# the strategy options `noop_rt.load` and `classify` take: every config's fields (but those the classifier fills in),
+# `pairs` for all, and robust mode
+_FILLED_IN = {"tau", "escalation"}
+OPTIONS = tuple(sorted({f for s in STRATEGIES.values() for f in s.config.__dataclass_fields__ if f not in _FILLED_IN}
+                       | {"pairs", "robust"}))
 
 
 def make_config(method: str, **options: Any) -> StrategyConfig:
@@ -356,6 +457,12 @@ def protocol(method: str, config: StrategyConfig, num_train_timesteps: int, t_st
              ) -> dict[str, Any]:
     """Everything that fixes a strategy's result, for eval --json and benchmark records (reproducibility)."""
     out: dict[str, Any] = {"method": method, **{k: v for k, v in asdict(config).items() if k != "noises"}}
+    if isinstance(config, CascadeConfig):
+        out.pop("escalation", None)
+        out["stage1"] = protocol("noop", NoopConfig(loss=config.loss), num_train_timesteps, t_star)
+        out["escalation"] = protocol(config.escalate, config.escalation or STRATEGIES[config.escalate].config(
+            loss=config.loss), num_train_timesteps)
+        return out
     if isinstance(config, NoopConfig):
         out["timesteps"] = [t_star]
         out["noise"] = "learned: eps_D + g_phi(z0)"

@@ -124,7 +124,7 @@ def open_checkpoint(path: Path, model: str | None, device: str, fp16: bool, max_
                      classes=list(ckpt.classes), prompts=list(ckpt.prompts), template=ckpt.template,
                      t_star=ckpt.t_star, tau=ckpt.tau, loss=ckpt.loss, prompt_tuned=ckpt.prompt_ctx is not None,
                      precision="fp16" if fp16 else "fp32", preprocessing=default_preprocessing(backbone.resolution),
-                     drift=ckpt.train.get("drift"))
+                     drift=ckpt.train.get("drift"), cascade=ckpt.train.get("cascade"))
     return TorchRunner(backbone, ckpt, fp16), info, ckpt.class_embeddings.float().numpy()
 
 
