@@ -369,7 +369,7 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, options: ExportOptions
             "scorer_losses": list(LOSSES),
             "graphs": {g: (baked_classifier_spec(spec) if g == CLASSIFIER else spec).to_json()
                        for g, spec in specs.items()},
-            "weights": weights, "drift": ckpt.train.get("drift"),
+            "weights": weights, "drift": ckpt.train.get("drift"), "cascade": ckpt.train.get("cascade"),
             "int8": None if int8 is None else {"graph": CLASSIFIER, "calibration": int8,
                                                "quantizer": "onnxruntime quantize_static, QDQ, per-channel int8 "
                                                             "weights, uint8 activations, MinMax"},

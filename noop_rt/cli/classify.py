@@ -13,10 +13,12 @@ from noop_rt.cli.main import app, guarded
 from noop_rt.cli.options import (
     BackendOpt,
     BundleOpt,
+    CascadeThresholdOpt,
     CkptOpt,
     ClassesOpt,
     DeviceOpt,
     EnginesOpt,
+    EscalateOpt,
     Fp16Opt,
     JsonOpt,
     LoraOpt,
@@ -29,6 +31,7 @@ from noop_rt.cli.options import (
     PromptsOpt,
     RobustOpt,
     SeedOpt,
+    ShortlistOpt,
     StagesOpt,
     TemplateOpt,
     TopKOpt,
@@ -89,7 +92,9 @@ def classify(
     data: Annotated[Path | None, typer.Option("--data", metavar="DIR",
                                               help="Take the class names from an image-folder tree.")] = None,
     template: TemplateOpt = None, backend: BackendOpt = "auto", method: MethodOpt = None, noises: NoisesOpt = None,
-    stages: StagesOpt = None, loss: LossOpt = None, seed: SeedOpt = 0, top_k: TopKOpt = 5, device: DeviceOpt = "auto",
+    stages: StagesOpt = None, cascade_threshold: CascadeThresholdOpt = None,
+    shortlist: ShortlistOpt = None, escalate: EscalateOpt = None, loss: LossOpt = None, seed: SeedOpt = 0,
+    top_k: TopKOpt = 5, device: DeviceOpt = "auto",
     fp16: Fp16Opt = False, max_batch: MaxBatchOpt = None, robust: RobustOpt = False, engines: EnginesOpt = None,
     lora: LoraOpt = None, lora_scale: LoraScaleOpt = None, as_json: JsonOpt = False,
 ) -> None:
@@ -100,7 +105,9 @@ def classify(
         check_choices(backend, method, loss)
         check_images(images)
         request = load_request(bundle, ckpt, model, backend=backend, device=device, method=method, classes=classes,
-                               prompts=prompts, template=template, noises=noises, stages=stages, loss=loss, seed=seed,
+                               prompts=prompts, template=template, noises=noises, stages=stages,
+                               cascade_threshold=cascade_threshold, shortlist=shortlist,
+                               escalate=escalate, loss=loss, seed=seed,
                                robust=robust, max_batch=max_batch, fp16=fp16, engines=engines, lora=lora,
                                lora_scale=lora_scale)
         if classes is None and data is not None:
@@ -116,7 +123,9 @@ def eval_command(
     data: Annotated[Path, typer.Option("--data", metavar="DIR", help="Image-folder tree: DIR/<class>/<images>.")],
     bundle: BundleOpt = None, ckpt: CkptOpt = None, model: ModelOpt = None, prompts: PromptsOpt = None,
     template: TemplateOpt = None, backend: BackendOpt = "auto", method: MethodOpt = None, noises: NoisesOpt = None,
-    stages: StagesOpt = None, loss: LossOpt = None, seed: SeedOpt = 0, device: DeviceOpt = "auto",
+    stages: StagesOpt = None, cascade_threshold: CascadeThresholdOpt = None,
+    shortlist: ShortlistOpt = None, escalate: EscalateOpt = None, loss: LossOpt = None, seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
     fp16: Fp16Opt = False, max_batch: MaxBatchOpt = None, robust: RobustOpt = False, engines: EnginesOpt = None,
     lora: LoraOpt = None, lora_scale: LoraScaleOpt = None, as_json: JsonOpt = False,
 ) -> None:
@@ -131,7 +140,8 @@ def eval_command(
         classifier = open_model(load_request(
             bundle, ckpt, model, backend=backend, device=device, method=method,
             classes=dataset.classes if zero_shot_model and prompts is None else None, prompts=prompts,
-            template=template, noises=noises, stages=stages, loss=loss, seed=seed, robust=robust, max_batch=max_batch,
+            template=template, noises=noises, stages=stages, cascade_threshold=cascade_threshold, shortlist=shortlist,
+            escalate=escalate, loss=loss, seed=seed, robust=robust, max_batch=max_batch,
             fp16=fp16, engines=engines, lora=lora, lora_scale=lora_scale))
         report = evaluate_folder(classifier, dataset)
         if as_json:

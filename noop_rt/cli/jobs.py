@@ -13,10 +13,12 @@ from noop_rt.cli.main import app, guarded
 from noop_rt.cli.options import (
     BackendOpt,
     BundleOpt,
+    CascadeThresholdOpt,
     CkptOpt,
     ClassesOpt,
     DeviceOpt,
     EnginesOpt,
+    EscalateOpt,
     JsonOpt,
     LoraOpt,
     LoraScaleOpt,
@@ -27,6 +29,7 @@ from noop_rt.cli.options import (
     NoisesOpt,
     PromptsOpt,
     SeedOpt,
+    ShortlistOpt,
     StagesOpt,
     TemplateOpt,
     TopKOpt,
@@ -48,7 +51,9 @@ def batch(
                                       "exists).")],
     bundle: BundleOpt = None, ckpt: CkptOpt = None, model: ModelOpt = None, classes: ClassesOpt = None,
     prompts: PromptsOpt = None, template: TemplateOpt = None, backend: BackendOpt = "auto", method: MethodOpt = None,
-    noises: NoisesOpt = None, stages: StagesOpt = None, loss: LossOpt = None, seed: SeedOpt = 0, top_k: TopKOpt = 5,
+    noises: NoisesOpt = None, stages: StagesOpt = None, cascade_threshold: CascadeThresholdOpt = None,
+    shortlist: ShortlistOpt = None, escalate: EscalateOpt = None, loss: LossOpt = None, seed: SeedOpt = 0,
+    top_k: TopKOpt = 5,
     ray: Annotated[bool, typer.Option("--ray", help="Run on Ray Data: a local cluster, or `--ray ADDRESS` "
                                       "(auto, ray://host:port, host:port) / RAY_ADDRESS for an existing one.")] = False,
     ray_address: Annotated[str | None, typer.Option("--ray-address", metavar="ADDRESS",
@@ -64,7 +69,9 @@ def batch(
         from noop_rt.jobs.batch import BatchOptions, run_batch
 
         load = load_request(bundle, ckpt, model, backend=backend, device=device, method=method, classes=classes,
-                            prompts=prompts, template=template, noises=noises, stages=stages, loss=loss, seed=seed,
+                            prompts=prompts, template=template, noises=noises, stages=stages,
+                            cascade_threshold=cascade_threshold, shortlist=shortlist,
+                            escalate=escalate, loss=loss, seed=seed,
                             max_batch=max_batch, engines=engines, lora=lora, lora_scale=lora_scale)
         options = BatchOptions(top_k=top_k, batch_size=batch_size, ray=ray or ray_address is not None,
                                ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker)
@@ -172,7 +179,9 @@ def shape_fixture(backbone: str, bundle: Path | None, ckpt: Path | None, classes
 def serve(
     bundle: BundleOpt = None, ckpt: CkptOpt = None, model: ModelOpt = None, classes: ClassesOpt = None,
     prompts: PromptsOpt = None, template: TemplateOpt = None, backend: BackendOpt = "auto", method: MethodOpt = None,
-    noises: NoisesOpt = None, stages: StagesOpt = None, loss: LossOpt = None, seed: SeedOpt = 0, top_k: TopKOpt = 5,
+    noises: NoisesOpt = None, stages: StagesOpt = None, cascade_threshold: CascadeThresholdOpt = None,
+    shortlist: ShortlistOpt = None, escalate: EscalateOpt = None, loss: LossOpt = None, seed: SeedOpt = 0,
+    top_k: TopKOpt = 5,
     host: Annotated[str, typer.Option("--host", metavar="HOST", help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535, metavar="PORT", help="HTTP port (0: any free "
                                       "port; the printed URL says which).")] = 8000,
@@ -213,7 +222,9 @@ def serve(
         from noop_rt.serve import run_server
 
         load = load_request(bundle, ckpt, model, backend=backend, device=device, method=method, classes=classes,
-                            prompts=prompts, template=template, noises=noises, stages=stages, loss=loss, seed=seed,
+                            prompts=prompts, template=template, noises=noises, stages=stages,
+                            cascade_threshold=cascade_threshold, shortlist=shortlist,
+                            escalate=escalate, loss=loss, seed=seed,
                             max_batch=max_batch, engines=engines, lora=lora, lora_scale=lora_scale)
         from noop_rt.serve.auth import KEY_ENV, is_loopback, key_digest, read_keys
 

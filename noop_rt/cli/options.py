@@ -28,8 +28,17 @@ BackendOpt = Annotated[str, typer.Option("--backend", metavar="NAME",
 EnginesOpt = Annotated[Path | None, typer.Option("--engines", metavar="DIR", help="TensorRT engine folder from "
                                                  "`noop-rt build` (default engines/<bundle name>).")]
 MethodOpt = Annotated[str | None, typer.Option("--method", metavar="NAME", help="noop | baseline | adaptive | "
-                                               "pruned (default: noop when a learned noise is loaded, else "
-                                               "baseline).")]
+                                               "pruned | cascade (default: noop when a learned noise is loaded, "
+                                               "else baseline).")]
+CascadeThresholdOpt = Annotated[float | None, typer.Option("--cascade-threshold", min=0.0, max=1.0, metavar="P",
+                                                           help="cascade: answer with NoOp when its top-1 "
+                                                                "probability reaches P (default: the value fitted at "
+                                                                "train).")]
+ShortlistOpt = Annotated[int | None, typer.Option("--shortlist", min=2, metavar="K", help="cascade: at most K classes "
+                                                  "go on to the escalation (default: fitted at train).")]
+EscalateOpt = Annotated[str | None, typer.Option("--escalate", metavar="NAME", help="cascade: pruned | adaptive | "
+                                                 "baseline for the images NoOp is unsure of (default: fitted at "
+                                                 "train).")]
 NoisesOpt = Annotated[int | None, typer.Option("--noises", min=1, metavar="N", help="(t, eps) pairs: baseline "
                                                "pairs (default 100), pruned's maximum (100), adaptive's last "
                                                "stage with N/10 keep 5 before it (when --stages is not given).")]
@@ -75,8 +84,18 @@ def check_choices(backend: str, method: str | None, loss: str | None) -> None:
 
 
 def strategy_options(noises: int | None, stages: str | None, loss: str | None, seed: int,
-                     robust: bool) -> dict[str, Any]:
+                     robust: bool, cascade_threshold: float | None = None, shortlist: int | None = None,
+                     escalate: str | None = None) -> dict[str, Any]:
     options: dict[str, Any] = {"seed": seed}
+    if escalate is not None:
+        from noop_rt.runtime.choices import ESCALATIONS
+        from noop_rt.runtime.suggest import suggest
+
+        if escalate not in ESCALATIONS:
+            raise suggest(escalate, ESCALATIONS, "escalation strategy")
+    for name, value in (("cascade_threshold", cascade_threshold), ("shortlist", shortlist), ("escalate", escalate)):
+        if value is not None:
+            options[name] = value
     if noises is not None:
         options["pairs"] = noises
     if loss is not None:
@@ -104,6 +123,7 @@ def load_request(bundle: Path | None = None, ckpt: Path | None = None, model: st
                  backend: str = "auto", device: str = "auto", method: str | None = None,
                  classes: str | list[str] | None = None, prompts: Path | None = None, template: str | None = None,
                  noises: int | None = None, stages: str | None = None, loss: str | None = None, seed: int = 0,
+                 cascade_threshold: float | None = None, shortlist: int | None = None, escalate: str | None = None,
                  robust: bool = False, max_batch: int | None = None, fp16: bool = False, engines: Path | None = None,
                  classes_from: str | None = None, lora: Path | None = None, lora_scale: float | None = None) -> Any:
     """The `LoadOptions` a command's flags describe (names checked, the source flags and the strategy flags
@@ -115,7 +135,8 @@ def load_request(bundle: Path | None = None, ckpt: Path | None = None, model: st
     return LoadOptions.of(path, kind=kind, backend=backend, device=device, fp16=fp16, max_batch=max_batch,
                           engines=engines, classes=classes, template=template, prompts=prompts,
                           classes_from=classes_from, method=method, lora=lora, lora_scale=lora_scale,
-                          **strategy_options(noises, stages, loss, seed, robust))
+                          **strategy_options(noises, stages, loss, seed, robust, cascade_threshold,
+                                             shortlist, escalate))
 
 
 def open_model(request: Any) -> Any:

@@ -58,6 +58,10 @@ def train(
                                            "negatives, each step takes an exact two-pass gradient holding one "
                                            "chunk's graph (SD-1.5 on 24 GB: --max-batch 2 --gradient-checkpointing)."
                                            )] = 256,
+    fit_cascade: Annotated[bool, typer.Option("--fit-cascade/--no-fit-cascade",
+                                              help="Fit --method cascade's threshold, shortlist and escalation on the "
+                                                   "validation split (scores pruned and adaptive on up to 100 "
+                                                   "validation images).")] = True,
     as_json: JsonOpt = False,
 ) -> None:
     """Learn NoOp's dataset noise (+ meta-net) on a few-shot image folder; write NAME.pt atomically."""
@@ -81,6 +85,7 @@ def train(
                                 lr_noise=lr_noise, lr_meta=lr_meta, negatives=negatives, loss=loss,
                                 template=template, seed=seed, device=device, fp16=fp16,
                                 gradient_checkpointing=gradient_checkpointing, max_batch=max_batch,
+                                fit_cascade=fit_cascade,
                                 cli_options=cli_options,
                                 prompts=read_prompts_file(prompts) if prompts is not None else None,
                                 lora=lora, lora_scale=lora_scale,

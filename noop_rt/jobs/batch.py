@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 OUTPUT_SUFFIXES = (".parquet", ".jsonl")
 COLUMNS = ("path", "label", "prob", "top_classes", "top_probs", "top_errors", "method", "backend", "unet_evals",
-           "model_id", "error")
+           "escalated", "model_id", "error")
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -125,7 +125,8 @@ def _schema():
     return pa.schema([("path", pa.string()), ("label", pa.string()), ("prob", pa.float64()),
                       ("top_classes", pa.list_(pa.string())), ("top_probs", pa.list_(pa.float64())),
                       ("top_errors", pa.list_(pa.float64())), ("method", pa.string()), ("backend", pa.string()),
-                      ("unet_evals", pa.int64()), ("model_id", pa.string()), ("error", pa.string())])
+                      ("unet_evals", pa.int64()), ("escalated", pa.bool_()), ("model_id", pa.string()),
+                      ("error", pa.string())])
 
 
 def parts_dir(out: Path) -> Path:
@@ -201,13 +202,13 @@ def classify_decoded(classifier: Any, top_k: int, ident: str, paths: list[str], 
     for i, path in enumerate(paths):
         row: dict[str, Any] = {"path": path, "label": None, "prob": None, "top_classes": None, "top_probs": None,
                                "top_errors": None, "method": classifier.method, "backend": classifier.backend,
-                               "unet_evals": 0, "model_id": ident, "error": errors[i]}
+                               "unet_evals": 0, "escalated": None, "model_id": ident, "error": errors[i]}
         if i in preds:  # the `classify --json` object, in columns
             answer = preds[i].to_json()
             top = answer["top"]
             row.update(label=top[0]["class"], prob=top[0]["prob"], top_classes=[t["class"] for t in top],
                        top_probs=[t["prob"] for t in top], top_errors=[t["error"] for t in top],
-                       unet_evals=answer["unet_evals"])
+                       unet_evals=answer["unet_evals"], escalated=answer.get("escalated"))
         rows.append(row)
     return rows
 

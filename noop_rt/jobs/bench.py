@@ -176,9 +176,16 @@ def bench_backend(classifier: Classifier, images: np.ndarray, options: BenchOpti
     base["measured_pairs"] = measured
     print(f"  {classifier.backend:<12} noop p50 {noop['p50_ms']:.1f} ms, baseline({options.baseline_noises}) p50 "
           f"{base['p50_ms']:.1f} ms{' (extrapolated)' if base['extrapolated'] else ''}", file=log)
-    return {"device": classifier.device, "precision": classifier.info.precision,
-            "executes_in": classifier.model.runner.execution_precision, "noop": noop,
-            "baseline": base, "speedup_vs_baseline": base["p50_ms"] / noop["p50_ms"]}
+    out = {"device": classifier.device, "precision": classifier.info.precision,
+           "executes_in": classifier.model.runner.execution_precision, "noop": noop,
+           "baseline": base, "speedup_vs_baseline": base["p50_ms"] / noop["p50_ms"]}
+    if classifier.info.cascade:  # a fitted cascade: its cost on these images, in one batched call
+        start = time.perf_counter()
+        results = classifier.classify(images, top_k=1, method="cascade")
+        out["cascade"] = {"images": len(results), "images_per_s": len(results) / (time.perf_counter() - start),
+                          "unet_evals_per_image": statistics.mean(r.unet_evals for r in results),
+                          "escalated_share": statistics.mean(bool(r.escalated) for r in results)}
+    return out
 
 
 def run_bench(classifiers: dict[str, Classifier], images: np.ndarray, options: BenchOptions, gflop: float | None,

@@ -42,7 +42,7 @@ def evaluate_folder(classifier: Any, dataset: ImageFolder, show_progress: bool =
                             f"{', '.join(classifier.classes[:10])}{' ...' if len(classifier.classes) > 10 else ''})")
     c = len(classifier.classes)
     confusion = np.zeros((c, c), dtype=np.int64)
-    evals = 0
+    evals = escalated = 0
     start = time.perf_counter()
     bar = tqdm(total=len(dataset), desc=f"eval {classifier.method}", unit="img", disable=not show_progress,
                file=sys.stderr)
@@ -53,6 +53,7 @@ def evaluate_folder(classifier: Any, dataset: ImageFolder, show_progress: bool =
         for (_, label), result in zip(chunk, results, strict=True):
             confusion[index[dataset.classes[label]], index[result.label]] += 1
             evals += result.unet_evals
+            escalated += bool(result.escalated)
         bar.set_postfix(acc=f"{np.trace(confusion) / confusion.sum():.3f}")
     bar.close()
     seen = confusion.sum(axis=1)
@@ -60,6 +61,8 @@ def evaluate_folder(classifier: Any, dataset: ImageFolder, show_progress: bool =
     return {"accuracy": float(np.trace(confusion) / max(confusion.sum(), 1)), "n": len(dataset),
             "per_class": per_class, "confusion": confusion.tolist(), "classes": classifier.classes,
             "method": classifier.method, "backend": classifier.backend,
-            "unet_evals_per_image": evals / max(len(dataset), 1), "seconds": time.perf_counter() - start,
+            "unet_evals_per_image": evals / max(len(dataset), 1),
+            **({"escalated_share": escalated / max(len(dataset), 1)} if classifier.method == "cascade" else {}),
+            "seconds": time.perf_counter() - start,
             "drift": classifier.drift.report() if classifier.drift is not None and classifier.drift.seen else None,
             "protocol": protocol(classifier, len(dataset))}

@@ -203,12 +203,23 @@ class Classifier:
         if escalate not in ESCALATIONS:
             raise suggest(escalate, ESCALATIONS, "escalation strategy")
         calibrated = self.class_set.trained and merged["loss"] == self.model.info.loss
+        drift = self.model.info.drift or {}
+        bound = fitted.get("error_bound", drift.get("best_error_quantiles", {}).get("0.99"))
         return strategies.CascadeConfig(
             cascade_threshold=float(merged.get("cascade_threshold", fitted.get("threshold",
                                                                              strategies.DEFAULT_CASCADE_THRESHOLD))),
             shortlist=int(merged.get("shortlist", fitted.get("shortlist", strategies.DEFAULT_SHORTLIST))),
             escalate=escalate, loss=merged["loss"], tau=self.model.info.tau if calibrated else None,
-            escalation=self.config(escalate, **options))  # type: ignore[arg-type]
+            error_bound=None if bound is None or not calibrated else float(bound),
+            escalation=self.config(escalate, **{**self._fitted_escalation(escalate), **self.options, **options}))
+
+    def _fitted_escalation(self, escalate: str) -> dict[str, Any]:
+        """The escalation settings the cascade was fitted with (when `escalate` is the fitted strategy)."""
+        fitted = self.model.info.cascade or {}
+        if fitted.get("escalate") != escalate:
+            return {}
+        return {k: tuple(map(tuple, v)) if k == "stages" else v
+                for k, v in (fitted.get("escalation_options") or {}).items()}
 
     def calibrated(self, method: str, config: strategies.StrategyConfig) -> bool:
         """The fitted tau applies: NoOp, the trained classes and prompts, the loss it was fitted with."""

@@ -225,18 +225,23 @@ DEFAULT_ESCALATE = "pruned"
 
 @dataclass(frozen=True, kw_only=True)
 class CascadeConfig:
-    """NoOp first, the zero-shot `escalate` strategy only where NoOp is unsure. An image whose stage-1 top-1
-    probability softmax(-tau * err) reaches `cascade_threshold` is answered by NoOp (C evaluations). Otherwise its
-    shortlist, the fewest best stage-1 classes whose probabilities sum to `cascade_threshold` (2 to `shortlist` of
-    them), goes to `escalate` over the same scorer; the other classes are ruled out and never scored again.
-    `tau`: NoOp's fitted temperature (None: the per-image 1/std scale); `escalation`: the escalation strategy's own
-    config (None: its defaults with `loss`)."""
+    """NoOp first, the zero-shot `escalate` strategy only where NoOp is unsure or the image is unfamiliar.
+
+    An image is answered by NoOp (C evaluations) when its stage-1 top-1 probability softmax(-tau * err) reaches
+    `cascade_threshold` and its best stage-1 error is within `error_bound` (validation's high quantile of it: off its
+    training domain NoOp is confidently wrong, but it denoises the image worse whatever the prompt). Otherwise the
+    image's shortlist goes to `escalate` over the same scorer: for a familiar image the fewest best stage-1 classes
+    whose probabilities sum to `cascade_threshold` (2 to `shortlist` of them), for an unfamiliar one the `shortlist`
+    best (its probabilities mean little there). The other classes are ruled out and never scored again.
+    `tau`: NoOp's fitted temperature (None: the per-image 1/std scale); `error_bound` None: no familiarity test;
+    `escalation`: the escalation strategy's own config (None: its defaults with `loss`)."""
 
     cascade_threshold: float = DEFAULT_CASCADE_THRESHOLD
     shortlist: int = DEFAULT_SHORTLIST
     escalate: str = DEFAULT_ESCALATE
     loss: str | None = None
     tau: float | None = None
+    error_bound: float | None = None
     escalation: BaselineConfig | AdaptiveConfig | PrunedConfig | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -361,7 +366,7 @@ def confidence_set(probs: np.ndarray, threshold: float, cap: int) -> np.ndarray:
     """One image's shortlist: its classes best first (stage-1 probabilities (C,)) until their probabilities sum to
     `threshold`, then clipped to 2..`cap` classes (never more than there are). (K,) int64 class indices"""
     order = np.argsort(-probs, kind="stable")
-    needed = int(np.searchsorted(np.cumsum(probs[order]), threshold)) + 1
+    needed = len(order) if threshold >= 1 else int(np.searchsorted(np.cumsum(probs[order]), threshold)) + 1
     return order[:min(len(order), max(2, min(needed, cap)))]
 
 
@@ -397,7 +402,9 @@ def cascade(model: ScoringModel, images: np.ndarray, config: CascadeConfig, prog
         progress(b * c)
     tau = uncalibrated_tau(stage1) if config.tau is None else config.tau
     probs = softmax(-np.asarray(tau) * stage1)
-    escalated = probs.max(axis=1) < config.cascade_threshold
+    familiar = (np.ones(b, bool) if config.error_bound is None
+                else stage1.min(axis=1) <= config.error_bound)
+    escalated = (probs.max(axis=1) < config.cascade_threshold) | ~familiar
     errors, pairs_scored = stage1.copy(), np.ones((b, c), np.int64)
     evals, alive = np.full(b, c, np.int64), np.ones((b, c), bool)
     rows = np.flatnonzero(escalated)
@@ -406,7 +413,7 @@ def cascade(model: ScoringModel, images: np.ndarray, config: CascadeConfig, prog
         strategy = STRATEGIES[config.escalate]
         escalation = config.escalation or strategy.config(loss=config.loss)
         for j, i in enumerate(rows.tolist()):
-            short = confidence_set(probs[i], config.cascade_threshold, config.shortlist)
+            short = confidence_set(probs[i], config.cascade_threshold if familiar[i] else 1.0, config.shortlist)
             sub = strategy.fn(_Shortlisted(model, short, z0[j:j + 1]), images[i:i + 1], escalation, progress)
             errors[i, short] = sub.errors[0]
             pairs_scored[i, short] = sub.pairs_scored[0]
@@ -441,7 +448,7 @@ STRATEGIES: dict[str, Strategy] = {
 
 # the strategy options `noop_rt.load` and `classify` take: every config's fields (but those the classifier fills in),
 # `pairs` for all, and robust mode
-_FILLED_IN = {"tau", "escalation"}
+_FILLED_IN = {"tau", "error_bound", "escalation"}
 OPTIONS = tuple(sorted({f for s in STRATEGIES.values() for f in s.config.__dataclass_fields__ if f not in _FILLED_IN}
                        | {"pairs", "robust"}))
 

@@ -145,6 +145,7 @@ class TrainConfig:
     seed: int = 0
     max_batch: int = 256  # UNet batch chunk
     gradient_checkpointing: bool = False  # for SD-size UNets on a 24 GB GPU
+    fit_cascade: bool = True  # fit --method cascade's defaults on the validation split (train/cascade_fit.py)
 
     def to_dict(self) -> dict:
         out = asdict(self)

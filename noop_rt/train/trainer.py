@@ -6,12 +6,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from noop_rt.runtime.classes import ImageFolder, make_prompts
 from noop_rt.runtime.errors import BadInputError
 from noop_rt.train.backbones import Backbone
+from noop_rt.train.cascade_fit import FIT_IMAGES, fit_cascade
 from noop_rt.train.checkpoint import NoopCheckpoint, backbone_fingerprint
 from noop_rt.train.noop import TrainConfig, TrainResult, encode_paths, train_noop
 
@@ -96,7 +98,14 @@ def train_checkpoint(backbone: Backbone, split: FewShotSplit, template: str, con
     result = train_noop(backbone, prompts, template, z_train, y_train, z_val, y_val, config, on_step,
                         on_validate=bar.update)
     bar.close()
-    drift = validation_profile(backbone, result.noise, result.class_embeddings, z_val, config, result.tau)
+    val_errors = validation_errors(backbone, result.noise, result.class_embeddings, z_val, config)
+    drift = validation_profile(val_errors, result.tau)
+    cascade = None
+    if config.fit_cascade:
+        print("fit the cascade's threshold on the validation split (pruned and adaptive on up to "
+              f"{FIT_IMAGES} images)", file=sys.stderr)
+        cascade = fit_cascade(backbone, result.class_embeddings, z_val, y_val, val_errors, result.tau, config.loss,
+                              config.max_batch, config.seed)
     meta = result.noise.meta_net
     ckpt = NoopCheckpoint(
         backbone_source=backbone.source, backbone_fingerprint=backbone_fingerprint(backbone),
@@ -111,24 +120,30 @@ def train_checkpoint(backbone: Backbone, split: FewShotSplit, template: str, con
                "train_images": len(split.train), "val_images": len(split.val),
                "val_accuracy": result.val_accuracy, "best_epoch": result.best_epoch,
                "minutes": round(result.minutes, 2), "history": result.history, "drift": drift,
+               "cascade": cascade,
                "images": {"train": [str(Path(p).resolve()) for p, _ in split.train],
                           "val": [str(Path(p).resolve()) for p, _ in split.val]}},
     )
     return ckpt, result
 
 
-def validation_profile(backbone: Backbone, noise: torch.nn.Module, class_embeddings: torch.Tensor,
-                       z_val: torch.Tensor, config: TrainConfig, tau: float) -> dict:
-    """The validation split's confidence profile for drift warnings (runtime/drift.py): top-1 probabilities with the
-    fitted tau and best-class errors of the trained NoOp classifier."""
-    from noop_rt.runtime.drift import profile
-    from noop_rt.runtime.strategies import softmax
+def validation_errors(backbone: Backbone, noise: torch.nn.Module, class_embeddings: torch.Tensor,
+                      z_val: torch.Tensor, config: TrainConfig) -> np.ndarray:
+    """The trained NoOp classifier's errors on the validation split. (N, C) float64"""
     from noop_rt.train.noop import evaluate_noise
 
     noise.eval()
     _, errors = evaluate_noise(backbone, noise, class_embeddings, z_val, torch.zeros(len(z_val), dtype=torch.long),
                                config.t_star, config.loss, config.max_batch)
-    err = errors.double().numpy()
+    return errors.double().numpy()
+
+
+def validation_profile(err: np.ndarray, tau: float) -> dict:
+    """The validation split's confidence profile for drift warnings (runtime/drift.py): top-1 probabilities with the
+    fitted tau and best-class errors of the trained NoOp classifier."""
+    from noop_rt.runtime.drift import profile
+    from noop_rt.runtime.strategies import softmax
+
     probs = softmax(-tau * err)
     return profile(probs.max(axis=1), err.min(axis=1), probs.argmax(axis=1), err.shape[1])
 
@@ -140,7 +155,7 @@ def _shots(split: FewShotSplit) -> int:
 def train_command(*, data: Path, out: Path, model: str, shots: int, val_shots: int, timestep: int, meta_net: bool,
                   prompt_tuning: bool, epochs: int, batch_size: int, lr_noise: float, lr_meta: float, negatives: int,
                   loss: str, template: str | None, seed: int, device: str, fp16: bool, gradient_checkpointing: bool,
-                  max_batch: int, cli_options: dict[str, str], command: str | None,
+                  max_batch: int, cli_options: dict[str, str], command: str | None, fit_cascade: bool = True,
                   prompts: dict[str, str] | None = None, lora: Path | None = None, lora_scale: float = 1.0
                   ) -> dict:
     """`noop-rt train`: split, load the backbone, train, write the checkpoint; returns the summary."""
@@ -156,7 +171,7 @@ def train_command(*, data: Path, out: Path, model: str, shots: int, val_shots: i
         raise BadInputError(f"--timestep must be in [0, {backbone.num_train_timesteps})")
     config = TrainConfig(t_star=timestep, epochs=epochs, batch_size=batch_size, lr_noise=lr_noise, lr_meta=lr_meta,
                          meta_net=meta_net, prompt_tuning=prompt_tuning, negatives=negatives, loss=loss, seed=seed,
-                         max_batch=max_batch, gradient_checkpointing=gradient_checkpointing)
+                         max_batch=max_batch, gradient_checkpointing=gradient_checkpointing, fit_cascade=fit_cascade)
     tmpl = template or (DEMO_TEMPLATE if backbone.source == DEMO_SOURCE else DEFAULT_TEMPLATE)
     ckpt, result = train_checkpoint(backbone, split, tmpl, config, prompts_table=prompts)
     ckpt.train["options"] = cli_options
@@ -167,4 +182,5 @@ def train_command(*, data: Path, out: Path, model: str, shots: int, val_shots: i
     save_checkpoint(ckpt, out)
     return {"out": str(out), "classes": len(split.classes), "train_images": len(split.train),
             "val_images": len(split.val), "val_accuracy": result.val_accuracy, "best_epoch": result.best_epoch,
-            "tau": result.tau, "minutes": round(result.minutes, 2), "interrupted_in_epoch": result.interrupted_in_epoch}
+            "tau": result.tau, "cascade": ckpt.train.get("cascade"),
+            "minutes": round(result.minutes, 2), "interrupted_in_epoch": result.interrupted_in_epoch}
