@@ -5,8 +5,9 @@ sets of `domain_shift.py`), with the shipped demo bundle and no retraining.
     python benchmarks/cascade.py [--backend openvino] [--baseline-ns 1,2,5,10,25,50,100] [--quick] [--out DIR]
     # writes DIR/cascade.{md,json,png} (DIR defaults to benchmarks/results)
 
-Every method runs through the bundle's scorer graph with its trained class embeddings and its own loss, through
-`Classifier.score` (the code `classify` runs). UNet evaluations are what each strategy counts per image. A (t, eps)
+Every method runs through the bundle's scorer graph with its trained class embeddings, through `Classifier.score`
+(the code `classify` runs): NoOp with its own loss (l1), the zero-shot strategies and the cascade's escalation
+with l2. UNet evaluations are what each strategy counts per image. A (t, eps)
 row's errors over all classes are computed once and kept (`PairCache`, on disk under the work folder): the baseline's
 100 pairs are the pruned strategy's pairs, and the cascade's escalations re-use them, so the sweep costs little.
 Caching changes no figure: a row's errors do not depend on which other rows or classes share its call.
@@ -47,18 +48,22 @@ SWEEP_THRESHOLDS = (0.5, 0.9, 0.99, 0.999)
 SWEEP_SHORTLISTS = (3, 5, 8, 10)
 ADAPTIVE_PAIRS = 20  # adaptive: N/10 pairs for all classes keep 5, then N (the Pets schedule scaled)
 PRUNED_PAIRS = 100  # pruned: rounds of 5 shared pairs, alpha 0.01, up to the baseline's 100 pairs
+ZERO_SHOT = strategies.ZERO_SHOT_LOSS  # the zero-shot rows' error norm, as the cascade's escalation uses it
 
 
 class PairCache:
-    """A `ScoringModel` wrapper that scores each (z0, eps, t, loss) row on every class once and keeps the row."""
+    """A `ScoringModel` wrapper that keeps the errors of each (z0, eps, t, loss) row per class (NaN: not scored yet)
+    and scores a row only on classes it has not scored before."""
 
     def __init__(self, model: Any, path: Path) -> None:
         self.model, self.path = model, path
         self.rows: dict[bytes, np.ndarray] = {}
         self.computed = 0  # UNet evaluations actually run
-        if path.is_file():
-            with np.load(path) as saved:
-                self.rows = dict(zip((bytes(k) for k in saved["keys"]), saved["errors"], strict=True))
+        for saved_path in sorted(path.parent.glob(path.name.split(".")[0] + "*.npz")):  # this run's and others'
+            with np.load(saved_path) as saved:
+                for key, row in zip((bytes(k) for k in saved["keys"]), saved["errors"], strict=True):
+                    kept = self.rows.setdefault(key, row.copy())
+                    np.copyto(kept, row, where=np.isnan(kept))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.model, name)
@@ -69,14 +74,16 @@ class PairCache:
                                 + np.ascontiguousarray(e, np.float32).tobytes()
                                 + f"{int(s)}:{loss}".encode(), digest_size=16).digest()
                 for z, e, s in zip(z0, eps, t, strict=True)]
-        missing = [i for i, k in enumerate(keys) if k not in self.rows]
+        wanted = np.arange(self.model.num_classes) if classes is None else np.asarray(classes)
+        blank = np.full(self.model.num_classes, np.nan, np.float32)
+        missing = [i for i, k in enumerate(keys) if np.isnan(self.rows.get(k, blank)[wanted]).any()]
         if missing:
-            fresh = self.model.class_errors(z0[missing], eps[missing], t[missing], None, loss)
+            fresh = self.model.class_errors(z0[missing], eps[missing], t[missing], classes, loss)
             self.computed += fresh.size
             for i, row in zip(missing, fresh, strict=True):
-                self.rows[keys[i]] = row
-        out = np.stack([self.rows[k] for k in keys])
-        return out if classes is None else out[:, np.asarray(classes)]
+                kept = self.rows.setdefault(keys[i], blank.copy())
+                kept[wanted] = row
+        return np.stack([self.rows[k][wanted] for k in keys])
 
     def save(self) -> None:
         if not self.rows:
@@ -121,19 +128,24 @@ def measure(clf: Any, cache: PairCache, name: str, data: LabelledSet, args: argp
               f"({time.time() - t0:.0f} s)", flush=True)
         return row
 
+    if 100 in args.ns:  # first: its 100 pairs on every class are pruned's and the escalations' pairs
+        add("baseline N=100", "baseline", pairs=100, seed=0, loss=ZERO_SHOT)
     add("noop", "noop")
-    fitted_row = add("cascade (fitted)", "cascade")
-    fitted_row["fitted"] = True
-    for th in SWEEP_THRESHOLDS:
-        if th != fitted["threshold"]:
-            add(f"cascade threshold {th}", "cascade", cascade_threshold=th)
-    for k in SWEEP_SHORTLISTS:
-        if k != fitted["shortlist"]:
-            add(f"cascade shortlist {k}", "cascade", shortlist=k)
+    if not args.skip_cascade:
+        fitted_row = add("cascade (fitted)", "cascade")
+        fitted_row["fitted"] = True
+        for th in SWEEP_THRESHOLDS:
+            if th != fitted["threshold"]:
+                add(f"cascade threshold {th}", "cascade", cascade_threshold=th)
+        for k in SWEEP_SHORTLISTS:
+            if k != fitted["shortlist"]:
+                add(f"cascade shortlist {k}", "cascade", shortlist=k)
     for n in args.ns:
-        add(f"baseline N={n}", "baseline", pairs=n, seed=0)
-    add(f"pruned (max {PRUNED_PAIRS} pairs)", "pruned", max_pairs=PRUNED_PAIRS, seed=0)
-    add(f"adaptive (N={ADAPTIVE_PAIRS})", "adaptive", pairs=ADAPTIVE_PAIRS, seed=0)
+        if n != 100:
+            add(f"baseline N={n}", "baseline", pairs=n, seed=0, loss=ZERO_SHOT)
+    if name in args.zero_shot_on:
+        add(f"pruned (max {PRUNED_PAIRS} pairs)", "pruned", max_pairs=PRUNED_PAIRS, seed=0, loss=ZERO_SHOT)
+        add(f"adaptive (N={ADAPTIVE_PAIRS})", "adaptive", pairs=ADAPTIVE_PAIRS, seed=0, loss=ZERO_SHOT)
     return {"images": len(data), "set": data.description, "rows": rows}
 
 
@@ -198,7 +210,8 @@ def render(path: Path, record: dict[str, Any]) -> None:
     fitted = record["fitted_cascade"]
     lines = ["# Cascade: NoOp first, a zero-shot strategy only where NoOp is unsure or the image unfamiliar", "",
              f"Produced by `{record['command']}` ({record['machine']}). The shipped demo bundle on "
-             f"`{record['backend']}`, its trained classes, prompts and loss ({record['loss']}), no retraining. The "
+             f"`{record['backend']}`, its trained classes and prompts, no retraining; NoOp with its own loss "
+             f"({record['loss']}), the zero-shot rows and the escalations with l2. The "
              f"cascade's fitted setting (from the bundle's manifest): threshold {fitted['threshold']}, shortlist "
              f"{fitted['shortlist']}, escalate {fitted['escalate']}, error bound {fitted.get('error_bound')}"
              f"{' (defaults: the bundle has no fitted cascade)' if record['defaults_used'] else ''}.", "",
@@ -245,9 +258,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: 20 images per set, baseline N = 1, 2")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--work", type=Path, default=Path(".cascade_work"), help="pair cache folder")
+    parser.add_argument("--cache-tag", default="", help="suffix of this run's cache file (runs in parallel; every "
+                        "cache file of the folder is read)")
+    parser.add_argument("--zero-shot-on", default="demo,printed,thick_affine",
+                        help="the sets pruned and adaptive run on")
+    parser.add_argument("--skip-cascade", action="store_true", help="fill the cache with the other methods only")
     args = parser.parse_args()
     ns = {"domain": [int(n) for n in args.baseline_ns.split(",")],
           "demo": [int(n) for n in args.demo_baseline_ns.split(",")]}
+    args.zero_shot_on = args.zero_shot_on.split(",")
     if args.quick:
         args.demo_images, args.domain_images, ns = 20, 20, {"domain": [1, 2], "demo": [1, 2]}
     start = time.time()
@@ -255,7 +274,7 @@ def main() -> None:
     clf = noop_rt.load(BUNDLE_DIR, backend=args.backend, max_batch=1000)
     weights = hashlib.sha256(b"".join(hashlib.sha256(p.read_bytes()).digest() for p in sorted(BUNDLE_DIR.iterdir())
                                       if p.suffix in (".onnx", ".bin"))).hexdigest()[:16]
-    cache = PairCache(clf.model, args.work / f"pairs_{weights}_{args.backend}.npz")
+    cache = PairCache(clf.model, args.work / f"pairs_{weights}_{args.backend}{args.cache_tag}.npz")
     clf.model = cache  # every strategy below scores through the cache
     info = cache.model.info
     config = clf.config("cascade")
@@ -275,12 +294,15 @@ def main() -> None:
         "wall_minutes": (time.time() - start) / 60,
         "protocol": {"model": model_protocol(clf, 0),
                      "cascade": strategy_protocol(clf, "cascade"),
-                     "baseline": {n: strategy_protocol(clf, "baseline", pairs=n, seed=0)
+                     "baseline": {n: strategy_protocol(clf, "baseline", pairs=n, seed=0, loss=ZERO_SHOT)
                                   for n in sorted(set(ns["demo"]) | set(ns["domain"]))},
-                     "pruned": strategy_protocol(clf, "pruned", max_pairs=PRUNED_PAIRS, seed=0),
-                     "adaptive": strategy_protocol(clf, "adaptive", pairs=ADAPTIVE_PAIRS, seed=0)}}
+                     "pruned": strategy_protocol(clf, "pruned", max_pairs=PRUNED_PAIRS, seed=0, loss=ZERO_SHOT),
+                     "adaptive": strategy_protocol(clf, "adaptive", pairs=ADAPTIVE_PAIRS, seed=0, loss=ZERO_SHOT)}}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "cascade_quick" if args.quick else "cascade"
+    if args.skip_cascade:
+        print(f"cache filled: {cache.computed} UNet evaluations run")
+        return
     (args.out / f"{stem}.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     plot(args.out / f"{stem}.png", domains)
     render(args.out / f"{stem}.md", record)

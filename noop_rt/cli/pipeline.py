@@ -109,6 +109,38 @@ def train(
     guarded(go)
 
 
+@app.command("fit-cascade")
+def fit_cascade(
+    ckpt: Annotated[Path, typer.Option("--ckpt", metavar="NAME.pt", help="NoOp checkpoint to fit (written in place).")],
+    data: Annotated[Path, typer.Option("--data", metavar="DIR", help="Labelled validation images, DIR/<class>/<image>: "
+                                       "not the training shots.")],
+    bundle: Annotated[Path | None, typer.Option("--bundle", metavar="DIR", help="Also write the fit into this bundle "
+                                                "(exported from the checkpoint).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Noise seed of the escalation candidates.")] = 0,
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Fit --method cascade's threshold, shortlist and escalation on a validation folder (what `train` does at its
+    end), for checkpoints trained before noop-rt 0.4."""
+    def go() -> None:
+        from noop_rt.runtime.extras import require_torch_side
+
+        if not ckpt.is_file():
+            raise BadInputError(f"checkpoint not found: {ckpt}")
+        require_torch_side("`noop-rt fit-cascade`")
+        from noop_rt.train.cascade_fit import fit_checkpoint
+
+        fitted = fit_checkpoint(ckpt, data, bundle, seed=seed, device=device)
+        if as_json:
+            print(json.dumps(fitted, indent=2))
+        else:
+            print(f"wrote {ckpt}{f' and {bundle}' if bundle else ''}: cascade threshold {fitted['threshold']:.6g}, "
+                  f"shortlist {fitted['shortlist']}, escalate {fitted['escalate']}, error bound "
+                  f"{fitted['error_bound']:.4g} (fitted on {fitted['val_images']} images)")
+
+    guarded(go)
+
+
 @app.command()
 def export(
     ckpt: Annotated[Path, typer.Option("--ckpt", metavar="NAME.pt", help="NoOp checkpoint.")],

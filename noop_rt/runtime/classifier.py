@@ -211,7 +211,8 @@ class Classifier:
             shortlist=int(merged.get("shortlist", fitted.get("shortlist", strategies.DEFAULT_SHORTLIST))),
             escalate=escalate, loss=merged["loss"], tau=self.model.info.tau if calibrated else None,
             error_bound=None if bound is None or not calibrated else float(bound),
-            escalation=self.config(escalate, **{**self._fitted_escalation(escalate), **self.options, **options}))
+            escalation=self.config(escalate, **{"loss": strategies.ZERO_SHOT_LOSS, **self._fitted_escalation(escalate),
+                                                **self.options, **options}))
 
     def _fitted_escalation(self, escalate: str) -> dict[str, Any]:
         """The escalation settings the cascade was fitted with (when `escalate` is the fitted strategy)."""

@@ -221,7 +221,7 @@ class PrunedConfig:
 DEFAULT_CASCADE_THRESHOLD = 0.99
 DEFAULT_SHORTLIST = 5
 DEFAULT_ESCALATE = "pruned"
-
+ZERO_SHOT_LOSS = "l2"  # the escalation's loss unless --loss says otherwise: the zero-shot strategies' default
 
 @dataclass(frozen=True, kw_only=True)
 class CascadeConfig:
@@ -234,7 +234,8 @@ class CascadeConfig:
     whose probabilities sum to `cascade_threshold` (2 to `shortlist` of them), for an unfamiliar one the `shortlist`
     best (its probabilities mean little there). The other classes are ruled out and never scored again.
     `tau`: NoOp's fitted temperature (None: the per-image 1/std scale); `error_bound` None: no familiarity test;
-    `escalation`: the escalation strategy's own config (None: its defaults with `loss`)."""
+    `escalation`: the escalation strategy's own config (None: its defaults with the l2 error, the zero-shot
+    default; `loss` is stage 1's)."""
 
     cascade_threshold: float = DEFAULT_CASCADE_THRESHOLD
     shortlist: int = DEFAULT_SHORTLIST
@@ -411,7 +412,7 @@ def cascade(model: ScoringModel, images: np.ndarray, config: CascadeConfig, prog
     if len(rows):
         z0 = model.encode(images[rows])
         strategy = STRATEGIES[config.escalate]
-        escalation = config.escalation or strategy.config(loss=config.loss)
+        escalation = config.escalation or strategy.config(loss=ZERO_SHOT_LOSS)
         for j, i in enumerate(rows.tolist()):
             short = confidence_set(probs[i], config.cascade_threshold if familiar[i] else 1.0, config.shortlist)
             sub = strategy.fn(_Shortlisted(model, short, z0[j:j + 1]), images[i:i + 1], escalation, progress)
@@ -468,7 +469,7 @@ def protocol(method: str, config: StrategyConfig, num_train_timesteps: int, t_st
         out.pop("escalation", None)
         out["stage1"] = protocol("noop", NoopConfig(loss=config.loss), num_train_timesteps, t_star)
         out["escalation"] = protocol(config.escalate, config.escalation or STRATEGIES[config.escalate].config(
-            loss=config.loss), num_train_timesteps)
+            loss=ZERO_SHOT_LOSS), num_train_timesteps)
         return out
     if isinstance(config, NoopConfig):
         out["timesteps"] = [t_star]

@@ -104,7 +104,7 @@ def train_checkpoint(backbone: Backbone, split: FewShotSplit, template: str, con
     if config.fit_cascade:
         print("fit the cascade's threshold on the validation split (pruned and adaptive on up to "
               f"{FIT_IMAGES} images)", file=sys.stderr)
-        cascade = fit_cascade(backbone, result.class_embeddings, z_val, y_val, val_errors, result.tau, config.loss,
+        cascade = fit_cascade(backbone, result.class_embeddings, z_val, y_val, val_errors, result.tau,
                               config.max_batch, config.seed)
     meta = result.noise.meta_net
     ckpt = NoopCheckpoint(
