@@ -286,6 +286,9 @@ def main() -> None:
         data = demo_test_set(args.demo_images) if name == "demo" else domain_set(name, args.domain_images)
         args.ns = ns["demo" if name == "demo" else "domain"]
         domains[name] = measure(clf, cache, name, data, args, fitted)
+    if args.skip_cascade:
+        print(f"cache filled: {cache.computed} UNet evaluations run")
+        return
     record: dict[str, Any] = {
         "command": command_line("cascade.py"), "backend": clf.backend, "loss": info.loss,
         "machine": f"{os.cpu_count()}-core CPU, load average {os.getloadavg()[0]:.1f} at the end",
@@ -300,9 +303,6 @@ def main() -> None:
                      "adaptive": strategy_protocol(clf, "adaptive", pairs=ADAPTIVE_PAIRS, seed=0, loss=ZERO_SHOT)}}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "cascade_quick" if args.quick else "cascade"
-    if args.skip_cascade:
-        print(f"cache filled: {cache.computed} UNet evaluations run")
-        return
     (args.out / f"{stem}.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     plot(args.out / f"{stem}.png", domains)
     render(args.out / f"{stem}.md", record)

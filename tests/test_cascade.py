@@ -97,7 +97,7 @@ def test_the_escalation_equals_the_strategy_on_the_shortlisted_classes(demo, exa
     scores, _ = demo.score(image, "cascade", cascade_threshold=1.0, shortlist=3, escalate="pruned")
     assert bool(scores.escalated[0])
     sub = demo.model.with_classes(demo.model.emb[shortlist], trained=False)
-    direct = strategies.pruned(sub, image, demo.config("pruned"))
+    direct = strategies.pruned(sub, image, demo.config("pruned", loss="l2"))  # the escalation's zero-shot error
     np.testing.assert_allclose(scores.errors[0, shortlist], direct.errors[0], rtol=1e-5)
     np.testing.assert_array_equal(scores.pairs_scored[0, shortlist], direct.pairs_scored[0])
     assert scores.unet_evals[0] == 10 + direct.unet_evals[0]
@@ -171,3 +171,18 @@ def test_cli_classify_and_eval_report_escalation(tmp_path) -> None:
 def test_a_model_without_a_learned_noise_refuses_cascade(tiny_sd) -> None:
     with pytest.raises(UsageError, match="needs a learned noise"):
         noop_rt.load(tiny_sd, classes=["a", "b"], method="cascade")
+
+
+def test_train_fits_the_cascade_and_export_carries_it(tiny_ckpt, tiny_bundle) -> None:
+    from noop_rt.train.checkpoint import load_checkpoint
+
+    fitted = load_checkpoint(tiny_ckpt).train["cascade"]
+    assert 0 < fitted["threshold"] <= 1 and fitted["shortlist"] >= 2
+    assert fitted["escalate"] in ("pruned", "adaptive") and set(fitted["candidates"]) == {"pruned", "adaptive"}
+    clf = noop_rt.load(tiny_bundle, method="cascade")
+    assert clf.model.info.cascade == fitted
+    assert not any("no fitted cascade" in n for n in clf.notes)
+    config = clf.config("cascade")
+    assert config.cascade_threshold == fitted["threshold"] and config.escalate == fitted["escalate"]
+    assert config.escalation.loss == "l2"  # the zero-shot error, whatever NoOp's own (l1 here)
+    assert clf.config("cascade", loss="huber").escalation.loss == "huber"
