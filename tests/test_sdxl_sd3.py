@@ -60,7 +60,7 @@ def test_unsupported_architecture_is_one_line_naming_it(tmp_path) -> None:
     (tmp_path / "model_index.json").write_text(json.dumps({
         "_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"],
         "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"]}))
-    with pytest.raises(BackboneError, match="FluxPipeline.*StableDiffusionXLPipeline.*StableDiffusion3Pipeline"):
+    with pytest.raises(BackboneError, match=r"FluxPipeline.*StableDiffusionXLPipeline.*StableDiffusion3Pipeline"):
         load_backbone(tmp_path)
 
 
@@ -71,7 +71,7 @@ def test_sd3_dynamic_shifting_and_sdxl_lora_are_refused(tiny_sd3, tiny_sdxl, tmp
     cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "use_dynamic_shifting": True}))
     with pytest.raises(BackboneError, match="dynamic"):
         load_backbone(copy)
-    with pytest.raises(BackboneError, match="--lora is supported on SD 1.x/2.x"):
+    with pytest.raises(BackboneError, match=r"--lora is supported on SD 1\.x/2\.x"):
         load_backbone(tiny_sdxl, lora=tmp_path / "x.safetensors")
 
 
@@ -79,7 +79,7 @@ def test_incomplete_sdxl_folder_names_the_missing_part(tiny_sdxl, tmp_path) -> N
     copy = tmp_path / "sdxl"
     shutil.copytree(tiny_sdxl, copy)
     shutil.rmtree(copy / "text_encoder_2")
-    with pytest.raises(BackboneError, match="text_encoder_2/config.json"):
+    with pytest.raises(BackboneError, match=r"text_encoder_2/config\.json"):
         load_backbone(copy)
 
 

@@ -23,6 +23,8 @@ its own length, as each pipeline's `encode_prompt` tokenizes.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -111,7 +113,7 @@ class Denoiser(nn.Module):
         self.pooled_dim = int(pooled_dim)
 
     @property
-    def config(self):  # noqa: ANN201 - the diffusers FrozenDict
+    def config(self) -> Any:  # the diffusers network's FrozenDict
         return self.net.config
 
     def enable_gradient_checkpointing(self) -> None:

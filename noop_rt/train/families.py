@@ -27,7 +27,8 @@ _MODEL = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
           "diffusion_pytorch_model.fp16.safetensors")
 _TEXT = ("model.safetensors", "pytorch_model.bin", "model.fp16.safetensors", "model.safetensors.index.json",
          "model.fp16.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json")
-_NET = (*_MODEL, "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.fp16.safetensors.index.json")
+_NET = (*_MODEL, "diffusion_pytorch_model.safetensors.index.json",
+        "diffusion_pytorch_model.fp16.safetensors.index.json")
 
 
 def family_of(index: dict[str, Any], root: Path) -> str:
