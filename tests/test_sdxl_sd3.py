@@ -130,6 +130,27 @@ def test_sd3_class_embeddings_are_the_pipelines(tiny_sd3, sd3) -> None:
     assert (emb[:, -1, 24:] == 0).all()
 
 
+def test_sd3_without_t5_conditions_as_the_pipeline_does(tiny_sd3, tmp_path) -> None:
+    """`text_encoder_3: [null, null]`: the T5 part of the prompt embeddings is zeros of the pipeline's length."""
+    from diffusers import StableDiffusion3Pipeline
+
+    copy = tmp_path / "sd3-no-t5"
+    shutil.copytree(tiny_sd3, copy)
+    shutil.rmtree(copy / "text_encoder_3")
+    shutil.rmtree(copy / "tokenizer_3")
+    index = json.loads((copy / "model_index.json").read_text())
+    (copy / "model_index.json").write_text(json.dumps({**index, "text_encoder_3": [None, None],
+                                                       "tokenizer_3": [None, None]}))
+    backbone = load_backbone(copy)
+    assert backbone.token_length == 2 * 16 and backbone.max_tokens == 16 + 256 + 1
+    pipe = StableDiffusion3Pipeline.from_pretrained(copy, text_encoder_3=None, tokenizer_3=None)
+    prompt_embeds, _, pooled, _ = pipe.encode_prompt(PROMPTS, None, None, device="cpu",
+                                                     do_classifier_free_guidance=False)
+    emb = backbone.embed(PROMPTS)
+    torch.testing.assert_close(emb[:, :-1], prompt_embeds, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(emb[:, -1, :24], pooled, rtol=1e-5, atol=1e-5)
+
+
 # ================================================================================================ flow matching
 def test_flow_matching_error_by_hand(tiny_sd3, sd3) -> None:
     """x_s = (1 - s) x0 + s eps, v = eps - x0, error mean((v - v_hat)^2), with s the scheduler's shifted sigma and the
