@@ -277,7 +277,7 @@ def test_bundle_embeds_new_prompts_as_torch_does(exported) -> None:
 
 @pytest.mark.parametrize("method, options", [("baseline", {"pairs": 4}),
                                              ("adaptive", {"stages": ((2, 2), (4, 1))}),
-                                             ("pruned", {"max_pairs": 6, "round_size": 2})])
+                                             ("pruned", {"max_pairs": 4, "round_size": 2})])
 def test_zero_shot_on_the_folder_matches_the_bundle(exported, shape_images, method, options) -> None:
     """Zero-shot strategies on the diffusers folder (torch) and on the exported bundle's scorer (onnxruntime): the
     same errors for the same seeded pairs (l2 on both: the bundle's own default is the loss NoOp trained with)."""
@@ -285,7 +285,7 @@ def test_zero_shot_on_the_folder_matches_the_bundle(exported, shape_images, meth
 
     _, folder, _, bundle = exported
     names = ["red square", "blue circle", "green"]
-    images = _images(shape_images, 32)[:2]
+    images = _images(shape_images, 32)[:1]
     torch_clf = noop_rt.load(folder, classes=names, template="a {}", method=method, loss="l2", **options)
     onnx_clf = noop_rt.load(bundle, classes=names, template="a {}", method=method, loss="l2", **options)
     got, _ = onnx_clf.score(images)
