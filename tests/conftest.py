@@ -83,3 +83,24 @@ def tiny_bundle(tiny_ckpt, shape_images, tmp_path_factory: pytest.TempPathFactor
     options = ExportOptions(validate_images=collect_images(shape_images), images_per_batch=3)
     export_bundle(tiny_ckpt, out, options, log=io.StringIO())
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A StableDiffusionXLPipeline folder written by the pipeline's own save_pretrained (random tiny networks)."""
+    from noop_rt.train.architectures import tiny_sdxl_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny-sdxl")
+    tiny_sdxl_pipeline(extra_words=TINY_WORDS).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A StableDiffusion3Pipeline folder (CLIP-L, CLIP-G, T5, SD3Transformer2DModel, FlowMatchEulerDiscreteScheduler
+    with shift 3) written by the pipeline's own save_pretrained."""
+    from noop_rt.train.architectures import tiny_sd3_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny-sd3")
+    tiny_sd3_pipeline(extra_words=TINY_WORDS).save_pretrained(folder)
+    return folder

@@ -340,26 +340,24 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, options: ExportOptions
         shutil.rmtree(work)
         print(f"  weights stored once: {weights['bytes'] / 1e6:.1f} MB in {weights['file']} "
               f"({weights['referenced_tensor_bytes'] / 1e6:.1f} MB referenced by {len(models)} graphs)", file=log)
-        backbone.tokenizer.save_pretrained(tmp / "tokenizer")
-        if not (tmp / "tokenizer" / "tokenizer.json").is_file():
-            raise BadInputError(f"the tokenizer of {backbone.source} has no fast (tokenizer.json) form, which the "
-                                "runtime needs")
+        tokenizers = save_tokenizers(backbone, tmp)
         np.save(tmp / "class_embeddings.npy", emb.numpy())
         files = [*(s.file for s in specs.values()), weights["file"], "class_embeddings.npy",
-                 *sorted(f"tokenizer/{p.name}" for p in (tmp / "tokenizer").iterdir())]
+                 *sorted(f"{t['folder']}/{p.name}" for t in tokenizers for p in (tmp / t["folder"]).iterdir())]
         classifier = specs[CLASSIFIER]
         manifest = {
             "format": FORMAT, "version": VERSION, "name": name, "cache_key": key, "noop_rt_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "source_ckpt": {"path": str(ckpt_path), "sha256": ckpt_sha},
-            "backbone": {"source": ckpt.backbone_source, "kind": backbone.kind,
-                         "prediction_type": backbone.prediction_type,
+            "backbone": {"source": ckpt.backbone_source, "kind": backbone.kind, "family": backbone.family,
+                         "prediction_type": backbone.prediction_type, **family_fields(backbone, ckpt.t_star),
                          "lora": None if backbone.lora is None else {**backbone.lora, "fused": True}},
             "classes": ckpt.classes, "prompts": ckpt.prompts, "template": ckpt.template,
             "prompt_tuned": ckpt.prompt_ctx is not None, "t_star": ckpt.t_star,
             "abar_t_star": float(backbone.alphas_cumprod[ckpt.t_star]), "loss": ckpt.loss, "tau": ckpt.tau,
             "resolution": backbone.resolution, "latent_shape": list(backbone.latent_shape),
             "max_tokens": max_tokens, "text_dim": text_dim, "num_train_timesteps": backbone.num_train_timesteps,
+            "tokenizers": tokenizers,
             "unet_gflop_per_sample": _unet_gflop(backbone), "precision": options.precision, "opset": options.opset,
             "images_per_batch": options.images_per_batch, "max_batch": options.images_per_batch * c, "opt_batch": c,
             "preprocessing": default_preprocessing(backbone.resolution),
@@ -392,6 +390,34 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, options: ExportOptions
                 "--tolerance/--min-agreement if the gap is expected")
         _publish(tmp, out)
     return ExportReport(out, False, validation, time.perf_counter() - start)
+
+
+def save_tokenizers(backbone: Backbone, folder: Path) -> list[dict[str, Any]]:
+    """Each tokenizer of the backbone in its fast (tokenizer.json) form, in the folder its diffusers folder names
+    (SD 1.x/2.x: tokenizer/; SDXL/SD3: tokenizer/, tokenizer_2/[, tokenizer_3/]); [{"folder", "max_tokens"}], the
+    order in which the text encoder graph takes their ids."""
+    parts = backbone.tokenizers or (("tokenizer", backbone.tokenizer, backbone.max_tokens),)
+    out = []
+    for name, tokenizer, length in parts:
+        tokenizer.save_pretrained(folder / name)
+        if not (folder / name / "tokenizer.json").is_file():
+            raise BadInputError(f"the {name} of {backbone.source} has no fast (tokenizer.json) form, which the "
+                                "runtime needs")
+        out.append({"folder": name, "max_tokens": int(length)})
+    return out
+
+
+def family_fields(backbone: Backbone, t_star: int) -> dict[str, Any]:
+    """What an SDXL/SD3 bundle's manifest adds about its conditioning and noise schedule."""
+    out: dict[str, Any] = {}
+    if backbone.family == "sdxl":
+        out["time_ids"] = [float(x) for x in backbone.unet.time_ids]  # constants of the UNet-holding graphs
+    if backbone.family in ("sdxl", "sd3"):
+        out["pooled_dim"] = int(backbone.unet.pooled_dim)  # the class embeddings' last row holds it
+    if backbone.sigmas is not None:
+        out["sigma_t_star"] = float(backbone.sigmas[t_star])
+        out["abar_t_star_note"] = "flow matching: abar_t_star is the DDPM abar of the same signal-to-noise ratio"
+    return out
 
 
 def collect_images(folder: Path) -> list[Path]:

@@ -94,12 +94,16 @@ class Bundle:
         return self.root / self.manifest["classifier_graph"]["file"]
 
     def tokenize(self, prompts: list[str]) -> np.ndarray:
-        """Token ids (N, L) of prompts with the bundle's tokenizer (read once)."""
+        """Token ids (N, L) of prompts with the bundle's tokenizer (read once). An SDXL/SD3 bundle lists several
+        (manifest `tokenizers`: folder and length of each): their ids are concatenated, as its text encoder graph
+        takes them."""
         if getattr(self, "_tokenizer", None) is None:
             from noop_rt.runtime.tokenizer import PromptTokenizer
 
-            self._tokenizer = PromptTokenizer(self.root / "tokenizer", int(self.manifest["max_tokens"]))
-        return self._tokenizer(prompts)
+            parts = self.manifest.get("tokenizers") or [{"folder": "tokenizer",
+                                                         "max_tokens": int(self.manifest["max_tokens"])}]
+            self._tokenizer = [PromptTokenizer(self.root / str(p["folder"]), int(p["max_tokens"])) for p in parts]
+        return np.concatenate([tok(prompts) for tok in self._tokenizer], axis=1)
 
     def class_embeddings(self) -> np.ndarray:
         """The cached class embeddings (C, L, D) float32, checked; a bad file is a BundleError naming it."""

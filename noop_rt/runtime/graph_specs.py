@@ -72,9 +72,11 @@ def error_output(loss: str) -> str:
 
 
 def graph_specs(latent_shape: tuple[int, int, int], resolution: int, max_tokens: int, text_dim: int,
-                losses: tuple[str, ...]) -> dict[str, GraphSpec]:
+                losses: tuple[str, ...], token_ids: int | None = None) -> dict[str, GraphSpec]:
     """The graphs of a bundle. `classifier`: the whole NoOp pass (its class embeddings input defaults to the
-    bundle's own); `scorer`: class errors of (z0, eps, t) rows, one output per error norm."""
+    bundle's own); `scorer`: class errors of (z0, eps, t) rows, one output per error norm. `max_tokens` is the class
+    embeddings' length and `token_ids` the text encoder's input length (None: the same; SDXL/SD3 differ: their
+    token ids are every tokenizer's, their class embeddings end with the pooled embedding)."""
     f, i64 = "float32", "int64"
     c, h, w = latent_shape
     z = (BATCH, c, h, w)
@@ -88,6 +90,6 @@ def graph_specs(latent_shape: tuple[int, int, int], resolution: int, max_tokens:
                           tuple(TensorSpec(error_output(loss), (BATCH, CLASSES), f) for loss in losses)),
         ENCODER: GraphSpec(ENCODER, (image,), (TensorSpec("z0", z, f),)),
         NOISE: GraphSpec(NOISE, (TensorSpec("z0", z, f),), (TensorSpec("eps", z, f),)),
-        TEXT_ENCODER: GraphSpec(TEXT_ENCODER, (TensorSpec("input_ids", (PROMPTS, max_tokens), i64),),
+        TEXT_ENCODER: GraphSpec(TEXT_ENCODER, (TensorSpec("input_ids", (PROMPTS, token_ids or max_tokens), i64),),
                                 (TensorSpec("last_hidden_state", (PROMPTS, max_tokens, text_dim), f),)),
     }

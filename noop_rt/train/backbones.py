@@ -56,15 +56,18 @@ class PixelEncoder(nn.Module):
 
 
 class VaeEncoderMean(nn.Module):
-    """z0 of a latent model: `vae.encode(x).latent_dist.mean * scaling_factor` (never a sample)."""
+    """z0 of a latent model: `(vae.encode(x).latent_dist.mean - shift_factor) * scaling_factor` (never a sample;
+    shift_factor 0 where the VAE config has none, as SD 1.x/2.x/SDXL; SD3's VAE has one)."""
 
     def __init__(self, vae: nn.Module) -> None:
         super().__init__()
         self.vae = vae
         self.scale = float(vae.config.scaling_factor)
+        self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, 4, H/f, W/f)
-        return self.vae.encode(image).latent_dist.mean * self.scale
+    def forward(self, image: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, c, H/f, W/f)
+        mean = self.vae.encode(image).latent_dist.mean
+        return (mean - self.shift) * self.scale if self.shift else mean * self.scale
 
 
 @dataclass
@@ -84,6 +87,11 @@ class Backbone:
     dtype: torch.dtype = torch.float32
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     lora: dict | None = None  # {"file", "sha256", "scale", "unet_layers", "text_encoder_layers"} when one is fused
+    family: str = "sd"  # "sd" (SD 1.x/2.x and the demo) | "sdxl" | "sd3" (train/families.py)
+    conditioner: nn.Module | None = None  # token ids -> class embeddings; None: the text encoder's last hidden state
+    tokenizers: tuple[tuple[str, object, int], ...] = ()  # SDXL/SD3: (folder, tokenizer, length) per tokenizer
+    sigmas: torch.Tensor | None = None  # flow matching: the scheduler's shifted sigma of each timestep index (T,)
+    cond_dim: int | None = None  # the class embeddings' width where it is not the text encoder's
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -92,22 +100,45 @@ class Backbone:
 
     @property
     def text_dim(self) -> int:
-        return int(self.text_encoder.config.hidden_size)
+        return self.cond_dim or int(self.text_encoder.config.hidden_size)
+
+    @property
+    def token_length(self) -> int:
+        """Length of the token ids `tokenize` returns (SDXL/SD3: every tokenizer's ids, concatenated)."""
+        return sum(n for _, _, n in self.tokenizers) if self.tokenizers else self.max_tokens
+
+    @property
+    def schedule(self) -> torch.Tensor:
+        """What a timestep index selects: sigmas (flow matching) or alphas_cumprod (DDPM)."""
+        return self.sigmas if self.sigmas is not None else self.alphas_cumprod
 
     @property
     def num_train_timesteps(self) -> int:
         return int(self.alphas_cumprod.shape[0])
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        """Token ids (C, L), padded to the text encoder's length as Stable Diffusion does."""
+        """Token ids (C, L), padded to the text encoder's length as Stable Diffusion does (SDXL/SD3: each
+        tokenizer's ids padded to its own length, concatenated)."""
+        if self.tokenizers:
+            return torch.cat([tok(prompts, padding="max_length", max_length=n, truncation=True,
+                                  return_tensors="pt").input_ids for _, tok, n in self.tokenizers], dim=1)
         return self.tokenizer(prompts, padding="max_length", max_length=self.max_tokens, truncation=True,
                               return_tensors="pt").input_ids
 
+    def text_conditioner(self) -> nn.Module:
+        """Token ids -> class embeddings (C, L, D)."""
+        if self.conditioner is not None:
+            return self.conditioner
+        from noop_rt.train.conditioning import ClipLastHidden
+
+        return ClipLastHidden(self.text_encoder)
+
     @torch.no_grad()
     def embed(self, prompts: list[str]) -> torch.Tensor:
-        """Text embeddings (C, L, D) in float32: the text encoder's last hidden state."""
+        """Class embeddings (C, L, D) in float32: the text encoder's last hidden state (SDXL/SD3: the prompt
+        embeddings with the pooled embedding as their last row, train/conditioning.py)."""
         ids = self.tokenize(prompts).to(self.device)
-        return self.text_encoder(ids)[0].float()
+        return self.text_conditioner()(ids).float()
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """z0 (B, c, h, w) float32 from RGB images (B, 3, H, W) in [-1, 1]."""
@@ -115,7 +146,7 @@ class Backbone:
 
     def class_errors(self, losses: tuple[str, ...] = ("l2",)) -> ClassErrors:
         """The scoring module (noising, class broadcast, UNet, v->eps, error norms) over this backbone's UNet."""
-        return ClassErrors(self.unet, self.alphas_cumprod, self.prediction_type, losses).to(self.device)
+        return ClassErrors(self.unet, self.schedule, self.prediction_type, losses).to(self.device)
 
     def unet_gflop(self) -> float:
         """GFLOP of one UNet forward at batch 1 (2 x multiply-adds), counted by torch's FlopCounterMode."""
@@ -130,7 +161,7 @@ class Backbone:
         return counter.get_total_flops() / 1e9
 
     def requires_grad_(self, flag: bool) -> Backbone:
-        for module in (self.unet, self.text_encoder, self.encoder):
+        for module in (self.unet, self.text_conditioner(), self.encoder):
             module.requires_grad_(flag)
         return self
 
@@ -191,11 +222,16 @@ def load_backbone(model: str | Path | None = DEMO_SOURCE, dtype: torch.dtype = t
         index = json.loads(index_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise BackboneError(f"{index_path} is not valid JSON: {exc}") from None
+    from noop_rt.train import families
+
+    family = families.family_of(index, root)
+    device = torch.device(device)
+    if family != families.SD:
+        return _load_family(family, root, index, source, dtype, device, lora)
     pixel = "vae" not in index
     missing = _missing_files(root, pixel)
     if missing:
         raise BackboneError(f"{root} is not a diffusers Stable Diffusion folder: missing {', '.join(missing)}")
-    device = torch.device(device)
     try:
         unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=dtype)
         text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", dtype=dtype)
@@ -224,6 +260,24 @@ def load_backbone(model: str | Path | None = DEMO_SOURCE, dtype: torch.dtype = t
         prediction_type=prediction_type, resolution=resolution, source=source, kind="pixel" if pixel else "latent",
         max_tokens=max_tokens, dtype=dtype, device=device, lora=lora_record,
     )
+    return backbone.requires_grad_(False)
+
+
+def _load_family(family: str, root: Path, index: dict, source: str, dtype: torch.dtype, device: torch.device,
+                 lora: str | Path | None) -> Backbone:
+    """An SDXL or SD3 folder (train/families.py)."""
+    from noop_rt.train import families
+
+    name = {families.SDXL: "SDXL", families.SD3: "SD3"}[family]
+    if lora is not None:
+        raise BackboneError(f"--lora is supported on SD 1.x/2.x folders; {root} is an {name} folder")
+    missing = families.missing_parts(root, index, family)
+    if missing:
+        raise BackboneError(f"{root} is not a complete diffusers {name} folder: missing {', '.join(missing)}")
+    if family == families.SDXL:
+        backbone = families.load_sdxl(root, source, dtype, device)
+    else:
+        backbone = families.load_sd3(root, index, source, dtype, device)
     return backbone.requires_grad_(False)
 
 

@@ -33,7 +33,9 @@ def backbone_fingerprint(backbone: Backbone) -> dict[str, Any]:
         cfg = {k: v for k, v in raw.items() if not k.startswith("_") and k not in volatile}
         return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    probe = backbone.unet.conv_in.weight.detach().float().flatten()[:32].cpu()
+    net = getattr(backbone.unet, "net", backbone.unet)  # SDXL/SD3: the diffusers network behind the Denoiser
+    first = net.conv_in if hasattr(net, "conv_in") else net.pos_embed.proj  # UNet | SD3 transformer's patch conv
+    probe = first.weight.detach().float().flatten()[:32].cpu()
     lora = None if backbone.lora is None else {k: backbone.lora[k] for k in ("file", "sha256", "scale")}
     return {"unet_config": config_hash(backbone.unet), "text_encoder_config": config_hash(backbone.text_encoder),
             "conv_in_probe": probe.tolist(), "kind": backbone.kind, "resolution": backbone.resolution,

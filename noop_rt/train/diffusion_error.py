@@ -12,6 +12,8 @@ from torch import nn
 
 from noop_rt.runtime.choices import LOSSES
 
+FLOW_MATCHING = "flow_matching"  # the prediction type of a rectified-flow model (SD3): v = eps - x0
+
 
 def noised(z0: torch.Tensor, eps: torch.Tensor, abar_t: torch.Tensor) -> torch.Tensor:
     """z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps (DDPM forward process); abar_t (N,) or scalar."""
@@ -23,6 +25,13 @@ def v_to_eps(v: torch.Tensor, z_t: torch.Tensor, abar_t: torch.Tensor) -> torch.
     """eps from a v-prediction (Salimans & Ho 2022): eps = sqrt(abar) v + sqrt(1 - abar) z_t; abar_t (N,)."""
     abar = abar_t.reshape(-1, *([1] * (z_t.dim() - 1)))
     return abar.sqrt() * v + (1 - abar).sqrt() * z_t
+
+
+def flow_noised(z0: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """x_sigma = (1 - sigma) z0 + sigma eps (rectified flow, as FlowMatchEulerDiscreteScheduler.scale_noise); sigma
+    (N,)."""
+    s = sigma.reshape(-1, *([1] * (z0.dim() - 1)))
+    return (1 - s) * z0 + s * eps
 
 
 def error_norm(pred: torch.Tensor, target: torch.Tensor, loss: str = "l2") -> torch.Tensor:
@@ -42,42 +51,63 @@ def error_norm(pred: torch.Tensor, target: torch.Tensor, loss: str = "l2") -> to
 
 
 class ClassErrors(nn.Module):
-    """Errors of K classes for R rows of (z0, eps, t): each row's z_t = noised(z0, eps, abar_t) is broadcast over
-    its K class embeddings into ONE UNet batch of R*K (the same z_t, t and target eps for every class of a row: the
-    shared noise that keeps class differences low-variance); v-predictions are turned into eps; the error is
-    reduced per (row, class) in float32.
+    """Errors of K classes for R rows of (z0, eps, t): each row's z_t is broadcast over its K class embeddings into
+    ONE UNet batch of R*K (the same z_t, t and target for every class of a row: the shared noise that keeps class
+    differences low-variance); the error is reduced per (row, class) in float32.
 
-    z0, eps (R, c, h, w); t (R,) float (integer-valued); emb (K, L, D) shared by every row, or (R, K, L, D) per row
-    (training scores each image's own negatives) -> errors (R, K), one tensor per loss in `losses`.
+    `prediction_type` "epsilon" / "v_prediction" (DDPM, `schedule` = alphas_cumprod (T,)): z_t = noised(z0, eps,
+    abar_t), the network sees t, v-predictions are turned into eps, the error is ||eps - eps_hat||.
+    "flow_matching" (`schedule` = sigmas (T,), the scheduler's shifted sigmas with sigma[t] increasing in t):
+    z_t = (1 - sigma_t) z0 + sigma_t eps, the network sees sigma_t * T and predicts v = eps - z0, the error is
+    ||v - v_hat|| (docs/flow_matching.md: at one sigma, eps - eps_hat = (1 - sigma)(v - v_hat)).
+
+    z0, eps (R, c, h, w); t (R,) float (integer-valued, an index into `schedule`); emb (K, L, D) shared by every row,
+    or (R, K, L, D) per row (training scores each image's own negatives) -> errors (R, K), one tensor per loss in
+    `losses`.
     """
 
-    def __init__(self, unet: nn.Module, alphas_cumprod: torch.Tensor, prediction_type: str,
+    def __init__(self, unet: nn.Module, schedule: torch.Tensor, prediction_type: str,
                  losses: tuple[str, ...] = ("l2",)) -> None:
         super().__init__()
         self.unet = unet
-        self.register_buffer("alphas_cumprod", alphas_cumprod.detach().float().clone(), persistent=False)
+        self.flow = prediction_type == FLOW_MATCHING
+        self.register_buffer("sigmas" if self.flow else "alphas_cumprod", schedule.detach().float().clone(),
+                             persistent=False)
         self.prediction_type = prediction_type
         self.losses = losses
 
     def predict_eps(self, z_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """eps_theta(z_t, t, emb) (N, c, h, w) float32; `t` (N,) float; v-prediction converted to eps."""
-        dtype = next(self.unet.parameters()).dtype
-        out = self.unet(z_t.to(dtype), t.float(), encoder_hidden_states=emb.to(dtype), return_dict=False)[0].float()
+        """eps_theta(z_t, t, emb) (N, c, h, w) float32; `t` (N,) float; v-prediction converted to eps. (DDPM)"""
+        out = self._net(z_t, t.float(), emb)
         if self.prediction_type == "v_prediction":
             out = v_to_eps(out, z_t.float(), self.alphas_cumprod[t.long()])
         return out
+
+    def _net(self, z_t: torch.Tensor, model_t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.unet.parameters()).dtype
+        return self.unet(z_t.to(dtype), model_t, encoder_hidden_states=emb.to(dtype), return_dict=False)[0].float()
 
     def forward(self, z0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, emb: torch.Tensor
                 ) -> tuple[torch.Tensor, ...]:
         r = z0.shape[0]
         per_row = emb.dim() == 4
         k = emb.shape[1] if per_row else emb.shape[0]
-        z_t = noised(z0.float(), eps.float(), self.alphas_cumprod[t.long()])  # (R, c, h, w)
+        if self.flow:
+            sigma = self.sigmas[t.long()]
+            z_t = flow_noised(z0.float(), eps.float(), sigma)
+            model_t, target = sigma * self.sigmas.shape[0], eps.float() - z0.float()  # v = eps - x0
+        else:
+            z_t = noised(z0.float(), eps.float(), self.alphas_cumprod[t.long()])  # (R, c, h, w)
+            model_t, target = t.float(), eps.float()
         z_rep = z_t.unsqueeze(1).expand(r, k, *z_t.shape[1:]).reshape(r * k, *z_t.shape[1:])  # row-major (R*K, ...)
         t_rep = t.float().unsqueeze(1).expand(r, k).reshape(r * k)
         emb_rep = emb if per_row else emb.unsqueeze(0).expand(r, *emb.shape)
-        pred = self.predict_eps(z_rep, t_rep, emb_rep.reshape(r * k, *emb_rep.shape[2:]))
-        target = eps.float().unsqueeze(1).expand(r, k, *eps.shape[1:]).reshape(r * k, *eps.shape[1:])
+        emb_rows = emb_rep.reshape(r * k, *emb_rep.shape[2:])
+        if self.flow:
+            pred = self._net(z_rep, model_t.unsqueeze(1).expand(r, k).reshape(r * k), emb_rows)
+        else:
+            pred = self.predict_eps(z_rep, t_rep, emb_rows)
+        target = target.unsqueeze(1).expand(r, k, *target.shape[1:]).reshape(r * k, *target.shape[1:])
         return tuple(error_norm(pred, target, loss).reshape(r, k) for loss in self.losses)
 
 
@@ -137,11 +167,12 @@ class Float32Graph(nn.Module):
 
 
 class TextEncoderGraph(nn.Module):
-    """Token ids (N, L) int64 -> the text encoder's last hidden state (N, L, D) float32 (SD conditions on it)."""
+    """Token ids (N, L) int64 -> class embeddings (N, L', D) float32: the backbone's conditioner (SD 1.x/2.x: the
+    text encoder's last hidden state; SDXL/SD3: `train/conditioning.py`)."""
 
-    def __init__(self, text_encoder: nn.Module) -> None:
+    def __init__(self, conditioner: nn.Module) -> None:
         super().__init__()
-        self.text_encoder = text_encoder
+        self.conditioner = conditioner
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids)[0].float()
+        return self.conditioner(input_ids).float()

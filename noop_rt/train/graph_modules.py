@@ -28,7 +28,8 @@ from noop_rt.train.diffusion_error import ClassErrors, Float32Graph, NoopClassif
 
 
 def backbone_specs(backbone: Backbone) -> dict[str, GraphSpec]:
-    return graph_specs(backbone.latent_shape, backbone.resolution, backbone.max_tokens, backbone.text_dim, LOSSES)
+    return graph_specs(backbone.latent_shape, backbone.resolution, backbone.max_tokens, backbone.text_dim, LOSSES,
+                       token_ids=backbone.token_length)
 
 
 def graph_modules(backbone: Backbone, ckpt: NoopCheckpoint | None, half: bool = False,
@@ -38,16 +39,16 @@ def graph_modules(backbone: Backbone, ckpt: NoopCheckpoint | None, half: bool = 
     and the text encoder stay fp32: fp16 Stable Diffusion VAEs are known to overflow (NaN or black outputs), and both
     run once per image or prompt, not once per class. `copy=False` halves the backbone's own UNet in place (the torch
     backend: one UNet in memory), else export gets fp16 copies and keeps the fp32 reference."""
-    unet, text, encoder = backbone.unet, backbone.text_encoder, backbone.encoder
+    unet, text, encoder = backbone.unet, backbone.text_conditioner(), backbone.encoder
     noise = ckpt.noise_model().to(backbone.device) if ckpt is not None else None
     if half:
         unet = (deepcopy(unet) if copy else unet).half()
         noise = None if noise is None else deepcopy(noise).half()
-    errors = ClassErrors(unet, backbone.alphas_cumprod, backbone.prediction_type, LOSSES).to(backbone.device)
+    errors = ClassErrors(unet, backbone.schedule, backbone.prediction_type, LOSSES).to(backbone.device)
     modules: dict[str, nn.Module] = {SCORER: errors, ENCODER: Float32Graph(encoder),
                                      TEXT_ENCODER: TextEncoderGraph(text)}
     if ckpt is not None and noise is not None:
-        one_loss = ClassErrors(unet, backbone.alphas_cumprod, backbone.prediction_type, (ckpt.loss,))
+        one_loss = ClassErrors(unet, backbone.schedule, backbone.prediction_type, (ckpt.loss,))
         modules[CLASSIFIER] = NoopClassifier(encoder, noise, one_loss.to(backbone.device), ckpt.t_star, ckpt.tau)
         modules[NOISE] = Float32Graph(noise)
     return {name: m.eval() for name, m in modules.items()}

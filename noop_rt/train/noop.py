@@ -99,6 +99,10 @@ class PromptContext(nn.Module):
 
     def __init__(self, backbone: Backbone, prompts: list[str], template: str) -> None:
         super().__init__()
+        if backbone.family != "sd":
+            from noop_rt.runtime.errors import BadInputError
+
+            raise BadInputError(f"--prompt-tuning is supported on SD 1.x/2.x backbones, not on {backbone.family}")
         prefix = template.split("{}")[0].strip()
         if not prefix:
             raise ValueError("prompt tuning needs a template with words before '{}' (e.g. 'a photo of a {}')")
