@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 __all__ = ["ClassScore", "Classifier", "LoadOptions", "NoopError", "Result", "__version__", "load"]
 
 
