@@ -15,6 +15,7 @@ from noop_rt.cli.options import (
     BundleOpt,
     CkptOpt,
     ClassesOpt,
+    ConcurrencyOpt,
     DeviceOpt,
     EnginesOpt,
     Fp16Opt,
@@ -31,6 +32,7 @@ from noop_rt.cli.options import (
     SeedOpt,
     StagesOpt,
     TemplateOpt,
+    ThreadsOpt,
     TopKOpt,
     check_choices,
     check_images,
@@ -118,7 +120,8 @@ def eval_command(
     template: TemplateOpt = None, backend: BackendOpt = "auto", method: MethodOpt = None, noises: NoisesOpt = None,
     stages: StagesOpt = None, loss: LossOpt = None, seed: SeedOpt = 0, device: DeviceOpt = "auto",
     fp16: Fp16Opt = False, max_batch: MaxBatchOpt = None, robust: RobustOpt = False, engines: EnginesOpt = None,
-    lora: LoraOpt = None, lora_scale: LoraScaleOpt = None, as_json: JsonOpt = False,
+    lora: LoraOpt = None, lora_scale: LoraScaleOpt = None, threads: ThreadsOpt = None,
+    concurrency: ConcurrencyOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Accuracy, per-class accuracy and confusion matrix on a labelled image folder; --json records the protocol."""
     def go() -> None:
@@ -128,12 +131,21 @@ def eval_command(
         check_choices(backend, method, loss)
         dataset = ImageFolder.scan(data)
         zero_shot_model = model is not None and model != "demo"
-        classifier = open_model(load_request(
+        from noop_rt.jobs.parallel import open_classifiers, plan
+
+        request = load_request(
             bundle, ckpt, model, backend=backend, device=device, method=method,
             classes=dataset.classes if zero_shot_model and prompts is None else None, prompts=prompts,
             template=template, noises=noises, stages=stages, loss=loss, seed=seed, robust=robust, max_batch=max_batch,
-            fp16=fp16, engines=engines, lora=lora, lora_scale=lora_scale))
-        report = evaluate_folder(classifier, dataset)
+            fp16=fp16, engines=engines, lora=lora, lora_scale=lora_scale)
+        first = open_model(request)
+        engine = plan(first.backend, first.device, threads, concurrency)
+        pool = open_classifiers(request, first, engine)
+        try:
+            report = evaluate_folder(pool[0], dataset, classifiers=pool, engine=engine)
+        finally:
+            for c in pool:
+                c.close()
         if as_json:
             print(json.dumps(report, indent=2))
             return
