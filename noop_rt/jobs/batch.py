@@ -434,6 +434,14 @@ def ray_block_size(options: BatchOptions, images: int) -> int:
     return max(options.batch_size, min(8 * options.batch_size, per_worker))
 
 
+def actor_cpu_share(ray: Any, workers: int) -> float:
+    """CPUs per actor: the cluster's CPUs split between the workers, but never more than the largest node has (an
+    actor lives on one node)."""
+    nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    return max(0.25, min(cpus / workers, max(nodes, default=cpus) or cpus))
+
+
 def _run_ray(todo: list[str], load: LoadOptions, resolution: int, ident: str, options: BatchOptions,
              parts: Path, next_part: int, show_progress: bool, backend: str = "onnxruntime",
              device: str = "cpu") -> dict[str, Any]:
@@ -462,9 +470,8 @@ def _run_ray(todo: list[str], load: LoadOptions, resolution: int, ident: str, op
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = show_progress
-        cpus = float(ray.cluster_resources().get("CPU", 1))
         workers = max(1, options.workers)
-        actor_cpus = 1.0 if options.gpus_per_worker else max(0.25, cpus / workers)
+        actor_cpus = 1.0 if options.gpus_per_worker else actor_cpu_share(ray, workers)
         engine = plan(backend, "cuda" if options.gpus_per_worker else device, options.threads, options.concurrency,
                       ncores=max(1, int(actor_cpus)))
         block = ray_block_size(options, len(todo))
@@ -492,7 +499,7 @@ def _run_ray(todo: list[str], load: LoadOptions, resolution: int, ident: str, op
                 stats["cpu_s"] += float(cpu)
         total_s = time.perf_counter() - start
         steady = (done - first_n) / (total_s - first_s) if first_s is not None and total_s > first_s else None
-        return {"mode": "ray", "workers": workers, "actor_cpus": actor_cpus, "block_size": block,
+        return {"mode": "ray", "workers": workers, "rows_received": done, "actor_cpus": actor_cpus, "block_size": block,
                 "plan_per_worker": engine.to_json(), "cluster_start_s": cluster_s if started_here else 0.0,
                 "first_rows_s": first_s, "steady_images_per_s": steady,
                 "workers_seen": {str(pid): {"images": int(v["images"]), "model_load_s": v["load_s"],
