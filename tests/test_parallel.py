@@ -46,7 +46,8 @@ def test_the_plan_per_engine_and_the_overrides() -> None:
     assert (plan("onnxruntime", "cuda:0", ncores=8).concurrency, plan("tensorrt", "cuda:0").sessions) == (1, 1)
     mine = plan("onnxruntime", "CPUExecutionProvider", threads=2, concurrency=3, ncores=2)
     assert (mine.concurrency, mine.threads, mine.sessions) == (3, 2, 1) and "--threads and --concurrency" in mine.why
-    assert plan("onnxruntime", "CPUExecutionProvider", concurrency=1, ncores=4).threads == 4  # the cores, split
+    assert plan("onnxruntime", "CPUExecutionProvider", concurrency=1, ncores=4).threads is None  # the engine's own
+    assert plan("onnxruntime", "CPUExecutionProvider", concurrency=2, ncores=4).threads == 2  # the cores, split
     with pytest.raises(BadInputError, match="--concurrency"):
         plan("onnxruntime", "CPUExecutionProvider", concurrency=0)
 

@@ -8,6 +8,7 @@ gets an `error` row. The model is opened with `noop_rt.load(load)`: a bundle nev
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -280,7 +281,7 @@ def run_batch(inputs: list[str], out: Path, load: LoadOptions, options: BatchOpt
         else:
             from noop_rt.jobs.parallel import open_classifiers, plan
 
-            chosen = plan(classifier.backend, classifier.device, options.threads, options.concurrency)
+            chosen = plan(classifier.backend, classifier.device, options.threads or load.threads, options.concurrency)
             engine = chosen.to_json()
             if todo:
                 classifiers = open_classifiers(load, classifier, chosen)
@@ -404,7 +405,7 @@ class _RayClassifier:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from noop_rt.jobs.parallel import ordered
 
-        cpu0 = time.process_time()
+        cpu0, t_start = time.process_time(), time.time()
         resolution = self.classifiers[0].resolution
 
         def infer(slot: int, decoded: tuple[list[str], np.ndarray, list[str | None]]) -> list[dict[str, Any]]:
@@ -422,7 +423,8 @@ class _RayClassifier:
         cpu = (time.process_time() - cpu0) / max(n, 1)
         return {"row": np.array([json.dumps(r) for r in rows], dtype=object),
                 "pid": np.full(n, os.getpid(), dtype=np.int64), "cpu_s": np.full(n, cpu, dtype=np.float64),
-                "load_s": np.full(n, self.load_s, dtype=np.float64)}
+                "load_s": np.full(n, self.load_s, dtype=np.float64), "t_start": np.full(n, t_start),
+                "t_end": np.full(n, time.time())}
 
 
 def ray_block_size(options: BatchOptions, images: int) -> int:
@@ -432,6 +434,22 @@ def ray_block_size(options: BatchOptions, images: int) -> int:
         return options.ray_block_size
     per_worker = -(-images // (4 * max(1, options.workers)))
     return max(options.batch_size, min(8 * options.batch_size, per_worker))
+
+
+def steady_rate(rows: list[tuple[int, float, float, int]]) -> float | None:
+    """Images/s once every actor has finished its first call (model loaded, engine warm), from the actors' own
+    clocks: the images of the calls that started after that moment over the time from it to the last call's end.
+    (The driver's clock would count blocks the actors finished while the driver waited for the first one.)"""
+    calls = sorted({(pid, start, end) for pid, start, end, _ in rows})
+    first_end: dict[int, float] = {}
+    for pid, _, end in calls:
+        first_end[pid] = min(first_end.get(pid, end), end)
+    if not first_end:
+        return None
+    t0 = max(first_end.values())
+    later = [r for r in rows if r[1] >= t0]
+    span = max((r[2] for r in later), default=t0) - t0
+    return sum(r[3] for r in later) / span if span > 0 else None
 
 
 def actor_cpu_share(ray: Any, workers: int) -> float:
@@ -474,6 +492,8 @@ def _run_ray(todo: list[str], load: LoadOptions, resolution: int, ident: str, op
         actor_cpus = 1.0 if options.gpus_per_worker else actor_cpu_share(ray, workers)
         engine = plan(backend, "cuda" if options.gpus_per_worker else device, options.threads, options.concurrency,
                       ncores=max(1, int(actor_cpus)))
+        if engine.threads is None:  # an actor's share of the cores, never the engine's all-cores default
+            engine = dataclasses.replace(engine, threads=max(1, int(actor_cpus)))
         block = ray_block_size(options, len(todo))
         ds = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=-(-len(todo) // block))
         ds = ds.map_batches(
@@ -483,25 +503,28 @@ def _run_ray(todo: list[str], load: LoadOptions, resolution: int, ident: str, op
             fn_constructor_kwargs={"load": load, "top_k": options.top_k, "ident": ident,
                                    "batch_size": options.batch_size, "engine": engine.to_json()})
         start = time.perf_counter()
-        first_s, first_n, done = None, 0, 0
+        first_s, done = None, 0
         per_pid: dict[int, dict[str, float]] = {}
+        blocks: list[tuple[int, float, float, int]] = []  # (pid, start, end, images) of each actor call
         for n, batch in enumerate(ds.iter_batches(batch_size=None, batch_format="numpy")):
             if options.fail_after_batches is not None and n >= options.fail_after_batches:
                 raise RuntimeError(f"simulated crash after {n} batches")
             write_part(parts, next_part + n, [json.loads(r) for r in batch["row"]])
             done += len(batch["row"])
             if first_s is None:
-                first_s, first_n = time.perf_counter() - start, done
+                first_s = time.perf_counter() - start
+            blocks += [(int(p), float(a), float(b), 1)
+                       for p, a, b in zip(batch["pid"].tolist(), batch["t_start"].tolist(), batch["t_end"].tolist(),
+                                          strict=True)]
             for pid, cpu, load_s in zip(batch["pid"].tolist(), batch["cpu_s"].tolist(), batch["load_s"].tolist(),
                                         strict=True):
                 stats = per_pid.setdefault(int(pid), {"images": 0, "cpu_s": 0.0, "load_s": float(load_s)})
                 stats["images"] += 1
                 stats["cpu_s"] += float(cpu)
-        total_s = time.perf_counter() - start
-        steady = (done - first_n) / (total_s - first_s) if first_s is not None and total_s > first_s else None
-        return {"mode": "ray", "workers": workers, "rows_received": done, "actor_cpus": actor_cpus, "block_size": block,
+        return {"mode": "ray", "steady_images_per_s": steady_rate(blocks), "workers": workers, "rows_received": done,
+                "actor_cpus": actor_cpus, "block_size": block,
                 "plan_per_worker": engine.to_json(), "cluster_start_s": cluster_s if started_here else 0.0,
-                "first_rows_s": first_s, "steady_images_per_s": steady,
+                "first_rows_s": first_s,
                 "workers_seen": {str(pid): {"images": int(v["images"]), "model_load_s": v["load_s"],
                                             "cpu_ms_per_image": 1e3 * v["cpu_s"] / max(v["images"], 1)}
                                  for pid, v in per_pid.items()}}

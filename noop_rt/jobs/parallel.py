@@ -71,7 +71,7 @@ def plan(backend: str, device: str, threads: int | None = None, concurrency: int
         return EnginePlan(k, threads, k if k > 1 and backend != "onnxruntime" else 1,
                           " and ".join(said) if said else f"{backend} on {device}: one call at a time")
     k = concurrency or n
-    per_call = threads or max(1, n // k)
+    per_call = threads or (None if k == 1 else max(1, n // k))  # one call at a time: the engine's own threads
     shared = CPU_ENGINES[backend]
     why = f"measured default for {backend} on {n} core(s)"
     if said:
