@@ -147,3 +147,13 @@ def test_batch_and_eval_json_record_the_plan(many: Path, tmp_path: Path) -> None
     a, b = json.loads(one.stdout), json.loads(two.stdout)
     assert a["engine"]["concurrency"] == 1 and b["engine"]["why"].startswith("measured default")
     assert a["confusion"] == b["confusion"] and a["accuracy"] >= 0.9
+
+
+def test_ray_steady_state_counts_only_the_calls_after_every_actor_warmed_up() -> None:
+    from noop_rt.jobs.batch import steady_rate
+
+    # actor 1: blocks [0, 10] (warm-up, 8 images), [10, 12], [12, 14]; actor 2: [0, 11] (warm-up), [11, 13]
+    rows = [(1, 0.0, 10.0, 8), (1, 10.0, 12.0, 8), (1, 12.0, 14.0, 8), (2, 0.0, 11.0, 8), (2, 11.0, 13.0, 8)]
+    # both warm at t = 11: the calls starting then or later hold 8 + 8 images, ending at 14
+    assert steady_rate(rows) == pytest.approx(16 / 3)
+    assert steady_rate([(1, 0.0, 5.0, 4)]) is None and steady_rate([]) is None
