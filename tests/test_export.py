@@ -3,6 +3,7 @@ errors, atomicity."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import pathlib
@@ -343,6 +344,11 @@ def test_int8_classifier_is_quantized_and_gated_on_agreement(tiny_ckpt, tmp_path
     agree = np.mean([a.label == b.label for a, b in zip(q, f, strict=True)])
     v = json.loads((out / "validation.json").read_text())
     assert v["classifier"]["top1_agreement"] == pytest.approx(agree)
+    if importlib.util.find_spec("openvino") is not None:  # the same gate on OpenVINO's CPU plugin, recomputed here
+        o = noop_rt.load(out, backend="openvino").classify(val, top_k=1)
+        assert v["classifier_openvino"]["ran"], v["classifier_openvino"]
+        assert v["classifier_openvino"]["top1_agreement"] == pytest.approx(
+            np.mean([a.label == b.label for a, b in zip(o, f, strict=True)]))
     res = runner.invoke(app, ["export", "--ckpt", str(tiny_ckpt), "--int8", "--out", str(tmp_path / "no"),
                               "--min-agreement", "1.01"])
     assert res.exit_code == 3 and not (tmp_path / "no").exists(), res.output

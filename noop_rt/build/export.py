@@ -245,6 +245,7 @@ def validate_bundle(bundle_dir: Path, reference: TorchRunner, images: np.ndarray
                                "class_embeddings": emb}, [f"errors_{loss}"])[0]
         path_gaps.append(float(np.abs(via - got).max()))
     ort.close()
+    openvino = _openvino_agreement(bundle, reference, images, step, min_agreement) if precision == "int8" else None
     agree = float(np.concatenate(same).mean())
     for name, g in graphs.items():
         g["passed"] = g["max_rel"] <= tolerance or (precision == "int8" and name == CLASSIFIER)
@@ -255,8 +256,41 @@ def validate_bundle(bundle_dir: Path, reference: TorchRunner, images: np.ndarray
         "classifier": {"top1_agreement": agree, "min_agreement": min_agreement, "max_error_gap": max(gaps),
                        "classifier_vs_scorer_path_max_gap": max(path_gaps), "passed": agree >= min_agreement},
     }
-    report["passed"] = all(g["passed"] for g in graphs.values()) and report["classifier"]["passed"]
+    if openvino is not None:
+        report["classifier_openvino"] = openvino
+    report["passed"] = (all(g["passed"] for g in graphs.values()) and report["classifier"]["passed"]
+                        and (openvino or {}).get("passed", True))
     return report
+
+
+def _openvino_agreement(bundle: Bundle, reference: TorchRunner, images: np.ndarray, step: int,
+                        min_agreement: float) -> dict[str, Any]:
+    """The INT8 classifier graph on OpenVINO's CPU plugin (its int8 kernels; the rest in OpenVINO's default
+    precision): top-1 agreement with the fp32 torch classifier on the same images, gated like onnxruntime's. Where
+    OpenVINO is not installed the check is recorded as not run (it does not block an onnxruntime export)."""
+    from noop_rt.runtime.backends.base import installed
+
+    if not installed("openvino"):
+        return {"ran": False, "why": "openvino is not installed", "passed": True}
+    from noop_rt.runtime.backends.openvino_runner import OpenVinoRunner
+
+    runner = OpenVinoRunner(bundle)
+    try:
+        same = []
+        for i in range(0, len(images), step):
+            batch = images[i:i + step]
+            want = reference.run(CLASSIFIER, {"image": batch}, ["errors"])[0]
+            got = runner.run(CLASSIFIER, {"image": batch}, ["errors"])[0]
+            same.append(want.argmin(axis=1) == got.argmin(axis=1))
+    except RuntimeError as exc:  # OpenVINO cannot compile or run the graph: the gate fails, saying why
+        return {"ran": False, "why": str(exc).strip().splitlines()[-1], "passed": False}
+    finally:
+        runner.close()
+    import openvino
+
+    agree = float(np.concatenate(same).mean())
+    return {"ran": True, "runtime": f"OpenVINO {openvino.__version__} CPU", "runs_in": runner.execution_precision,
+            "top1_agreement": agree, "min_agreement": min_agreement, "passed": agree >= min_agreement}
 
 
 def _ort_version() -> str:
@@ -274,6 +308,12 @@ def print_validation(report: dict[str, Any], stream: Any = sys.stderr) -> None:
     mark = "✓" if c["passed"] else "✗"
     print(f"  {mark} classifier top-1 agreement {100 * c['top1_agreement']:.1f} % on {report['images']} "
           f"(required {100 * c['min_agreement']:.1f} %), max error gap {c['max_error_gap']:.2e}", file=stream)
+    v = report.get("classifier_openvino")
+    if v is not None and v["ran"]:
+        print(f"  {'✓' if v['passed'] else '✗'} classifier on OpenVINO CPU ({v['runs_in']}): top-1 agreement "
+              f"{100 * v['top1_agreement']:.1f} % (required {100 * v['min_agreement']:.1f} %)", file=stream)
+    elif v is not None:
+        print(f"  {'-' if v['passed'] else '✗'} classifier on OpenVINO CPU not run: {v['why']}", file=stream)
 
 
 def export_bundle(ckpt_path: str | Path, out: str | Path, options: ExportOptions | None = None,
@@ -335,6 +375,10 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, options: ExportOptions
                                                                  emb.numpy(), work)
             print(f"  quantized classifier.onnx to INT8 on {int8} in {time.perf_counter() - t0:.1f} s", file=log)
         bake_input(models[specs[CLASSIFIER].file], "class_embeddings", emb.numpy())
+        if int8 is not None:
+            from noop_rt.build.quantize import strip_constant_qdq
+
+            strip_constant_qdq(models[specs[CLASSIFIER].file])
         set_labels(models[specs[CLASSIFIER].file], ckpt.classes, ckpt.prompts)
         weights = share_weights(models, tmp)
         shutil.rmtree(work)

@@ -44,6 +44,48 @@ def checkpoint_images(ckpt: NoopCheckpoint, resolution: int, which: tuple[str, .
     return np.stack([load_image(p, resolution) for p in paths]), f"{len(paths)} recorded {'+'.join(which)} images"
 
 
+def computed_constants(graph: Any) -> set[str]:
+    """Tensors computed from constants alone, not from the image (the learned noise expanded to the batch, the fixed
+    timestep's embedding, projections of the built-in class embeddings). Shapes do not make a tensor depend on the
+    image: the batch size is read from it, not its values."""
+    initializers = {t.name for t in graph.initializer}
+    dynamic = {i.name for i in graph.input} - initializers
+    for node in graph.node:
+        if node.op_type not in ("Shape", "Size") and any(x in dynamic for x in node.input if x):
+            dynamic.update(node.output)
+    return {o for node in graph.node for o in node.output} - dynamic
+
+
+def computed_constant_consumers(model: Any) -> list[str]:
+    """Nodes that take a computed constant: left in fp32 (quantizing a constant buys no speed, and OpenVINO's
+    low-precision transformations fail on Quantize/Dequantize pairs around them: an Add of the expanded noise, the
+    time-embedding Gemm)."""
+    computed = computed_constants(model.graph)
+    return [n.name for n in model.graph.node if n.name and any(x in computed for x in n.input if x)]
+
+
+def strip_constant_qdq(model: Any) -> int:
+    """Remove the QuantizeLinear -> DequantizeLinear pairs the quantizer still put on computed constants (where an
+    image-dependent node consumes them; run once the class embeddings are baked in, which makes their projections
+    constants too), so that OpenVINO compiles the graph; returns how many. The weights' own
+    DequantizeLinear nodes (int8 initializers) stay."""
+    graph = model.graph
+    computed = computed_constants(graph)
+    pairs = [q for q in graph.node if q.op_type == "QuantizeLinear" and q.input[0] in computed]
+    for q in pairs:
+        for dq in [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] == q.output[0]]:
+            for node in graph.node:
+                for i, name in enumerate(node.input):
+                    if name == dq.output[0]:
+                        node.input[i] = q.input[0]
+            for out in graph.output:
+                if out.name == dq.output[0]:
+                    raise ValueError(f"{out.name} is a graph output behind a Quantize/Dequantize pair")
+            graph.node.remove(dq)
+        graph.node.remove(q)
+    return len(pairs)
+
+
 def quantize_classifier(model: Any, images: np.ndarray, class_embeddings: np.ndarray, work: Path) -> Any:
     """An INT8 (QDQ) copy of the classifier graph `model` (a ModelProto whose `class_embeddings` is still a plain
     input), calibrated by running `images` through it."""
@@ -71,6 +113,7 @@ def quantize_classifier(model: Any, images: np.ndarray, class_embeddings: np.nda
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.batches, None)
 
+    excluded = computed_constant_consumers(onnx.load(str(pre), load_external_data=False))
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # the quantizer logs a warning per 1-D normalisation constant it leaves per-tensor
@@ -78,7 +121,7 @@ def quantize_classifier(model: Any, images: np.ndarray, class_embeddings: np.nda
         quantize_static(str(pre), str(out), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax, use_external_data_format=large,
-                        nodes_to_exclude=[], extra_options={"ActivationSymmetric": False})
+                        nodes_to_exclude=excluded, extra_options={"ActivationSymmetric": False})
     finally:
         root.setLevel(level)
     return onnx.load(str(out), load_external_data=True)

@@ -16,6 +16,7 @@ from noop_rt.cli.options import (
     CascadeThresholdOpt,
     CkptOpt,
     ClassesOpt,
+    ConcurrencyOpt,
     DeviceOpt,
     EnginesOpt,
     EscalateOpt,
@@ -34,6 +35,7 @@ from noop_rt.cli.options import (
     ShortlistOpt,
     StagesOpt,
     TemplateOpt,
+    ThreadsOpt,
     TopKOpt,
     check_choices,
     check_images,
@@ -127,7 +129,8 @@ def eval_command(
     shortlist: ShortlistOpt = None, escalate: EscalateOpt = None, loss: LossOpt = None, seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     fp16: Fp16Opt = False, max_batch: MaxBatchOpt = None, robust: RobustOpt = False, engines: EnginesOpt = None,
-    lora: LoraOpt = None, lora_scale: LoraScaleOpt = None, as_json: JsonOpt = False,
+    lora: LoraOpt = None, lora_scale: LoraScaleOpt = None, threads: ThreadsOpt = None,
+    concurrency: ConcurrencyOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Accuracy, per-class accuracy and confusion matrix on a labelled image folder; --json records the protocol."""
     def go() -> None:
@@ -137,13 +140,22 @@ def eval_command(
         check_choices(backend, method, loss)
         dataset = ImageFolder.scan(data)
         zero_shot_model = model is not None and model != "demo"
-        classifier = open_model(load_request(
+        from noop_rt.jobs.parallel import open_classifiers, plan
+
+        request = load_request(
             bundle, ckpt, model, backend=backend, device=device, method=method,
             classes=dataset.classes if zero_shot_model and prompts is None else None, prompts=prompts,
             template=template, noises=noises, stages=stages, cascade_threshold=cascade_threshold, shortlist=shortlist,
             escalate=escalate, loss=loss, seed=seed, robust=robust, max_batch=max_batch,
-            fp16=fp16, engines=engines, lora=lora, lora_scale=lora_scale))
-        report = evaluate_folder(classifier, dataset)
+            fp16=fp16, engines=engines, lora=lora, lora_scale=lora_scale)
+        first = open_model(request)
+        engine = plan(first.backend, first.device, threads, concurrency)
+        pool = open_classifiers(request, first, engine)
+        try:
+            report = evaluate_folder(pool[0], dataset, classifiers=pool, engine=engine)
+        finally:
+            for c in pool:
+                c.close()
         if as_json:
             print(json.dumps(report, indent=2))
             return

@@ -16,6 +16,7 @@ from noop_rt.cli.options import (
     CascadeThresholdOpt,
     CkptOpt,
     ClassesOpt,
+    ConcurrencyOpt,
     DeviceOpt,
     EnginesOpt,
     EscalateOpt,
@@ -32,6 +33,7 @@ from noop_rt.cli.options import (
     ShortlistOpt,
     StagesOpt,
     TemplateOpt,
+    ThreadsOpt,
     TopKOpt,
     load_request,
 )
@@ -61,6 +63,10 @@ def batch(
     workers: Annotated[int, typer.Option("--workers", min=1, help="Ray actors (one model copy each).")] = 1,
     gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", min=0.0, help="GPUs per Ray actor.")] = 0.0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per classification call.")] = 16,
+    threads: ThreadsOpt = None, concurrency: ConcurrencyOpt = None,
+    ray_block_size: Annotated[int | None, typer.Option("--ray-block-size", min=1, metavar="N", help="Paths per Ray "
+                                                       "actor call (default: up to 8 batches, at least 4 blocks "
+                                                       "per worker).")] = None,
     device: DeviceOpt = "auto", max_batch: MaxBatchOpt = None, engines: EnginesOpt = None, lora: LoraOpt = None,
     lora_scale: LoraScaleOpt = None, as_json: JsonOpt = False,
 ) -> None:
@@ -74,13 +80,14 @@ def batch(
                             escalate=escalate, loss=loss, seed=seed,
                             max_batch=max_batch, engines=engines, lora=lora, lora_scale=lora_scale)
         options = BatchOptions(top_k=top_k, batch_size=batch_size, ray=ray or ray_address is not None,
-                               ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker)
+                               ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
+                               threads=threads, concurrency=concurrency, ray_block_size=ray_block_size)
         check_writable(out, "--out")
         report = run_batch(inputs, out, load, options)
         summary = {"out": str(report.out), "total": report.total, "skipped": report.skipped,
                    "classified": report.classified, "failed": report.failed, "seconds": round(report.seconds, 2),
                    "images_per_s": round(report.images_per_s, 2), "backend": report.backend, "mode": report.mode,
-                   "drift": report.drift}
+                   "drift": report.drift, "engine": report.engine}
         if as_json:
             print(json.dumps(summary, indent=2))
         else:

@@ -54,6 +54,12 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document o
 MaxBatchOpt = Annotated[int | None, typer.Option("--max-batch", min=1, metavar="N", help="Largest UNet batch (B*C) "
                                                  "per call (default: the bundle's own, sized at export; 256 on "
                                                  "torch).")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", min=1, metavar="N", help="Engine threads per "
+                                               "classification call in flight (default: measured per engine, "
+                                               "one per core split between the calls; recorded in --json).")]
+ConcurrencyOpt = Annotated[int | None, typer.Option("--concurrency", min=1, metavar="K", help="Classification "
+                                                    "calls in flight at once (default: measured per engine, one "
+                                                    "per core on onnxruntime and OpenVINO CPU, 1 on a GPU).")]
 RobustOpt = Annotated[bool, typer.Option("--robust", help="RDC likelihood maximisation first (torch backend).")]
 Fp16Opt = Annotated[bool, typer.Option("--fp16", help="torch backend in half precision.")]
 LoraOpt = Annotated[Path | None, typer.Option("--lora", metavar="FILE", help="A LoRA .safetensors (diffusers or "

@@ -8,6 +8,7 @@ gets an `error` row. The model is opened with `noop_rt.load(load)`: a bundle nev
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -15,7 +16,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -157,6 +158,9 @@ class BatchOptions:
     ray_address: str | None = None
     workers: int = 1
     gpus_per_worker: float = 0.0
+    threads: int | None = None  # engine threads per call in flight (None: the measured default, jobs/parallel.py)
+    concurrency: int | None = None  # classification calls in flight in process (None: the measured default)
+    ray_block_size: int | None = None  # paths per Ray actor call (None: ray_block_size())
     fail_after_batches: int | None = None  # testing hook: raise after this many batches (simulates a crash)
 
 
@@ -226,6 +230,7 @@ class BatchReport:
     mode: str
     first_error: str | None = None  # the error of the first new row that failed
     drift: dict[str, Any] | None = None  # the drift monitor's report (in-process runs of a calibrated NoOp model)
+    engine: dict[str, Any] | None = None  # how it ran: in process the EnginePlan, on Ray the pool and its timings
 
 
 def run_batch(inputs: list[str], out: Path, load: LoadOptions, options: BatchOptions, log: Any = None,
@@ -242,6 +247,7 @@ def run_batch(inputs: list[str], out: Path, load: LoadOptions, options: BatchOpt
     paths = expand_inputs(inputs)
     if not paths:
         raise BadInputError("no input images")
+    opened = time.perf_counter()
     classifier = open_model(load)
     classifier.report_to(log)
     ident = model_id(classifier)
@@ -265,14 +271,25 @@ def run_batch(inputs: list[str], out: Path, load: LoadOptions, options: BatchOpt
             where.append(f"{skipped - from_out} in the unfinished part files {parts}{os.sep}")
         print(f"resuming: skipped {skipped} path(s) already done ({', '.join(where)})", file=log)
     start = time.perf_counter()
+    engine: dict[str, Any] | None = None
+    classifiers = [classifier]
     try:
-        if todo:
-            next_part = _next_part(parts)
-            if options.ray:
-                classifier.close()  # the actors open their own; the driver holds no model (nor GPU memory)
-                _run_ray(todo, load, resolution, ident, options, parts, next_part, show_progress)
-            else:
-                _run_in_process(todo, classifier, ident, options, parts, next_part, show_progress)
+        if options.ray:
+            classifier.close()  # the actors open their own; the driver holds no model (nor GPU memory)
+            if todo:
+                engine = _run_ray(todo, load, resolution, ident, options, parts, _next_part(parts), show_progress,
+                                  backend, classifier.device)
+        else:
+            from noop_rt.jobs.parallel import open_classifiers, plan
+
+            chosen = plan(classifier.backend, classifier.device, options.threads or load.threads, options.concurrency)
+            engine = chosen.to_json()
+            if todo:
+                classifiers = open_classifiers(load, classifier, chosen)
+                classifier = classifiers[0]
+                engine["model_load_s"] = time.perf_counter() - opened
+                engine.update(_run_in_process(todo, classifiers, chosen.concurrency, ident, options, parts,
+                                              _next_part(parts), show_progress))
         new_rows = read_parts(parts)
         merged: dict[str, dict[str, Any]] = {}
         for row in existing + new_rows:
@@ -288,7 +305,8 @@ def run_batch(inputs: list[str], out: Path, load: LoadOptions, options: BatchOpt
             print(f"stopped: {_kept(out, parts)}; re-run the same command to resume", file=log)
         raise
     finally:
-        classifier.close()
+        for c in classifiers:
+            c.close()
     shutil.rmtree(parts, ignore_errors=True)
     seconds = time.perf_counter() - start
     wanted = set(todo)
@@ -299,7 +317,7 @@ def run_batch(inputs: list[str], out: Path, load: LoadOptions, options: BatchOpt
     drift = classifier.drift.report() if classifier.drift is not None and not options.ray and fresh else None
     return BatchReport(out, len(paths), skipped, len(fresh) - failed, failed, seconds,
                        len(fresh) / seconds if seconds > 0 and fresh else 0.0, backend,
-                       "ray" if options.ray else "in-process", first_error, drift)
+                       "ray" if options.ray else "in-process", first_error, drift, engine)
 
 
 def _next_part(parts: Path) -> int:
@@ -328,49 +346,127 @@ def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
         yield items[i:i + size]
 
 
-def _run_in_process(todo: list[str], classifier: Any, ident: str, options: BatchOptions, parts: Path,
-                    next_part: int, show_progress: bool) -> None:
+def _run_in_process(todo: list[str], classifiers: list[Any], concurrency: int, ident: str, options: BatchOptions,
+                    parts: Path, next_part: int, show_progress: bool) -> dict[str, Any]:
+    """`concurrency` batches in flight (jobs/parallel.py), decoded ahead in a thread of their own, written as part
+    files in input order. Returns the timings: first rows (the first batch, engine warm-up included) and the steady
+    state (images/s after it)."""
     from tqdm import tqdm
 
+    from noop_rt.jobs.parallel import ordered
+
+    resolution = classifiers[0].resolution
+
+    def infer(slot: int, decoded: tuple[list[str], np.ndarray, list[str | None]]) -> list[dict[str, Any]]:
+        chunk, images, errors = decoded
+        return classify_decoded(classifiers[slot % len(classifiers)], options.top_k, ident, chunk, images, errors)
+
+    def decode(chunk: list[str]) -> tuple[list[str], np.ndarray, list[str | None]]:
+        return (chunk, *decode_batch(chunk, resolution))
+
+    chunks = list(_chunks(todo, options.batch_size))
+    if options.fail_after_batches is not None:  # the testing hook: the batches after it never run
+        chunks = chunks[:options.fail_after_batches + 1]
+    start = time.perf_counter()
+    first_s, first_n, done = None, 0, 0
+    results = ordered(chunks, decode, infer, concurrency)
     with tqdm(total=len(todo), desc="batch", unit="img", file=sys.stderr, disable=not show_progress) as bar:
-        for n, chunk in enumerate(_chunks(todo, options.batch_size)):
-            if options.fail_after_batches is not None and n >= options.fail_after_batches:
-                raise RuntimeError(f"simulated crash after {n} batches")
-            images, errors = decode_batch(chunk, classifier.resolution)
-            rows = classify_decoded(classifier, options.top_k, ident, chunk, images, errors)
-            write_part(parts, next_part + n, rows)
-            bar.update(len(chunk))
+        try:
+            for n, rows in enumerate(results):
+                if options.fail_after_batches is not None and n >= options.fail_after_batches:
+                    raise RuntimeError(f"simulated crash after {n} batches")
+                write_part(parts, next_part + n, rows)
+                bar.update(len(rows))
+                done += len(rows)
+                if first_s is None:
+                    first_s, first_n = time.perf_counter() - start, done
+        finally:
+            results.close()
+    total_s = time.perf_counter() - start
+    steady = (done - first_n) / (total_s - first_s) if first_s is not None and total_s > first_s else None
+    return {"mode": "in-process", "first_rows_s": first_s, "steady_images_per_s": steady}
 
 
 class _RayClassifier:
-    """One Ray actor per worker: opens the classifier (its sessions and cached class embeddings) once."""
+    """One Ray actor per worker: opens its classifier(s) once (the engine plan the driver chose for the actor's share
+    of the cores), then decodes and classifies whole blocks of paths: no decode tasks, no images in the object
+    store, only paths in and JSON rows out."""
 
-    def __init__(self, load: LoadOptions, top_k: int, ident: str, threads: int) -> None:
+    def __init__(self, load: LoadOptions, top_k: int, ident: str, batch_size: int, engine: dict[str, Any]) -> None:
         from noop_rt.api import load as open_model
+        from noop_rt.jobs.parallel import EnginePlan, open_classifiers
 
-        self.classifier = open_model(load.updated(threads=max(1, threads)))
-        self.top_k, self.ident = top_k, ident
+        t0 = time.perf_counter()
+        self.engine = EnginePlan(**engine)
+        want = load.updated(threads=self.engine.threads)
+        self.classifiers = open_classifiers(want, open_model(want), self.engine)
+        self.top_k, self.ident, self.batch_size = top_k, ident, batch_size
+        self.load_s = time.perf_counter() - t0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        paths = [str(p) for p in batch["path"]]
-        errors = [str(e) if e else None for e in batch["error"]]
-        rows = classify_decoded(self.classifier, self.top_k, self.ident, paths,
-                                np.asarray(batch["image"], dtype=np.float32), errors)
-        return {"row": np.array([json.dumps(r) for r in rows], dtype=object)}
+        from noop_rt.jobs.parallel import ordered
+
+        cpu0, t_start = time.process_time(), time.time()
+        resolution = self.classifiers[0].resolution
+
+        def infer(slot: int, decoded: tuple[list[str], np.ndarray, list[str | None]]) -> list[dict[str, Any]]:
+            return classify_decoded(self.classifiers[slot % len(self.classifiers)], self.top_k, self.ident,
+                                    *decoded)
+
+        def decode(chunk: list[str]) -> tuple[list[str], np.ndarray, list[str | None]]:
+            return (chunk, *decode_batch(chunk, resolution))
+
+        rows: list[dict[str, Any]] = []
+        for part in ordered(_chunks([str(p) for p in batch["path"]], self.batch_size), decode, infer,
+                            self.engine.concurrency):
+            rows += part
+        n = len(rows)
+        cpu = (time.process_time() - cpu0) / max(n, 1)
+        return {"row": np.array([json.dumps(r) for r in rows], dtype=object),
+                "pid": np.full(n, os.getpid(), dtype=np.int64), "cpu_s": np.full(n, cpu, dtype=np.float64),
+                "load_s": np.full(n, self.load_s, dtype=np.float64), "t_start": np.full(n, t_start),
+                "t_end": np.full(n, time.time())}
 
 
-def _decode_for_ray(resolution: int) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
-    def decode(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        paths = [str(p) for p in batch["path"]]
-        images, errors = decode_batch(paths, resolution)
-        return {"path": np.array(paths, dtype=object), "image": images,
-                "error": np.array([e or "" for e in errors], dtype=object)}
+def ray_block_size(options: BatchOptions, images: int) -> int:
+    """Paths per Ray block (one actor call): `--ray-block-size`, else large enough that Ray's per-call cost is
+    amortised (up to 8 classification calls) yet every worker gets at least four blocks."""
+    if options.ray_block_size:
+        return options.ray_block_size
+    per_worker = -(-images // (4 * max(1, options.workers)))
+    return max(options.batch_size, min(8 * options.batch_size, per_worker))
 
-    return decode
+
+def steady_rate(rows: list[tuple[int, float, float, int]]) -> float | None:
+    """Images/s once every actor has finished its first call (model loaded, engine warm), from the actors' own
+    clocks: the images of the calls that started after that moment over the time from it to the last call's end.
+    (The driver's clock would count blocks the actors finished while the driver waited for the first one.)"""
+    calls = sorted({(pid, start, end) for pid, start, end, _ in rows})
+    first_end: dict[int, float] = {}
+    for pid, _, end in calls:
+        first_end[pid] = min(first_end.get(pid, end), end)
+    if not first_end:
+        return None
+    t0 = max(first_end.values())
+    later = [r for r in rows if r[1] >= t0]
+    span = max((r[2] for r in later), default=t0) - t0
+    return sum(r[3] for r in later) / span if span > 0 else None
+
+
+def actor_cpu_share(ray: Any, workers: int) -> float:
+    """CPUs per actor: the cluster's CPUs split between the workers, but never more than the largest node has (an
+    actor lives on one node)."""
+    nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    return max(0.25, min(cpus / workers, max(nodes, default=cpus) or cpus))
 
 
 def _run_ray(todo: list[str], load: LoadOptions, resolution: int, ident: str, options: BatchOptions,
-             parts: Path, next_part: int, show_progress: bool) -> None:
+             parts: Path, next_part: int, show_progress: bool, backend: str = "onnxruntime",
+             device: str = "cpu") -> dict[str, Any]:
+    """Ray Data: an actor pool of `workers` classifiers, each decoding and classifying whole blocks of paths.
+    Returns the plan and its timings: cluster start, first rows (actor start + model load + first block), steady
+    state (images/s after the first block), and per worker process its model-load time and CPU time per image."""
     try:
         import ray
     except ImportError:
@@ -378,32 +474,61 @@ def _run_ray(todo: list[str], load: LoadOptions, resolution: int, ident: str, op
         from noop_rt.runtime.extras import install_hint
 
         raise MissingDependencyError(f"--ray needs Ray Data: {install_hint('ray')}") from None
+    from noop_rt.jobs.parallel import plan
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home from an offline cluster
     address = options.ray_address or os.environ.get("RAY_ADDRESS")
+    t0 = time.perf_counter()
     started_here = not ray.is_initialized()
     if started_here:
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
             ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
+    cluster_s = time.perf_counter() - t0
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = show_progress
-        cpus = float(ray.cluster_resources().get("CPU", 1))
         workers = max(1, options.workers)
-        # Leave one CPU to the decode tasks: on a 2-core machine a pool that takes every CPU deadlocks Ray Data.
-        actor_cpus = 1.0 if options.gpus_per_worker else max(0.25, min(1.0, (cpus - 1) / workers))
-        ds = ray.data.from_items([{"path": p} for p in todo])
-        ds = ds.map_batches(_decode_for_ray(resolution), batch_size=options.batch_size, num_cpus=1)
+        actor_cpus = 1.0 if options.gpus_per_worker else actor_cpu_share(ray, workers)
+        engine = plan(backend, "cuda" if options.gpus_per_worker else device, options.threads, options.concurrency,
+                      ncores=max(1, int(actor_cpus)))
+        if engine.threads is None:  # an actor's share of the cores, never the engine's all-cores default
+            engine = dataclasses.replace(engine, threads=max(1, int(actor_cpus)))
+        block = ray_block_size(options, len(todo))
+        ds = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=-(-len(todo) // block))
         ds = ds.map_batches(
-            _RayClassifier, batch_size=options.batch_size, concurrency=workers, num_cpus=actor_cpus,
-            num_gpus=options.gpus_per_worker or None,
+            _RayClassifier, batch_size=block, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
+            num_cpus=actor_cpus,
+            num_gpus=options.gpus_per_worker or None, zero_copy_batch=True,
             fn_constructor_kwargs={"load": load, "top_k": options.top_k, "ident": ident,
-                                   "threads": int(max(1, actor_cpus))})
-        for n, batch in enumerate(ds.iter_batches(batch_size=options.batch_size, batch_format="numpy")):
+                                   "batch_size": options.batch_size, "engine": engine.to_json()})
+        start = time.perf_counter()
+        first_s, done = None, 0
+        per_pid: dict[int, dict[str, float]] = {}
+        blocks: list[tuple[int, float, float, int]] = []  # (pid, start, end, images) of each actor call
+        for n, batch in enumerate(ds.iter_batches(batch_size=None, batch_format="numpy")):
             if options.fail_after_batches is not None and n >= options.fail_after_batches:
                 raise RuntimeError(f"simulated crash after {n} batches")
             write_part(parts, next_part + n, [json.loads(r) for r in batch["row"]])
+            done += len(batch["row"])
+            if first_s is None:
+                first_s = time.perf_counter() - start
+            blocks += [(int(p), float(a), float(b), 1)
+                       for p, a, b in zip(batch["pid"].tolist(), batch["t_start"].tolist(), batch["t_end"].tolist(),
+                                          strict=True)]
+            for pid, cpu, load_s in zip(batch["pid"].tolist(), batch["cpu_s"].tolist(), batch["load_s"].tolist(),
+                                        strict=True):
+                stats = per_pid.setdefault(int(pid), {"images": 0, "cpu_s": 0.0, "load_s": float(load_s)})
+                stats["images"] += 1
+                stats["cpu_s"] += float(cpu)
+        return {"mode": "ray", "steady_images_per_s": steady_rate(blocks), "workers": workers, "rows_received": done,
+                "actor_cpus": actor_cpus, "block_size": block,
+                "plan_per_worker": engine.to_json(), "cluster_start_s": cluster_s if started_here else 0.0,
+                "first_rows_s": first_s,
+                "workers_seen": {str(pid): {"images": int(v["images"]), "model_load_s": v["load_s"],
+                                            "cpu_ms_per_image": 1e3 * v["cpu_s"] / max(v["images"], 1)}
+                                 for pid, v in per_pid.items()}}
     finally:
         if started_here:
             ray.shutdown()

@@ -12,6 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from noop_rt import __version__
+from noop_rt.jobs.parallel import EnginePlan, ordered
 from noop_rt.runtime import strategies
 from noop_rt.runtime.classes import ImageFolder, describe_unknown
 from noop_rt.runtime.errors import BadInputError
@@ -32,8 +33,12 @@ def protocol(classifier: Any, images: int) -> dict[str, Any]:
             "backend": classifier.backend, "device": classifier.device, "noop_rt": __version__}
 
 
-def evaluate_folder(classifier: Any, dataset: ImageFolder, show_progress: bool = True) -> dict[str, Any]:
-    """Accuracy, per-class accuracy and confusion matrix of `classifier` on `dataset` (classes matched by name)."""
+def evaluate_folder(classifier: Any, dataset: ImageFolder, show_progress: bool = True, *,
+                    classifiers: list[Any] | None = None, engine: EnginePlan | None = None) -> dict[str, Any]:
+    """Accuracy, per-class accuracy and confusion matrix of `classifier` on `dataset` (classes matched by name).
+
+    `engine`: calls in flight (jobs/parallel.py), through `classifiers` (one per call when the engine's sessions are
+    not shared; default: `classifier` alone); recorded in the report. Default: one call at a time."""
     index = {name: i for i, name in enumerate(classifier.classes)}
     missing = [name for name in dataset.classes if name not in index]
     if missing:
@@ -46,16 +51,26 @@ def evaluate_folder(classifier: Any, dataset: ImageFolder, show_progress: bool =
     start = time.perf_counter()
     bar = tqdm(total=len(dataset), desc=f"eval {classifier.method}", unit="img", disable=not show_progress,
                file=sys.stderr)
-    step = 64
-    for s in range(0, len(dataset), step):
-        chunk = dataset.samples[s:s + step]
-        results = classifier.classify([str(p) for p, _ in chunk], top_k=1, progress=bar.update)
-        for (_, label), result in zip(chunk, results, strict=True):
-            confusion[index[dataset.classes[label]], index[result.label]] += 1
-            evals += result.unet_evals
-            escalated += bool(result.escalated)
-        bar.set_postfix(acc=f"{np.trace(confusion) / confusion.sum():.3f}")
-    bar.close()
+    engine = engine or EnginePlan(1, None, 1, "one call at a time")
+    pool = classifiers or [classifier]
+    step = 16
+    chunks = [dataset.samples[s:s + step] for s in range(0, len(dataset), step)]
+
+    def infer(slot: int, chunk: list[tuple[Any, int]]) -> list[Any]:  # decodes too: overlaps the other calls
+        return pool[slot % len(pool)].classify([str(p) for p, _ in chunk], top_k=1)
+
+    results = ordered(chunks, lambda chunk: chunk, infer, engine.concurrency)
+    try:
+        for chunk, answers in zip(chunks, results, strict=True):
+            for (_, label), result in zip(chunk, answers, strict=True):
+                confusion[index[dataset.classes[label]], index[result.label]] += 1
+                evals += result.unet_evals
+                escalated += bool(result.escalated)
+            bar.update(len(chunk))
+            bar.set_postfix(acc=f"{np.trace(confusion) / confusion.sum():.3f}")
+    finally:
+        results.close()
+        bar.close()
     seen = confusion.sum(axis=1)
     per_class = {name: float(confusion[i, i] / seen[i]) for i, name in enumerate(classifier.classes) if seen[i] > 0}
     return {"accuracy": float(np.trace(confusion) / max(confusion.sum(), 1)), "n": len(dataset),
@@ -65,4 +80,4 @@ def evaluate_folder(classifier: Any, dataset: ImageFolder, show_progress: bool =
             **({"escalated_share": escalated / max(len(dataset), 1)} if classifier.method == "cascade" else {}),
             "seconds": time.perf_counter() - start,
             "drift": classifier.drift.report() if classifier.drift is not None and classifier.drift.seen else None,
-            "protocol": protocol(classifier, len(dataset))}
+            "engine": engine.to_json(), "protocol": protocol(classifier, len(dataset))}
