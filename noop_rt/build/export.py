@@ -60,6 +60,7 @@ class ExportOptions:
     validate_images: list[Path] = field(default_factory=list)  # empty: the demo examples, else synthetic images
     calibrate_images: list[Path] = field(default_factory=list)  # int8: empty: the checkpoint's own images
     lora: Path | None = None  # the LoRA the checkpoint was trained with, when its recorded file moved
+    text_encoder: bool = True  # False: no text-encoder graph nor tokenizer (the trained classes' embeddings only)
 
 
 @dataclass
@@ -72,6 +73,8 @@ class ExportReport:
 
 def _cache_key(ckpt_sha: str, options: ExportOptions) -> str:
     parts = [ckpt_sha, options.precision, str(options.opset), str(options.images_per_batch), __version__]
+    if not options.text_encoder:
+        parts.append("no-text-encoder")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -232,20 +235,20 @@ class Reference:
     z0: np.ndarray  # vae_encoder(images[:step])
     eps: np.ndarray  # noise(z0)
     timesteps: np.ndarray  # mixed timesteps for the scorer rows
-    ids: np.ndarray  # the trained prompts' token ids
-    text: np.ndarray  # text_encoder(ids)
+    ids: np.ndarray | None  # the trained prompts' token ids (None: no text encoder exported)
+    text: np.ndarray | None  # text_encoder(ids)
     classifier: list[np.ndarray]  # errors per batch of `step` images
     scorer: dict[str, np.ndarray]  # errors_<loss> of (z0, eps, timesteps, class embeddings)
 
 
-def reference_outputs(reference: TorchRunner, images: np.ndarray, what: str, step: int, ids: np.ndarray,
+def reference_outputs(reference: TorchRunner, images: np.ndarray, what: str, step: int, ids: np.ndarray | None,
                       emb: np.ndarray, num_train_timesteps: int, losses: tuple[str, ...] = LOSSES) -> Reference:
     """Run the fp32 torch modules on every validation input (the same inputs as `validate_bundle` feeds)."""
     first = images[:step]
     z0 = reference.run(ENCODER, {"image": first}, ["z0"])[0]
     eps = reference.run(NOISE, {"z0": z0}, ["eps"])[0]
     t = np.linspace(10, num_train_timesteps - 10, len(z0)).round().astype(np.float32)  # mixed timesteps
-    text = reference.run(TEXT_ENCODER, {"input_ids": ids}, ["last_hidden_state"])[0]
+    text = None if ids is None else reference.run(TEXT_ENCODER, {"input_ids": ids}, ["last_hidden_state"])[0]
     batches = [reference.run(CLASSIFIER, {"image": images[i:i + step]}, ["errors"])[0]
                for i in range(0, len(images), step)]
     outs = [f"errors_{x}" for x in losses]
@@ -272,9 +275,10 @@ def validate_bundle(bundle_dir: Path, ref: Reference, precision: str, tolerance:
     graphs[NOISE] = _rel_error(ort.run(NOISE, {"z0": ref.z0}, ["eps"])[0], ref.eps)
     noises = [ort.run(NOISE, {"z0": z}, ["eps"])[0] for z in zs]
     ort.release(NOISE)
-    graphs[TEXT_ENCODER] = _rel_error(ort.run(TEXT_ENCODER, {"input_ids": ref.ids}, ["last_hidden_state"])[0],
-                                      ref.text)
-    ort.release(TEXT_ENCODER)
+    if ref.ids is not None and ref.text is not None:
+        graphs[TEXT_ENCODER] = _rel_error(ort.run(TEXT_ENCODER, {"input_ids": ref.ids}, ["last_hidden_state"])[0],
+                                          ref.text)
+        ort.release(TEXT_ENCODER)
     # one UNet-holding session at a time (classifier, then scorer)
     same, gaps, got_errors = [], [], []
     for i, want in zip(range(0, len(images), step), ref.classifier, strict=True):
@@ -364,25 +368,28 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, options: ExportOptions
     _drop_vae_decoder(backbone)
     emb = ckpt.class_embeddings.float().numpy()
     c, max_tokens, text_dim = emb.shape
-    specs = backbone_specs(backbone)
+    specs = {g: s for g, s in backbone_specs(backbone).items() if g != TEXT_ENCODER or options.text_encoder}
     half = options.precision == "fp16"
     images, what = _validation_images(options, ckpt, backbone.resolution)
     tolerance = options.tolerance if options.tolerance is not None else TOLERANCE[options.precision]
     min_agreement = options.min_agreement if options.min_agreement is not None else AGREEMENT[options.precision]
     name = model_name(ckpt_path)
-    command = f"noop-rt export --ckpt {ckpt_path} --out {out} --opset {options.opset} --{options.precision}"
+    command = (f"noop-rt export --ckpt {ckpt_path} --out {out} --opset {options.opset} --{options.precision}"
+               + ("" if options.text_encoder else " --no-text-encoder"))
     print(f"exporting {ckpt_path} -> {out} ({options.precision}, opset {options.opset}); equivalent: {command}",
           file=log)
     with _staging(out) as tmp:
         work = tmp / ".work"
         work.mkdir()
-        backbone.tokenizer.save_pretrained(tmp / "tokenizer")
-        if not (tmp / "tokenizer" / "tokenizer.json").is_file():
-            raise BadInputError(f"the tokenizer of {backbone.source} has no fast (tokenizer.json) form, which the "
-                                "runtime needs")
-        from noop_rt.runtime.tokenizer import PromptTokenizer
+        ids = None
+        if options.text_encoder:
+            backbone.tokenizer.save_pretrained(tmp / "tokenizer")
+            if not (tmp / "tokenizer" / "tokenizer.json").is_file():
+                raise BadInputError(f"the tokenizer of {backbone.source} has no fast (tokenizer.json) form, which "
+                                    "the runtime needs")
+            from noop_rt.runtime.tokenizer import PromptTokenizer
 
-        ids = PromptTokenizer(tmp / "tokenizer", max_tokens)(list(ckpt.prompts))
+            ids = PromptTokenizer(tmp / "tokenizer", max_tokens)(list(ckpt.prompts))
         # 1. the fp32 torch outputs that validation compares with, while the fp32 modules are there
         t0 = time.perf_counter()
         reference = TorchRunner(backbone, ckpt)  # fp32 modules over the backbone's own networks (no copy)
@@ -402,7 +409,7 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, options: ExportOptions
                           "abar_t_star": float(backbone.alphas_cumprod[ckpt.t_star])}
         weights_file = WeightsFile(tmp)
         int8 = None
-        for graph in GRAPH_NAMES:
+        for graph in (g for g in GRAPH_NAMES if g in specs):
             t0 = time.perf_counter()
             spec = specs[graph]
             path = export_graph(modules.pop(graph), spec, work, options.opset)
@@ -431,8 +438,8 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, options: ExportOptions
         print(f"  weights stored once: {weights['bytes'] / 1e6:.1f} MB in {weights['file']} "
               f"({weights['referenced_tensor_bytes'] / 1e6:.1f} MB referenced by {len(specs)} graphs)", file=log)
         np.save(tmp / "class_embeddings.npy", emb)
-        files = [*(s.file for s in specs.values()), weights["file"], "class_embeddings.npy",
-                 *sorted(f"tokenizer/{p.name}" for p in (tmp / "tokenizer").iterdir())]
+        tokenizer = sorted(f"tokenizer/{p.name}" for p in (tmp / "tokenizer").iterdir()) if ids is not None else []
+        files = [*(s.file for s in specs.values()), weights["file"], "class_embeddings.npy", *tokenizer]
         classifier = specs[CLASSIFIER]
         manifest = {
             "format": FORMAT, "version": VERSION, "name": name, "cache_key": key, "noop_rt_version": __version__,
@@ -442,6 +449,7 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, options: ExportOptions
                          "prediction_type": facts["prediction_type"], "lora": facts["lora"]},
             "classes": ckpt.classes, "prompts": ckpt.prompts, "template": ckpt.template,
             "prompt_tuned": ckpt.prompt_ctx is not None, "t_star": ckpt.t_star,
+            "text_encoder": options.text_encoder,  # False: new class names or prompts cannot be embedded
             "abar_t_star": facts["abar_t_star"], "loss": ckpt.loss, "tau": ckpt.tau,
             "resolution": facts["resolution"], "latent_shape": facts["latent_shape"],
             "max_tokens": max_tokens, "text_dim": text_dim, "num_train_timesteps": facts["num_train_timesteps"],
