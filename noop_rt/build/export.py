@@ -315,10 +315,11 @@ def validate_bundle(bundle_dir: Path, ref: Reference, precision: str, tolerance:
 
 
 def validation_runner(bundle: Bundle) -> Any:
-    """onnxruntime on the CPU for validation, holding each weight once (`memory="low"`: see the runner)."""
+    """onnxruntime on the CPU for validation, its weights used in place from the memory-mapped weights.bin (no
+    prepacked heap copies: `WEIGHT_MODES["mapped"]`)."""
     from noop_rt.runtime.backends.onnxruntime_runner import OnnxRuntimeRunner
 
-    return OnnxRuntimeRunner(bundle, "cpu")
+    return OnnxRuntimeRunner(bundle, "cpu", weights="mapped")
 
 
 def _ort_version() -> str:
