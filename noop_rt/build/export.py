@@ -119,19 +119,30 @@ def _publish(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def export_graph(module: nn.Module, spec: GraphSpec, work: Path, opset: int) -> Path:
-    """Trace one graph with TorchScript (dynamo=False) into `work/<graph>/<file>`; returns its path. A graph past
-    2 GB comes with its weights as the exporter's own external files beside it (written from the module's tensors,
-    not through an in-memory ModelProto); a smaller one holds them inside."""
+def export_graph(module: nn.Module, spec: GraphSpec, work: Path, opset: int, weights: WeightsFile | None = None
+                 ) -> Path:
+    """Trace one graph with TorchScript (dynamo=False) into `work/<graph>/<file>`; returns its path. With `weights`,
+    its parameters are written into that file tensor by tensor (`torchscript_params`) and the graph saved refers to
+    them; without (or where torch's exporter cannot be hooked), the exporter stores them itself: inside the graph
+    under 2 GB, in its own files beside it past 2 GB (`WeightsFile.add` re-homes both)."""
+    from noop_rt.build.torchscript_params import attach_params, exported_params
+
     folder = work / spec.name
     folder.mkdir()
     path = folder / spec.file
     args = sample_inputs(spec, TRACE_DIMS, _device_of(module))
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), exported_params() as captured:
         warnings.simplefilter("ignore")  # TracerWarnings about Python-side shape checks in diffusers
+        stream = weights is not None and captured is not None
         torch.onnx.export(module.eval(), args, str(path), input_names=[t.name for t in spec.inputs],
                           output_names=[t.name for t in spec.outputs], dynamic_axes=spec.dynamic_axes(),
-                          opset_version=opset, dynamo=False, do_constant_folding=True)
+                          opset_version=opset, dynamo=False, do_constant_folding=True, export_params=not stream)
+    if stream and weights is not None and captured is not None:
+        import onnx
+
+        model = onnx.load(str(path))
+        attach_params(model, captured.pop("params"), weights)
+        onnx.save_model(model, str(path))
     return path
 
 
@@ -413,10 +424,12 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, options: ExportOptions
         for graph in (g for g in GRAPH_NAMES if g in specs):
             t0 = time.perf_counter()
             spec = specs[graph]
-            path = export_graph(modules.pop(graph), spec, work, options.opset)
+            int8_graph = graph == CLASSIFIER and options.precision == "int8"  # the quantizer needs it whole
+            path = export_graph(modules.pop(graph), spec, work, options.opset,
+                                None if int8_graph else weights_file)
             model = onnx_load(path, external=False)
             note = ""
-            if graph == CLASSIFIER and options.precision == "int8":
+            if int8_graph:
                 from noop_rt.build.quantize import checkpoint_images, quantize_classifier
 
                 calibration, int8 = checkpoint_images(ckpt, backbone.resolution, ("fewshot",),

@@ -70,16 +70,30 @@ class WeightsFile:
         self.referenced += len(data)
         return self.offsets[key]
 
+    def place_external(self, tensor: Any, data: bytes) -> None:
+        """Store `data` (the bytes of `tensor`) in this file and make `tensor` point at them."""
+        import onnx
+        from onnx.external_data_helper import set_external_data
+
+        offset, length = self._place(data)
+        for typed in TYPED_FIELDS:
+            tensor.ClearField(typed)
+        tensor.raw_data = b"\0"  # set_external_data wants a raw_data field; it is cleared right after
+        set_external_data(tensor, location=self.name, offset=offset, length=length)
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+
     def add(self, model: Any, base: Path | None = None) -> Any:
         """Re-home every initializer of `model` of MIN_BYTES or more (and every one the exporter stored outside the
         graph, which lives in `base`) into this file; `model` is changed in place and returned. The exporter's own
         external files are removed once copied."""
         import onnx
-        from onnx.external_data_helper import set_external_data
 
         used: set[Path] = set()
         for tensor in model.graph.initializer:
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                if {e.key: e.value for e in tensor.external_data}.get("location") == self.name:
+                    continue  # written here already (`place_external`)
                 if base is None:
                     raise ValueError(f"initializer {tensor.name} is stored outside its graph; pass its folder")
                 data, path = _external_bytes(tensor, base)
@@ -89,14 +103,8 @@ class WeightsFile:
                 data = _inline_bytes(tensor)
                 if len(data) < MIN_BYTES:
                     continue
-            offset, length = self._place(data)
+            self.place_external(tensor, data)
             del data
-            for typed in TYPED_FIELDS:
-                tensor.ClearField(typed)
-            tensor.raw_data = b"\0"  # set_external_data wants a raw_data field; it is cleared right after
-            set_external_data(tensor, location=self.name, offset=offset, length=length)
-            tensor.ClearField("raw_data")
-            tensor.data_location = onnx.TensorProto.EXTERNAL
         for path in used:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
