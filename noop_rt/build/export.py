@@ -268,7 +268,7 @@ def reference_outputs(reference: TorchRunner, images: np.ndarray, what: str, ste
 
 
 def validate_bundle(bundle_dir: Path, ref: Reference, precision: str, tolerance: float,
-                    min_agreement: float) -> dict[str, Any]:
+                    min_agreement: float, log: Any = None) -> dict[str, Any]:
     """Every graph on onnxruntime (CPU) vs the fp32 torch modules it was exported from (their outputs in `ref`), on
     real inputs, at the bundle's batch sizes; top-1 agreement of the classifier graph with the torch classifier on
     `ref.images`; and the classifier graph vs the same NoOp pass through the encoder, noise and scorer graphs. One
@@ -277,19 +277,25 @@ def validate_bundle(bundle_dir: Path, ref: Reference, precision: str, tolerance:
     m = bundle.manifest
     ort = validation_runner(bundle)
     emb = bundle.class_embeddings()
+
+    def done(graph: str) -> None:  # each session is released before the next opens; the log marks each step
+        ort.release(graph)
+        if log is not None:
+            print(f"  validated {graph} on onnxruntime", file=log)
+
     step, images = ref.step, ref.images
     loss = str(m["loss"])
     graphs: dict[str, dict[str, float]] = {}
     graphs[ENCODER] = _rel_error(ort.run(ENCODER, {"image": images[:step]}, ["z0"])[0], ref.z0)
     zs = [ort.run(ENCODER, {"image": images[i:i + step]}, ["z0"])[0] for i in range(0, len(images), step)]
-    ort.release(ENCODER)
+    done(ENCODER)
     graphs[NOISE] = _rel_error(ort.run(NOISE, {"z0": ref.z0}, ["eps"])[0], ref.eps)
     noises = [ort.run(NOISE, {"z0": z}, ["eps"])[0] for z in zs]
-    ort.release(NOISE)
+    done(NOISE)
     if ref.ids is not None and ref.text is not None:
         graphs[TEXT_ENCODER] = _rel_error(ort.run(TEXT_ENCODER, {"input_ids": ref.ids}, ["last_hidden_state"])[0],
                                           ref.text)
-        ort.release(TEXT_ENCODER)
+        done(TEXT_ENCODER)
     # one UNet-holding session at a time (classifier, then scorer)
     same, gaps, got_errors = [], [], []
     for i, want in zip(range(0, len(images), step), ref.classifier, strict=True):
@@ -300,7 +306,7 @@ def validate_bundle(bundle_dir: Path, ref: Reference, precision: str, tolerance:
         if i == 0:
             graphs[CLASSIFIER] = _rel_error(got, want)
             graphs[CLASSIFIER]["probs_sum_max_dev"] = float(np.abs(probs.sum(axis=1) - 1).max())
-    ort.release(CLASSIFIER)
+    done(CLASSIFIER)
     outs = list(ref.scorer)
     feeds = {"z0": ref.z0, "eps": ref.eps, "timestep": ref.timesteps, "class_embeddings": emb}
     for name, got in zip(outs, ort.run(SCORER, feeds, outs), strict=True):
@@ -310,6 +316,7 @@ def validate_bundle(bundle_dir: Path, ref: Reference, precision: str, tolerance:
         via = ort.run(SCORER, {"z0": z, "eps": e, "timestep": np.full(len(z), float(m["t_star"]), np.float32),
                                "class_embeddings": emb}, [f"errors_{loss}"])[0]
         path_gaps.append(float(np.abs(via - got).max()))
+    done(SCORER)
     ort.close()
     agree = float(np.concatenate(same).mean())
     for name, g in graphs.items():
@@ -486,7 +493,7 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, options: ExportOptions
         }
         manifest["files"] = {f: {"sha256": sha256_file(tmp / f), "size": (tmp / f).stat().st_size} for f in files}
         write_json_atomic(tmp / MANIFEST, manifest)
-        validation = validate_bundle(tmp, ref, options.precision, tolerance, min_agreement)
+        validation = validate_bundle(tmp, ref, options.precision, tolerance, min_agreement, log)
         write_json_atomic(tmp / "validation.json", validation)
         manifest["files"]["validation.json"] = {"sha256": sha256_file(tmp / "validation.json"),
                                                 "size": (tmp / "validation.json").stat().st_size}
