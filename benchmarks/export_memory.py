@@ -242,11 +242,14 @@ def main() -> None:
     args.backends = [b for b in args.backends.split(",") if b]
     logs = args.cache_dir.expanduser() / "export-memory" / f"{args.name}-logs"
     logs.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for model in [m for m in args.models.split(",") if m]:
         for precision in [p for p in args.precisions.split(",") if p]:
             rows.append(measure(model, precision, args, logs))
-            print(json.dumps(rows[-1], indent=1)[:3000], file=sys.stderr, flush=True)
+            write_results(rows, args)  # after every row: a run stopped early keeps what it measured
+
+
+def write_results(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     import onnxruntime
     import torch
 
