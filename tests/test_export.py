@@ -363,3 +363,31 @@ def test_the_manifest_describes_the_whole_preprocessing(tiny_bundle) -> None:
         pre = json.loads((root / "manifest.json").read_text())["preprocessing"]
         assert "white" in pre["alpha"] and "first frame" in pre["decode"] and "65535" in pre["modes"]
         assert "EXIF" in pre["decode"] and pre["range"] == [-1.0, 1.0]
+
+
+def test_no_text_encoder_bundle_classifies_its_trained_classes_only(tiny_bundle, tiny_ckpt, shape_images,
+                                                                    tmp_path) -> None:
+    """--no-text-encoder ships the cached class embeddings only: no text-encoder graph, no tokenizer; the trained
+    classes classify as with the full bundle, and new class names are one line naming the missing encoder."""
+    out = tmp_path / "lean"
+    res = runner.invoke(app, ["export", "--ckpt", str(tiny_ckpt), "--out", str(out), "--no-text-encoder",
+                              "--images-per-batch", "3", "--validate-data", str(shape_images)])
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert "text_encoder" not in m["graphs"] and m["text_encoder"] is False
+    assert not (out / "text_encoder.onnx").exists() and not (out / "tokenizer").exists()
+    assert not any(f.startswith("tokenizer/") or f == "text_encoder.onnx" for f in m["files"])
+    full = json.loads((tiny_bundle / "manifest.json").read_text())
+    assert m["weights"]["bytes"] < full["weights"]["bytes"]  # the text encoder's weights are not shipped
+    imgs = [str(p) for p in sorted(shape_images.rglob("*.png"))]
+    for method in ("noop", "baseline"):  # the classifier graph, and the scorer on the cached embeddings
+        lean = runner.invoke(app, ["classify", *imgs, "--bundle", str(out), "--method", method, "--json"])
+        whole = runner.invoke(app, ["classify", *imgs, "--bundle", str(tiny_bundle), "--method", method, "--json"])
+        assert lean.exit_code == 0 and whole.exit_code == 0, lean.output + whole.output
+        assert ([r["top"][0]["class"] for r in json.loads(lean.stdout)]
+                == [r["top"][0]["class"] for r in json.loads(whole.stdout)])
+    res = runner.invoke(app, ["classify", imgs[0], "--bundle", str(out), "--classes", "red square,green triangle"])
+    assert res.exit_code == 1 and "Traceback" not in res.output and len(res.stderr.strip().splitlines()) == 1
+    assert "without its text encoder" in res.stderr and "'green triangle'" in res.stderr
+    verified = runner.invoke(app, ["verify", str(out)])
+    assert verified.exit_code == 0, verified.output

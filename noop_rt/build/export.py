@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from noop_rt import __version__
-from noop_rt.build.shared_weights import share_weights
+from noop_rt.build.shared_weights import WeightsFile
 from noop_rt.demo import model_name
 from noop_rt.runtime.backends.torch_runner import TorchRunner
 from noop_rt.runtime.bundle import FORMAT, LABEL_KEYS, MANIFEST, VERSION, Bundle, sha256_file, write_json_atomic
@@ -60,6 +60,7 @@ class ExportOptions:
     validate_images: list[Path] = field(default_factory=list)  # empty: the demo examples, else synthetic images
     calibrate_images: list[Path] = field(default_factory=list)  # int8: empty: the checkpoint's own images
     lora: Path | None = None  # the LoRA the checkpoint was trained with, when its recorded file moved
+    text_encoder: bool = True  # False: no text-encoder graph nor tokenizer (the trained classes' embeddings only)
 
 
 @dataclass
@@ -72,6 +73,8 @@ class ExportReport:
 
 def _cache_key(ckpt_sha: str, options: ExportOptions) -> str:
     parts = [ckpt_sha, options.precision, str(options.opset), str(options.images_per_batch), __version__]
+    if not options.text_encoder:
+        parts.append("no-text-encoder")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -116,21 +119,58 @@ def _publish(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def export_graph(module: nn.Module, spec: GraphSpec, work: Path, opset: int) -> Any:
-    """Trace one graph with TorchScript (dynamo=False) and return its ModelProto with every weight loaded (the
-    exporter may write external data past 2 GB; `share_weights` re-homes it)."""
-    import onnx
+def export_graph(module: nn.Module, spec: GraphSpec, work: Path, opset: int, weights: WeightsFile | None = None
+                 ) -> Path:
+    """Trace one graph with TorchScript (dynamo=False) into `work/<graph>/<file>`; returns its path. With `weights`,
+    its parameters are written into that file tensor by tensor (`torchscript_params`) and the graph saved refers to
+    them; without (or where torch's exporter cannot be hooked), the exporter stores them itself: inside the graph
+    under 2 GB, in its own files beside it past 2 GB (`WeightsFile.add` re-homes both)."""
+    from noop_rt.build.torchscript_params import attach_params, exported_params
 
     folder = work / spec.name
     folder.mkdir()
     path = folder / spec.file
     args = sample_inputs(spec, TRACE_DIMS, _device_of(module))
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), exported_params() as captured:
         warnings.simplefilter("ignore")  # TracerWarnings about Python-side shape checks in diffusers
+        stream = weights is not None and captured is not None
         torch.onnx.export(module.eval(), args, str(path), input_names=[t.name for t in spec.inputs],
                           output_names=[t.name for t in spec.outputs], dynamic_axes=spec.dynamic_axes(),
-                          opset_version=opset, dynamo=False, do_constant_folding=True)
-    return onnx.load(str(path), load_external_data=True)
+                          opset_version=opset, dynamo=False, do_constant_folding=True, export_params=not stream)
+    if stream and weights is not None and captured is not None:
+        import onnx
+
+        model = onnx.load(str(path))
+        attach_params(model, captured.pop("params"), weights)
+        onnx.save_model(model, str(path))
+    return path
+
+
+def onnx_load(path: Path, external: bool) -> Any:
+    """An exported graph's ModelProto; `external=False` leaves weights stored outside it where they are."""
+    import onnx
+
+    return onnx.load(str(path), load_external_data=external)
+
+
+def _drop_vae_decoder(backbone: Backbone) -> None:
+    """The bundle encodes images only: the VAE's decoder (about 200 MB in fp32 for SD) is freed before export."""
+    vae = getattr(backbone.encoder, "vae", None)
+    if vae is not None and getattr(vae, "decoder", None) is not None:
+        vae.decoder = None
+        if hasattr(vae, "post_quant_conv"):
+            vae.post_quant_conv = None
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap back to the OS (glibc keeps freed memory in its arenas otherwise), so the
+    validation sessions reuse the pages the torch modules held."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -195,63 +235,96 @@ def _rel_error(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     return {"max_abs": float(diff.max()), "max_rel": float(diff.max() / scale), "ref_max_abs": scale}
 
 
-def validate_bundle(bundle_dir: Path, reference: TorchRunner, images: np.ndarray, what: str,
-                    precision: str, tolerance: float, min_agreement: float) -> dict[str, Any]:
-    """Every graph on onnxruntime (CPU) vs the fp32 torch modules it was exported from, on real inputs, at the
-    bundle's batch sizes; top-1 agreement of the classifier graph with the torch classifier on `images`; and the
-    classifier graph vs the same NoOp pass through the encoder, noise and scorer graphs."""
-    from noop_rt.runtime.backends.onnxruntime_runner import OnnxRuntimeRunner
+@dataclass
+class Reference:
+    """The PyTorch fp32 outputs every validation check compares with, computed before the graphs are exported so
+    that the torch modules are gone (their memory returned) when the onnxruntime sessions open."""
 
+    images: np.ndarray  # the validation images
+    what: str  # what they are, for the report
+    step: int  # images per classifier batch (the bundle's max batch over its classes)
+    z0: np.ndarray  # vae_encoder(images[:step])
+    eps: np.ndarray  # noise(z0)
+    timesteps: np.ndarray  # mixed timesteps for the scorer rows
+    ids: np.ndarray | None  # the trained prompts' token ids (None: no text encoder exported)
+    text: np.ndarray | None  # text_encoder(ids)
+    classifier: list[np.ndarray]  # errors per batch of `step` images
+    scorer: dict[str, np.ndarray]  # errors_<loss> of (z0, eps, timesteps, class embeddings)
+
+
+def reference_outputs(reference: TorchRunner, images: np.ndarray, what: str, step: int, ids: np.ndarray | None,
+                      emb: np.ndarray, num_train_timesteps: int, losses: tuple[str, ...] = LOSSES) -> Reference:
+    """Run the fp32 torch modules on every validation input (the same inputs as `validate_bundle` feeds)."""
+    first = images[:step]
+    z0 = reference.run(ENCODER, {"image": first}, ["z0"])[0]
+    eps = reference.run(NOISE, {"z0": z0}, ["eps"])[0]
+    t = np.linspace(10, num_train_timesteps - 10, len(z0)).round().astype(np.float32)  # mixed timesteps
+    text = None if ids is None else reference.run(TEXT_ENCODER, {"input_ids": ids}, ["last_hidden_state"])[0]
+    batches = [reference.run(CLASSIFIER, {"image": images[i:i + step]}, ["errors"])[0]
+               for i in range(0, len(images), step)]
+    outs = [f"errors_{x}" for x in losses]
+    scored = reference.run(SCORER, {"z0": z0, "eps": eps, "timestep": t, "class_embeddings": emb}, outs)
+    return Reference(images, what, step, z0, eps, t, ids, text, batches, dict(zip(outs, scored, strict=True)))
+
+
+def validate_bundle(bundle_dir: Path, ref: Reference, precision: str, tolerance: float,
+                    min_agreement: float, log: Any = None) -> dict[str, Any]:
+    """Every graph on onnxruntime (CPU) vs the fp32 torch modules it was exported from (their outputs in `ref`), on
+    real inputs, at the bundle's batch sizes; top-1 agreement of the classifier graph with the torch classifier on
+    `ref.images`; and the classifier graph vs the same NoOp pass through the encoder, noise and scorer graphs. One
+    session at a time, each released before the next opens (`validation_runner`: weights read memory-mapped)."""
     bundle = Bundle.open(bundle_dir, verify="none")
     m = bundle.manifest
-    ort = OnnxRuntimeRunner(bundle, "cpu")
+    ort = validation_runner(bundle)
     emb = bundle.class_embeddings()
-    ref = reference  # the torch backend over the fp32 modules the graphs were exported from
-    c = emb.shape[0]
-    step = max(1, int(m["max_batch"]) // c)
-    first = images[:step]
+
+    def done(graph: str) -> None:  # each session is released before the next opens; the log marks each step
+        ort.release(graph)
+        if log is not None:
+            print(f"  validated {graph} on onnxruntime", file=log)
+
+    step, images = ref.step, ref.images
     loss = str(m["loss"])
     graphs: dict[str, dict[str, float]] = {}
-    z0 = ref.run(ENCODER, {"image": first}, ["z0"])[0]
-    graphs[ENCODER] = _rel_error(ort.run(ENCODER, {"image": first}, ["z0"])[0], z0)
-    eps = ref.run(NOISE, {"z0": z0}, ["eps"])[0]
-    graphs[NOISE] = _rel_error(ort.run(NOISE, {"z0": z0}, ["eps"])[0], eps)
-    t = np.linspace(10, int(m["num_train_timesteps"]) - 10, len(z0)).round().astype(np.float32)  # mixed timesteps
-    feeds = {"z0": z0, "eps": eps, "timestep": t, "class_embeddings": emb}
-    ids = bundle.tokenize(list(m["prompts"]))
-    graphs[TEXT_ENCODER] = _rel_error(ort.run(TEXT_ENCODER, {"input_ids": ids}, ["last_hidden_state"])[0],
-                                      ref.run(TEXT_ENCODER, {"input_ids": ids}, ["last_hidden_state"])[0])
-    # one UNet-holding session at a time (classifier, then scorer): two Stable Diffusion UNets in onnxruntime next
-    # to the torch reference do not fit a 24 GB machine
-    same, gaps, batches = [], [], []
-    for i in range(0, len(images), step):
-        batch = images[i:i + step]
-        want = ref.run(CLASSIFIER, {"image": batch}, ["errors"])[0]
-        got, probs = ort.run(CLASSIFIER, {"image": batch}, ["errors", "probs"])
+    graphs[ENCODER] = _rel_error(ort.run(ENCODER, {"image": images[:step]}, ["z0"])[0], ref.z0)
+    zs = [ort.run(ENCODER, {"image": images[i:i + step]}, ["z0"])[0] for i in range(0, len(images), step)]
+    done(ENCODER)
+    graphs[NOISE] = _rel_error(ort.run(NOISE, {"z0": ref.z0}, ["eps"])[0], ref.eps)
+    noises = [ort.run(NOISE, {"z0": z}, ["eps"])[0] for z in zs]
+    done(NOISE)
+    if ref.ids is not None and ref.text is not None:
+        graphs[TEXT_ENCODER] = _rel_error(ort.run(TEXT_ENCODER, {"input_ids": ref.ids}, ["last_hidden_state"])[0],
+                                          ref.text)
+        done(TEXT_ENCODER)
+    # one UNet-holding session at a time (classifier, then scorer)
+    same, gaps, got_errors = [], [], []
+    for i, want in zip(range(0, len(images), step), ref.classifier, strict=True):
+        got, probs = ort.run(CLASSIFIER, {"image": images[i:i + step]}, ["errors", "probs"])
         same.append(want.argmin(axis=1) == got.argmin(axis=1))
         gaps.append(float(np.abs(want - got).max()))
-        z = ort.run(ENCODER, {"image": batch}, ["z0"])[0]
-        batches.append((z, ort.run(NOISE, {"z0": z}, ["eps"])[0], got))
+        got_errors.append(got)
         if i == 0:
             graphs[CLASSIFIER] = _rel_error(got, want)
             graphs[CLASSIFIER]["probs_sum_max_dev"] = float(np.abs(probs.sum(axis=1) - 1).max())
-    ort.release(CLASSIFIER)
-    outs = [f"errors_{x}" for x in m["scorer_losses"]]
-    for name, got, want in zip(outs, ort.run(SCORER, feeds, outs), ref.run(SCORER, feeds, outs), strict=True):
-        graphs[f"{SCORER}:{name}"] = _rel_error(got, want)
+    done(CLASSIFIER)
+    outs = list(ref.scorer)
+    feeds = {"z0": ref.z0, "eps": ref.eps, "timestep": ref.timesteps, "class_embeddings": emb}
+    for name, got in zip(outs, ort.run(SCORER, feeds, outs), strict=True):
+        graphs[f"{SCORER}:{name}"] = _rel_error(got, ref.scorer[name])
     path_gaps = []
-    for z, e, got in batches:
+    for z, e, got in zip(zs, noises, got_errors, strict=True):
         via = ort.run(SCORER, {"z0": z, "eps": e, "timestep": np.full(len(z), float(m["t_star"]), np.float32),
                                "class_embeddings": emb}, [f"errors_{loss}"])[0]
         path_gaps.append(float(np.abs(via - got).max()))
+    done(SCORER)
     ort.close()
-    openvino = _openvino_agreement(bundle, reference, images, step, min_agreement) if precision == "int8" else None
+    openvino = _openvino_agreement(bundle, ref, min_agreement) if precision == "int8" else None
     agree = float(np.concatenate(same).mean())
     for name, g in graphs.items():
         g["passed"] = g["max_rel"] <= tolerance or (precision == "int8" and name == CLASSIFIER)
     report = {
         "precision": precision, "runtime": "onnxruntime " + _ort_version() + " CPUExecutionProvider",
-        "reference": "PyTorch fp32 " + torch.__version__, "images": what, "tolerance_max_rel": tolerance,
+        "reference": "PyTorch fp32 " + torch.__version__, "images": ref.what, "tolerance_max_rel": tolerance,
         "graphs": graphs,
         "classifier": {"top1_agreement": agree, "min_agreement": min_agreement, "max_error_gap": max(gaps),
                        "classifier_vs_scorer_path_max_gap": max(path_gaps), "passed": agree >= min_agreement},
@@ -263,8 +336,7 @@ def validate_bundle(bundle_dir: Path, reference: TorchRunner, images: np.ndarray
     return report
 
 
-def _openvino_agreement(bundle: Bundle, reference: TorchRunner, images: np.ndarray, step: int,
-                        min_agreement: float) -> dict[str, Any]:
+def _openvino_agreement(bundle: Bundle, ref: Reference, min_agreement: float) -> dict[str, Any]:
     """The INT8 classifier graph on OpenVINO's CPU plugin (its int8 kernels; the rest in OpenVINO's default
     precision): top-1 agreement with the fp32 torch classifier on the same images, gated like onnxruntime's. Where
     OpenVINO is not installed the check is recorded as not run (it does not block an onnxruntime export)."""
@@ -277,10 +349,8 @@ def _openvino_agreement(bundle: Bundle, reference: TorchRunner, images: np.ndarr
     runner = OpenVinoRunner(bundle)
     try:
         same = []
-        for i in range(0, len(images), step):
-            batch = images[i:i + step]
-            want = reference.run(CLASSIFIER, {"image": batch}, ["errors"])[0]
-            got = runner.run(CLASSIFIER, {"image": batch}, ["errors"])[0]
+        for i, want in zip(range(0, len(ref.images), ref.step), ref.classifier, strict=True):
+            got = runner.run(CLASSIFIER, {"image": ref.images[i:i + ref.step]}, ["errors"])[0]
             same.append(want.argmin(axis=1) == got.argmin(axis=1))
     except RuntimeError as exc:  # OpenVINO cannot compile or run the graph: the gate fails, saying why
         return {"ran": False, "why": str(exc).strip().splitlines()[-1], "passed": False}
@@ -291,6 +361,14 @@ def _openvino_agreement(bundle: Bundle, reference: TorchRunner, images: np.ndarr
     agree = float(np.concatenate(same).mean())
     return {"ran": True, "runtime": f"OpenVINO {openvino.__version__} CPU", "runs_in": runner.execution_precision,
             "top1_agreement": agree, "min_agreement": min_agreement, "passed": agree >= min_agreement}
+
+
+def validation_runner(bundle: Bundle) -> Any:
+    """onnxruntime on the CPU for validation, its weights used in place from the memory-mapped weights.bin (no
+    prepacked heap copies: `WEIGHT_MODES["mapped"]`)."""
+    from noop_rt.runtime.backends.onnxruntime_runner import OnnxRuntimeRunner
+
+    return OnnxRuntimeRunner(bundle, "cpu", weights="mapped")
 
 
 def _ort_version() -> str:
@@ -343,49 +421,85 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, options: ExportOptions
         raise BadInputError(f"{out} exists and is not a bundle; choose another --out or use --force")
 
     backbone = checkpoint_backbone(ckpt, ckpt_path, lora=options.lora)  # its LoRA fused: the graphs carry it
-    emb = ckpt.class_embeddings.float()
+    _drop_vae_decoder(backbone)
+    emb = ckpt.class_embeddings.float().numpy()
     c, max_tokens, text_dim = emb.shape
-    specs = backbone_specs(backbone)
+    specs = {g: s for g, s in backbone_specs(backbone).items() if g != TEXT_ENCODER or options.text_encoder}
     half = options.precision == "fp16"
-    modules = graph_modules(backbone, ckpt, half=half)
-    reference = TorchRunner(backbone, ckpt)  # fp32 modules over the same networks
     images, what = _validation_images(options, ckpt, backbone.resolution)
     tolerance = options.tolerance if options.tolerance is not None else TOLERANCE[options.precision]
     min_agreement = options.min_agreement if options.min_agreement is not None else AGREEMENT[options.precision]
     name = model_name(ckpt_path)
-    command = f"noop-rt export --ckpt {ckpt_path} --out {out} --opset {options.opset} --{options.precision}"
+    command = (f"noop-rt export --ckpt {ckpt_path} --out {out} --opset {options.opset} --{options.precision}"
+               + ("" if options.text_encoder else " --no-text-encoder"))
     print(f"exporting {ckpt_path} -> {out} ({options.precision}, opset {options.opset}); equivalent: {command}",
           file=log)
     with _staging(out) as tmp:
         work = tmp / ".work"
         work.mkdir()
-        models = {}
-        for graph in GRAPH_NAMES:
-            t0 = time.perf_counter()
-            models[specs[graph].file] = export_graph(modules[graph], specs[graph], work, options.opset)
-            print(f"  exported {specs[graph].file} in {time.perf_counter() - t0:.1f} s", file=log)
+        ids = None
+        tokenizers: list[dict[str, Any]] = []
+        if options.text_encoder:
+            from noop_rt.runtime.tokenizer import PromptTokenizer
+
+            tokenizers = save_tokenizers(backbone, tmp)
+            ids = np.concatenate([PromptTokenizer(tmp / t["folder"], t["max_tokens"])(list(ckpt.prompts))
+                                  for t in tokenizers], axis=1)
+        # 1. the fp32 torch outputs that validation compares with, while the fp32 modules are there
+        t0 = time.perf_counter()
+        reference = TorchRunner(backbone, ckpt)  # fp32 modules over the backbone's own networks (no copy)
+        ref = reference_outputs(reference, images, what, options.images_per_batch, ids, emb,
+                                backbone.num_train_timesteps)
+        reference.close()
+        del reference
+        unet_gflop = _unet_gflop(backbone)
+        print(f"  PyTorch fp32 reference outputs in {time.perf_counter() - t0:.1f} s", file=log)
+        # 2. graph by graph, each graph's weights streamed into weights.bin (fp16: the UNet halved in place first)
+        modules = graph_modules(backbone, ckpt, half=half, copy=False)
+        facts = {  # what the manifest needs of the backbone, which is freed before validation
+                 "kind": backbone.kind, "family": backbone.family, "prediction_type": backbone.prediction_type,
+                 "family_fields": family_fields(backbone, ckpt.t_star),
+                          "lora": None if backbone.lora is None else {**backbone.lora, "fused": True},
+                          "resolution": backbone.resolution, "latent_shape": list(backbone.latent_shape),
+                          "num_train_timesteps": backbone.num_train_timesteps,
+                          "abar_t_star": float(backbone.alphas_cumprod[ckpt.t_star])}
+        weights_file = WeightsFile(tmp)
         int8 = None
-        if options.precision == "int8":
-            from noop_rt.build.quantize import checkpoint_images, quantize_classifier
-
+        for graph in (g for g in GRAPH_NAMES if g in specs):
             t0 = time.perf_counter()
-            calibration, int8 = checkpoint_images(ckpt, backbone.resolution, ("fewshot",),
-                                                  list(options.calibrate_images))
-            models[specs[CLASSIFIER].file] = quantize_classifier(models[specs[CLASSIFIER].file], calibration,
-                                                                 emb.numpy(), work)
-            print(f"  quantized classifier.onnx to INT8 on {int8} in {time.perf_counter() - t0:.1f} s", file=log)
-        bake_input(models[specs[CLASSIFIER].file], "class_embeddings", emb.numpy())
-        if int8 is not None:
-            from noop_rt.build.quantize import strip_constant_qdq
+            spec = specs[graph]
+            int8_graph = graph == CLASSIFIER and options.precision == "int8"  # the quantizer needs it whole
+            path = export_graph(modules.pop(graph), spec, work, options.opset,
+                                None if int8_graph else weights_file)
+            model = onnx_load(path, external=False)
+            note = ""
+            if int8_graph:
+                from noop_rt.build.quantize import checkpoint_images, quantize_classifier
 
-            strip_constant_qdq(models[specs[CLASSIFIER].file])
-        set_labels(models[specs[CLASSIFIER].file], ckpt.classes, ckpt.prompts)
-        weights = share_weights(models, tmp)
+                calibration, int8 = checkpoint_images(ckpt, backbone.resolution, ("fewshot",),
+                                                      list(options.calibrate_images))
+                model = quantize_classifier(onnx_load(path, external=True), calibration, emb, work)
+                note = f", quantized to INT8 on {int8}"
+            if graph == CLASSIFIER:
+                bake_input(model, "class_embeddings", emb)
+                if int8_graph:  # Q/DQ pairs left on what baking made constant: OpenVINO cannot compile them
+                    from noop_rt.build.quantize import strip_constant_qdq
+
+                    strip_constant_qdq(model)
+                set_labels(model, ckpt.classes, ckpt.prompts)
+            weights_file.save(weights_file.add(model, path.parent), spec.file)
+            del model
+            shutil.rmtree(path.parent)
+            print(f"  exported {spec.file} in {time.perf_counter() - t0:.1f} s{note}", file=log)
+        weights = weights_file.close(list(specs))
+        # 3. the torch side is done: free it before any onnxruntime session opens
+        del modules
+        del backbone  # its networks are freed with it
+        release_memory()
         shutil.rmtree(work)
         print(f"  weights stored once: {weights['bytes'] / 1e6:.1f} MB in {weights['file']} "
-              f"({weights['referenced_tensor_bytes'] / 1e6:.1f} MB referenced by {len(models)} graphs)", file=log)
-        tokenizers = save_tokenizers(backbone, tmp)
-        np.save(tmp / "class_embeddings.npy", emb.numpy())
+              f"({weights['referenced_tensor_bytes'] / 1e6:.1f} MB referenced by {len(specs)} graphs)", file=log)
+        np.save(tmp / "class_embeddings.npy", emb)
         files = [*(s.file for s in specs.values()), weights["file"], "class_embeddings.npy",
                  *sorted(f"{t['folder']}/{p.name}" for t in tokenizers for p in (tmp / t["folder"]).iterdir())]
         classifier = specs[CLASSIFIER]
@@ -393,18 +507,19 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, options: ExportOptions
             "format": FORMAT, "version": VERSION, "name": name, "cache_key": key, "noop_rt_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "source_ckpt": {"path": str(ckpt_path), "sha256": ckpt_sha},
-            "backbone": {"source": ckpt.backbone_source, "kind": backbone.kind, "family": backbone.family,
-                         "prediction_type": backbone.prediction_type, **family_fields(backbone, ckpt.t_star),
-                         "lora": None if backbone.lora is None else {**backbone.lora, "fused": True}},
+            "backbone": {"source": ckpt.backbone_source, "kind": facts["kind"], "family": facts["family"],
+                         "prediction_type": facts["prediction_type"], **facts["family_fields"],
+                         "lora": facts["lora"]},
             "classes": ckpt.classes, "prompts": ckpt.prompts, "template": ckpt.template,
             "prompt_tuned": ckpt.prompt_ctx is not None, "t_star": ckpt.t_star,
-            "abar_t_star": float(backbone.alphas_cumprod[ckpt.t_star]), "loss": ckpt.loss, "tau": ckpt.tau,
-            "resolution": backbone.resolution, "latent_shape": list(backbone.latent_shape),
-            "max_tokens": max_tokens, "text_dim": text_dim, "num_train_timesteps": backbone.num_train_timesteps,
+            "text_encoder": options.text_encoder,  # False: new class names or prompts cannot be embedded
+            "abar_t_star": facts["abar_t_star"], "loss": ckpt.loss, "tau": ckpt.tau,
+            "resolution": facts["resolution"], "latent_shape": facts["latent_shape"],
+            "max_tokens": max_tokens, "text_dim": text_dim, "num_train_timesteps": facts["num_train_timesteps"],
             "tokenizers": tokenizers,
-            "unet_gflop_per_sample": _unet_gflop(backbone), "precision": options.precision, "opset": options.opset,
+            "unet_gflop_per_sample": unet_gflop, "precision": options.precision, "opset": options.opset,
             "images_per_batch": options.images_per_batch, "max_batch": options.images_per_batch * c, "opt_batch": c,
-            "preprocessing": default_preprocessing(backbone.resolution),
+            "preprocessing": default_preprocessing(facts["resolution"]),
             "classifier_graph": {"file": classifier.file, "input": "image", "errors": "errors", "probs": "probs",
                                  "note": "feed `image` alone: the trained classes' embeddings are constants of the "
                                          "graph (other class sets run through the scorer graph)"},
@@ -421,7 +536,7 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, options: ExportOptions
         }
         manifest["files"] = {f: {"sha256": sha256_file(tmp / f), "size": (tmp / f).stat().st_size} for f in files}
         write_json_atomic(tmp / MANIFEST, manifest)
-        validation = validate_bundle(tmp, reference, images, what, options.precision, tolerance, min_agreement)
+        validation = validate_bundle(tmp, ref, options.precision, tolerance, min_agreement, log)
         write_json_atomic(tmp / "validation.json", validation)
         manifest["files"]["validation.json"] = {"sha256": sha256_file(tmp / "validation.json"),
                                                 "size": (tmp / "validation.json").stat().st_size}

@@ -30,7 +30,24 @@ SD15_SHAPE = Architecture(
          "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 512, "scaling_factor": 0.18215},
     scheduler=SD_SCALED_LINEAR,
 )
-SHAPES = {SD15_SHAPE.name: SD15_SHAPE}  # keys: noop_rt.build.SHAPE_FIXTURES
+# An SDXL-sized stand-in (random weights), for export memory: SDXL-base's UNet blocks (1024 px, 4x128x128 latent,
+# 2048-wide cross-attention, 1/2/10 transformer layers per level, linear projections) without its `text_time` added
+# conditioning (about 5 M of its 2.57 B parameters), and one CLIP text tower 2048 wide, sized to SDXL's two text
+# encoders together (about 0.8 B parameters); SDXL's VAE architecture. The real SDXL backbone is a model folder.
+SDXL_SHAPE = Architecture(
+    name="sdxl-shape",
+    unet={"sample_size": 128, "in_channels": 4, "out_channels": 4, "block_out_channels": [320, 640, 1280],
+          "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+          "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+          "layers_per_block": 2, "cross_attention_dim": 2048, "attention_head_dim": [5, 10, 20],
+          "transformer_layers_per_block": [1, 2, 10], "use_linear_projection": True, "norm_num_groups": 32},
+    text_hidden=2048, text_layers=14, text_heads=16, text_ffn=8192, max_tokens=77, vocab_size=49408,
+    vae={"in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": [128, 256, 512, 512],
+         "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+         "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 1024, "scaling_factor": 0.13025},
+    scheduler=SD_SCALED_LINEAR,
+)
+SHAPES = {SD15_SHAPE.name: SD15_SHAPE, SDXL_SHAPE.name: SDXL_SHAPE}  # benchmark fixtures (bench: SHAPE_FIXTURES)
 REFERENCE_UNET_GFLOP = {SD15_SHAPE.name: 803.0}  # one sample at the 64x64 latent (design §2b)
 
 

@@ -165,6 +165,10 @@ def export(
     lora: Annotated[Path | None, typer.Option("--lora", metavar="FILE", help="Where the LoRA the checkpoint was "
                                               "trained with is now (default: the path it recorded); it is fused "
                                               "into the graphs.")] = None,
+    text_encoder: Annotated[bool, typer.Option("--text-encoder/--no-text-encoder", help="Ship the text encoder "
+                                               "and tokenizer (default). --no-text-encoder: only the trained "
+                                               "classes' cached embeddings; the bundle then classifies its "
+                                               "trained classes only.")] = True,
     as_json: JsonOpt = False,
 ) -> None:
     """Export a checkpoint to an ONNX bundle (the classifier graph and the scorer, encoder, noise and text-encoder
@@ -190,7 +194,7 @@ def export(
                                 images_per_batch=images_per_batch, tolerance=tolerance, min_agreement=min_agreement,
                                 validate_images=collect_images(validate_data) if validate_data else [],
                                 calibrate_images=collect_images(calibrate_data) if calibrate_data else [],
-                                lora=lora)
+                                lora=lora, text_encoder=text_encoder)
         report = export_bundle(ckpt, target, options)
         if as_json:
             print(json.dumps({"out": str(report.out), "cached": report.cached, "seconds": report.seconds,

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from noop_rt.runtime.errors import BundleError
-from noop_rt.runtime.graph_specs import CLASSIFIER, GraphSpec
+from noop_rt.runtime.graph_specs import CLASSIFIER, TEXT_ENCODER, GraphSpec
 from noop_rt.runtime.onnx_metadata import read_metadata_props
 
 FORMAT = "noop-rt.bundle"
@@ -161,7 +161,9 @@ class Bundle:
         """Presence, size and (per `verify`) sha256 of every file the manifest lists; returns the files hashed."""
         files: dict[str, Any] = self.manifest["files"]
         needed = [spec.get("file") for spec in self.manifest["graphs"].values()]
-        needed += [(self.manifest.get("weights") or {}).get("file"), "class_embeddings.npy", "tokenizer/tokenizer.json"]
+        needed += [(self.manifest.get("weights") or {}).get("file"), "class_embeddings.npy"]
+        if self.has(TEXT_ENCODER):  # a bundle exported with --no-text-encoder ships no tokenizer either
+            needed.append("tokenizer/tokenizer.json")
         unchecked = [f for f in needed if f is not None and f not in files]
         if unchecked:
             raise BundleError(f"{self.root}/{MANIFEST} does not list {unchecked[0]} among its checked files "

@@ -176,10 +176,16 @@ class GraphModel:
         return np.concatenate(out)
 
     # ------------------------------------------------------------------------------------------ prompts
+    @property
+    def can_embed(self) -> bool:
+        """Whether new prompts can be embedded: a bundle exported with --no-text-encoder ships none."""
+        return self.tokenize is not None and self.runner.has(TEXT_ENCODER)
+
     def embed(self, prompts: list[str]) -> np.ndarray:
         """Text embeddings (N, L, D) float32 of prompts through the text-encoder graph."""
-        if self.tokenize is None or not self.runner.has(TEXT_ENCODER):
-            raise BadInputError("this model cannot embed new prompts (no text encoder)")
+        if not self.can_embed:
+            raise BadInputError(f"{self.info.name} has no text encoder (exported with --no-text-encoder), so it "
+                                "cannot embed new prompts; re-export it without --no-text-encoder")
         ids = self.tokenize(prompts)
         return np.concatenate([self._finite(TEXT_ENCODER, self.runner.run(TEXT_ENCODER, {"input_ids": ids[i:i + 64]},
                                                                           ["last_hidden_state"])[0])

@@ -317,6 +317,12 @@ def resolve_classes(model: GraphModel, trained_emb: np.ndarray | None, options: 
                      f"{' ...' if len(zero_shot) > 5 else ''}")
     rows = []
     todo = [i for i, (n, p) in enumerate(zip(names, prompts, strict=True)) if trained.get(n) != p]
+    if todo and not model.can_embed:
+        new_names = [names[i] for i in todo]
+        raise BadInputError(f"{info.name} was exported without its text encoder (--no-text-encoder): it classifies "
+                            f"its trained classes ({', '.join(list(trained)[:5])}{' ...' if len(trained) > 5 else ''})"
+                            f" only, and {', '.join(map(repr, new_names[:3]))}{' ...' if len(new_names) > 3 else ''} "
+                            "need the encoder to embed their prompts: re-export without --no-text-encoder")
     new = model.embed([prompts[i] for i in todo]) if todo else None
     order = list(trained)
     for i, name in enumerate(names):

@@ -8,6 +8,7 @@ from typing import Any
 
 from noop_rt.runtime.bundle import Bundle
 from noop_rt.runtime.errors import BundleError
+from noop_rt.runtime.graph_specs import TEXT_ENCODER
 
 
 def verify_bundle(root: str | Path) -> dict[str, Any]:
@@ -16,8 +17,11 @@ def verify_bundle(root: str | Path) -> dict[str, Any]:
               "class names and prompts agree with those the classifier graph was exported for"]
     emb = bundle.class_embeddings()
     checks.append(f"class_embeddings.npy: {emb.shape} float32 for {len(bundle.classes)} classes")
-    ids = bundle.tokenize(list(bundle.manifest["prompts"]))
-    checks.append(f"tokenizer: {ids.shape[0]} prompts to {ids.shape[1]} tokens")
+    if bundle.has(TEXT_ENCODER):
+        ids = bundle.tokenize(list(bundle.manifest["prompts"]))
+        checks.append(f"tokenizer: {ids.shape[0]} prompts to {ids.shape[1]} tokens")
+    else:
+        checks.append("no text encoder nor tokenizer (exported with --no-text-encoder): the trained classes only")
     import onnxruntime as ort
 
     options = ort.SessionOptions()

@@ -15,6 +15,7 @@ of its own (at most MAX_CUDA_GRAPH_SESSIONS; other shapes take the bound path). 
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from collections.abc import Sequence
@@ -25,11 +26,20 @@ import numpy as np
 from noop_rt.runtime.backends.base import GraphRunner, cuda_index, env_flag, installed, nvidia_gpus
 from noop_rt.runtime.backends.shape_cache import ShapeCache, host_array, signature
 from noop_rt.runtime.bundle import Bundle
-from noop_rt.runtime.errors import BundleError, MissingDependencyError
+from noop_rt.runtime.errors import BadInputError, BundleError, MissingDependencyError
 from noop_rt.runtime.graph_specs import CLASSES, CLASSIFIER, GraphSpec
 
 IOBINDING_ENV = "NOOP_RT_ORT_IOBINDING"  # 1: bind inputs/outputs once per shape (the default on CUDA); 0: session.run
 CUDA_GRAPH_ENV = "NOOP_RT_ORT_CUDA_GRAPH"  # 1: the classifier graph through CUDA graphs (CUDA only; default off)
+WEIGHTS_ENV = "NOOP_RT_ORT_WEIGHTS"  # CPU: "packed" (default) or "mapped" (see WEIGHT_MODES)
+WEIGHT_MODES = {
+    # onnxruntime's defaults: every optimization; MatMul/Conv weights repacked (prepacking, NCHWc layouts) into heap
+    # copies, after which the memory-mapped originals are released: the weights end up on the heap, once per session
+    "packed": "prepacked heap copies per session (onnxruntime's defaults)",
+    # no prepacking and no layout-changing optimizations (ORT_ENABLE_EXTENDED): the weights are used in place from
+    # the memory-mapped weights.bin (page-aligned offsets), file-backed pages the OS shares and can drop
+    "mapped": "used in place from the memory-mapped weights.bin (no prepacking, ORT_ENABLE_EXTENDED)",
+}
 MAX_BINDINGS = 8  # bound signatures kept per runner (least recently used go)
 MAX_CUDA_GRAPH_SESSIONS = 2  # captured shapes: each is a session of its own, with its own copy of the weights
 CAPTURE_RUNS = 2  # a CUDA-graph session runs once plainly, then captures (and replays) on its next run
@@ -159,10 +169,11 @@ class OnnxRuntimeRunner(GraphRunner):
     name = "onnxruntime"
 
     def __init__(self, bundle: Bundle, device: str = "cpu", threads: int | None = None, *,
-                 io_binding: bool | None = None, cuda_graph: bool | None = None) -> None:
+                 io_binding: bool | None = None, cuda_graph: bool | None = None, weights: str | None = None) -> None:
         """`io_binding`: bind inputs/outputs once per shape (None: NOOP_RT_ORT_IOBINDING, default on for CUDA, off
         on the CPU); `cuda_graph`: the classifier graph through CUDA graphs (None: NOOP_RT_ORT_CUDA_GRAPH, default
-        off; CUDA only, ignored on the CPU; implies IO binding)."""
+        off; CUDA only, ignored on the CPU; implies IO binding); `weights`: how the CPU holds the weights, a key of
+        WEIGHT_MODES (None: NOOP_RT_ORT_WEIGHTS, default "packed")."""
         import onnxruntime as ort
 
         self.bundle = bundle
@@ -181,6 +192,12 @@ class OnnxRuntimeRunner(GraphRunner):
         if threads:  # a share of the cores (batch workers, server replicas): do not spin on the others' cores
             opts.intra_op_num_threads = threads
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.weights = weights or os.environ.get(WEIGHTS_ENV) or "packed"
+        if self.weights not in WEIGHT_MODES:
+            raise BadInputError(f"{WEIGHTS_ENV}={self.weights!r}: use one of {', '.join(WEIGHT_MODES)}")
+        if self.weights == "mapped" and not self.want_cuda:
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+            opts.add_session_config_entry("session.disable_prepacking", "1")
         self.options = opts
         self.sessions: dict[str, Any] = {}
         self.device = f"cuda:{cuda_index(device)}" if self.want_cuda else "CPUExecutionProvider"
