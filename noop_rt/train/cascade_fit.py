@@ -11,8 +11,9 @@ otherwise a zero-shot strategy scores the image's shortlist (`runtime/strategies
   the top-1 probability rather than the margin between the two best errors: with the fitted tau the two order
   images almost alike on the demo, and the probability is the quantity the drift profile already records. Why the
   familiarity test beside it: off its domain NoOp is confidently wrong (on the demo bundle, 31 % of `printed` digits
-  reach a top-1 probability of 0.9 at 32 % accuracy), but there its best error is beyond anything validation showed
-  (every `printed` image, 95 % of `thick_affine`; benchmarks/results/cascade.md).
+  reach a top-1 probability of 0.9 at 32 % accuracy), but there its best error is mostly beyond anything validation
+  showed (with the demo's fit every `printed` digit and 90 % of `thick_affine` escalate;
+  benchmarks/results/cascade.md).
 - `shortlist`: the cap on the classes an escalation scores: the fewest best stage-1 classes that hold the true class
   for every validation image NoOp gets wrong or is unsure of, at least `MIN_SHORTLIST`; an image unlike the
   validation split escalates on this many classes.
