@@ -181,7 +181,7 @@ def plot(out: Path, domains: dict[str, Any]) -> None:
     fig, axes = plt.subplots(1, len(domains), figsize=(5 * len(domains), 4), squeeze=False)
     for ax, (name, d) in zip(axes[0], domains.items(), strict=True):
         rows = d["rows"]
-        base = [r for r in rows if r["method"] == "baseline"]
+        base = sorted((r for r in rows if r["method"] == "baseline"), key=lambda r: r["unet_evals_per_image"])
         ax.plot([r["unet_evals_per_image"] for r in base], [100 * r["accuracy"] for r in base], "o-", color="grey",
                 label="baseline N")
         sweep = sorted((r for r in rows if r["method"] == "cascade"), key=lambda r: r["unet_evals_per_image"])
@@ -201,7 +201,11 @@ def plot(out: Path, domains: dict[str, Any]) -> None:
         ax.set_xlabel("mean UNet evaluations per image (log)")
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8, loc="lower right")
+    handles = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    axes[0][-1].legend(handles.values(), handles.keys(), fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
