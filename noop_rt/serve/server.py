@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -117,9 +118,18 @@ def check_port(host: str, port: int) -> None:
                                 "--port 0 for any free one)") from None
 
 
-def url_for(host: str, port: int) -> str:
+def url_for(host: str, port: int, tls: bool = False) -> str:
     shown = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
-    return f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
+    scheme = "https" if tls else "http"
+    return f"{scheme}://[{shown}]:{port}" if ":" in shown else f"{scheme}://{shown}:{port}"
+
+
+def http_options(options: ServeOptions, host: str, port: int) -> dict[str, Any]:
+    """Ray Serve's HTTPOptions for this server: where to listen, TLS, the keep-alive timeout (its uvicorn's)."""
+    found: dict[str, Any] = {"host": host, "port": port, "keep_alive_timeout_s": options.keep_alive_s}
+    if options.tls:
+        found.update(ssl_certfile=options.ssl_certfile, ssl_keyfile=options.ssl_keyfile)
+    return found
 
 
 def serve_forever(load: LoadOptions, options: ServeOptions) -> None:
@@ -164,7 +174,7 @@ def serve_forever(load: LoadOptions, options: ServeOptions) -> None:
         own_serve = not _serve_running(serve)
         # Direct ingress: the ingress replica listens on `port` itself; Serve's proxy (still started on the head
         # node) gets another free port, unused by noop-rt.
-        _start_serve(serve, options.host, free_port(options.host) if direct else port)
+        _start_serve(serve, http_options(options, options.host, free_port(options.host) if direct else port))
         started_serve = True
         from noop_rt.serve.app import build_app
 
@@ -179,7 +189,7 @@ def serve_forever(load: LoadOptions, options: ServeOptions) -> None:
         except Exception as exc:  # RuntimeError from Serve, or a Ray actor error (ActorDiedError) when a replica's
             # constructor raised while the deployment was still being watched: the replicas' own message either way
             raise _deploy_error(serve, exc) from None
-        url = url_for(options.host, port)
+        url = url_for(options.host, port, options.tls)
         try:
             _wait_ready(url)
         except NoopError as exc:
@@ -293,12 +303,12 @@ def replica_resources(options: ServeOptions, cpus: float, local: bool) -> tuple[
     return share, max(1, int((cpus - 1) // options.replicas))
 
 
-def _start_serve(serve: Any, host: str, port: int) -> None:
+def _start_serve(serve: Any, http: dict[str, Any]) -> None:
     """serve.start, once more if Serve's controller actor died while starting (seen on a loaded 2-core machine);
     a second failure is one line."""
     for attempt in (1, 2):
         try:
-            serve.start(http_options={"host": host, "port": port})
+            serve.start(http_options=http)
             return
         except Exception as exc:  # Ray raises its own actor errors (ActorDiedError, RayActorError)
             if attempt == 2 or "Actor" not in type(exc).__name__:
@@ -327,9 +337,12 @@ def _deploy_error(serve: Any, exc: Exception) -> NoopError:
 def _wait_ready(url: str) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     last = ""
+    # this process asks its own server whether it answers yet: under TLS the certificate is not what is checked
+    # (it may name a host other than the one asked here)
+    context = ssl._create_unverified_context() if url.startswith("https:") else None
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=10) as response:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=10, context=context) as response:
                 if response.status == 200:
                     return
         except urllib.error.HTTPError as exc:
