@@ -658,6 +658,37 @@ def test_an_image_over_the_models_pixel_limit_is_refused_from_its_header(server:
 
 
 @needs_serve
+def test_other_hosts_and_other_origins_are_refused(server: Any) -> None:
+    """DNS rebinding (a Host that is not a loopback name) is a 400 on a loopback server; a state-changing request
+    from another web origin (a form post, a fetch) is a 403 and never reaches the model; the page's own origin, and
+    clients that send no Origin, pass. No CORS header is granted without --cors-origin."""
+    import httpx
+
+    image = (EXAMPLES_DIR / "seven.png").read_bytes()
+    own = server.url  # http://127.0.0.1:PORT
+    with httpx.Client(timeout=60) as client:
+        port = own.rsplit(":", 1)[1]
+        r = client.get(own + "/v1/model", headers={"Host": f"rebound.attacker.example:{port}"})
+        assert r.status_code == 400 and "--allowed-hosts" in r.json()["error"]
+        assert client.get(own + "/readyz", headers={"Host": "10.0.0.7"}).status_code == 200  # probes: any Host
+        assert client.get(own + "/v1/model", headers={"Host": f"localhost:{port}"}).status_code == 200
+        for headers in ({"Origin": "https://attacker.example", "Content-Type": "image/png"},
+                        {"Origin": "https://attacker.example", "Content-Type": "application/x-www-form-urlencoded"},
+                        {"Origin": "null", "Content-Type": "text/plain"},
+                        {"Sec-Fetch-Site": "cross-site", "Content-Type": "multipart/form-data; boundary=x"}):
+            r = client.post(own + "/v1/classify", content=image, headers=headers)
+            assert r.status_code == 403 and "--cors-origin" in r.json()["error"], headers
+        preflight = client.options(own + "/v1/classify", headers={"Origin": "https://attacker.example",
+                                                                  "Access-Control-Request-Method": "POST"})
+        assert preflight.status_code == 403 and "access-control-allow-origin" not in preflight.headers
+        same = client.post(own + "/v1/classify", content=image,
+                           headers={"Origin": own, "Sec-Fetch-Site": "same-origin"})
+        assert same.status_code == 200 and same.json()[0]["top"][0]["class"] == "seven"
+        read = client.get(own + "/v1/model", headers={"Origin": "https://attacker.example"})
+        assert read.status_code == 200 and "access-control-allow-origin" not in read.headers
+
+
+@needs_serve
 def test_a_replica_killed_mid_load_is_replaced_and_no_request_is_lost(server: Any) -> None:
     """ray.kill one of the two model replicas while requests flow: every request ends as a correct answer or a 5xx
     (both counted, none lost), Serve starts a new replica, and the server answers correctly afterwards."""

@@ -25,6 +25,9 @@ HAVE_TRITON = importlib.util.find_spec("tritonclient") is not None
 needs_serve = pytest.mark.skipif(not HAVE_SERVE, reason="Ray Serve is not installed (pip install -e '.[serve]')")
 
 
+APP_ORIGIN = "https://app.example.org"
+
+
 def make_certificate(folder: Path, name: str = "localhost") -> tuple[Path, Path]:
     """A self-signed certificate for `name` and 127.0.0.1, and its key (PEM files in `folder`)."""
     from cryptography import x509
@@ -73,7 +76,7 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
     cert, key = make_certificate(tmp_path_factory.mktemp("tls"))
     args = ["--ssl-certfile", str(cert), "--ssl-keyfile", str(key), "--header-timeout-s", "1",
-            "--body-timeout-s", "2", "--max-header-kb", "8", "--max-headers", "20"]
+            "--body-timeout-s", "2", "--max-header-kb", "8", "--max-headers", "20", "--cors-origin", APP_ORIGIN]
     with ServerProcess(args) as server:
         server.cert = str(cert)
         yield server
@@ -189,3 +192,24 @@ def test_a_client_leaving_mid_body_is_counted_499_never_500(tls_server: Any) -> 
         time.sleep(2)
     assert any('"499"' in ln for ln in lines), lines
     assert not any('"500"' in ln for ln in lines), lines
+
+
+@needs_serve
+def test_a_cors_origin_gets_its_preflight_and_its_header(tls_server: Any) -> None:
+    import httpx
+
+    from noop_rt.demo import EXAMPLES_DIR
+
+    verify = ssl.create_default_context(cafile=tls_server.cert)
+    with httpx.Client(verify=verify, timeout=60) as client:
+        preflight = client.options(tls_server.url + "/v1/classify", headers={
+            "Origin": APP_ORIGIN, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        assert preflight.status_code == 204 and preflight.headers["access-control-allow-origin"] == APP_ORIGIN
+        assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+        r = client.post(tls_server.url + "/v1/classify", content=(EXAMPLES_DIR / "seven.png").read_bytes(),
+                        headers={"Origin": APP_ORIGIN, "Content-Type": "image/png"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == APP_ORIGIN
+        other = client.post(tls_server.url + "/v1/classify", content=b"x",
+                            headers={"Origin": "https://other.example.org"})
+        assert other.status_code == 403
