@@ -689,6 +689,19 @@ def test_other_hosts_and_other_origins_are_refused(server: Any) -> None:
 
 
 @needs_serve
+def test_the_server_and_its_local_ray_cluster_listen_on_loopback_only(server: Any) -> None:
+    """psutil lists the listening sockets of every process of the server's session (its local Ray cluster: GCS,
+    raylet, agents, Serve's controller, proxy and replicas): none is on a public interface or on all of them."""
+    from noop_rt.serve.launch import public_sockets
+
+    sockets = server.listening()
+    names = " ".join(name for _, _, name in sockets)
+    assert "gcs_server" in names and "raylet" in names and "ServeReplica" in names, sockets  # the cluster is seen
+    assert int(server.url.rsplit(":", 1)[1]) in {port for _, port, _ in sockets}
+    assert public_sockets(sockets) == []
+
+
+@needs_serve
 def test_a_replica_killed_mid_load_is_replaced_and_no_request_is_lost(server: Any) -> None:
     """ray.kill one of the two model replicas while requests flow: every request ends as a correct answer or a 5xx
     (both counted, none lost), Serve starts a new replica, and the server answers correctly afterwards."""

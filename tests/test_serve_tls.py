@@ -75,7 +75,7 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from noop_rt.serve.launch import ServerProcess
 
     cert, key = make_certificate(tmp_path_factory.mktemp("tls"))
-    args = ["--ssl-certfile", str(cert), "--ssl-keyfile", str(key), "--header-timeout-s", "1",
+    args = ["--host", "0.0.0.0", "--ssl-certfile", str(cert), "--ssl-keyfile", str(key), "--header-timeout-s", "1",
             "--body-timeout-s", "2", "--max-header-kb", "8", "--max-headers", "20", "--cors-origin", APP_ORIGIN]
     with ServerProcess(args) as server:
         server.cert = str(cert)
@@ -115,6 +115,21 @@ def test_https_with_the_tests_own_certificate(tls_server: Any) -> None:
     plain = tls_server.url.replace("https://", "http://")
     with pytest.raises(httpx.HTTPError):  # no plain HTTP on the TLS port
         httpx.get(plain + "/healthz", timeout=30)
+
+
+@needs_serve
+def test_on_all_interfaces_only_the_http_ports_are_public(tls_server: Any) -> None:
+    """--host 0.0.0.0 asks for the HTTP port on every interface: the ingress replica's (the URL's) and Ray Serve's
+    own proxy's (Serve binds it to the same host); the rest of the local Ray cluster stays on loopback."""
+    from noop_rt.serve.launch import public_sockets
+
+    sockets = tls_server.listening()
+    assert "gcs_server" in " ".join(name for _, _, name in sockets), sockets
+    public = public_sockets(sockets)
+    port = int(tls_server.url.rsplit(":", 1)[1])
+    assert port in {p for _, p, _ in public}
+    assert all(p == port or "ProxyActor" in name for _, p, name in public), public
+    assert any("without an API key" in line for line in tls_server.stderr)
 
 
 @needs_serve

@@ -8,6 +8,7 @@ gets an `error` row. The model is opened with `noop_rt.load(load)`: a bundle nev
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -370,21 +371,24 @@ def _decode_for_ray(resolution: int) -> Callable[[dict[str, np.ndarray]], dict[s
 
 def _run_ray(todo: list[str], load: LoadOptions, resolution: int, ident: str, options: BatchOptions,
              parts: Path, next_part: int, show_progress: bool) -> None:
-    try:
-        import ray
-    except ImportError:
-        from noop_rt.runtime.errors import MissingDependencyError
-        from noop_rt.runtime.extras import install_hint
+    from noop_rt.runtime.local_ray import LOCAL_INIT, loopback_cluster
 
-        raise MissingDependencyError(f"--ray needs Ray Data: {install_hint('ray')}") from None
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home from an offline cluster
     address = options.ray_address or os.environ.get("RAY_ADDRESS")
-    started_here = not ray.is_initialized()
-    if started_here:
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
+    with loopback_cluster() if not address else contextlib.nullcontext(False):  # a local cluster: loopback only
+        try:
+            import ray
+        except ImportError:
+            from noop_rt.runtime.errors import MissingDependencyError
+            from noop_rt.runtime.extras import install_hint
+
+            raise MissingDependencyError(f"--ray needs Ray Data: {install_hint('ray')}") from None
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home from an offline cluster
+        started_here = not ray.is_initialized()
+        if started_here:
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=os.cpu_count() or 2, log_to_driver=False, **LOCAL_INIT)
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = show_progress

@@ -60,6 +60,7 @@ from noop_rt.serve.origins import (
     default_allowed_hosts,
     host_allowed,
 )
+from noop_rt.serve.private_ray import keep_grpc_on_loopback
 from noop_rt.serve.uploads import (
     RequestError,
     check_declared_length,
@@ -295,6 +296,8 @@ class ModelReplica:
     def __init__(self, load: LoadOptions, options: ServeOptions, threads: int | None) -> None:
         from noop_rt.api import load as open_model
 
+        keep_grpc_on_loopback()
+
         if load.threads is None and threads is not None:
             load = load.updated(threads=threads)
         self.classifier = open_model(load)
@@ -385,6 +388,7 @@ class Ingress:
     """HTTP in front of the model deployment."""
 
     def __init__(self, model: DeploymentHandle, options: ServeOptions) -> None:
+        keep_grpc_on_loopback()
         os.environ[DIGESTS_ENV] = ",".join(options.api_key_digests)
         os.environ[MAX_HEADERS_ENV] = str(options.max_headers)
         os.environ[ALLOWED_HOSTS_ENV] = ",".join(options.allowed_hosts or default_allowed_hosts(options.host))

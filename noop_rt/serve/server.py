@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import ipaddress
 import logging
 import math
 import os
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from noop_rt.runtime import errors
 from noop_rt.runtime.errors import BadInputError, MissingDependencyError, NoopError
 from noop_rt.runtime.extras import install_hint
+from noop_rt.runtime.local_ray import LOCAL_INIT, LOOPBACK_SWITCH
 from noop_rt.serve.options import APP_NAME, ServeOptions
 
 if TYPE_CHECKING:
@@ -139,6 +141,9 @@ def serve_forever(load: LoadOptions, options: ServeOptions) -> None:
         port = free_port(options.host)
     elif address is None:
         check_port(options.host, port)
+    saved_switch = os.environ.get(LOOPBACK_SWITCH)
+    if address is None:
+        os.environ[LOOPBACK_SWITCH] = "0"  # a local cluster on loopback (runtime.local_ray), whatever --host says
     ray, serve = _imports()
     # Serve's own INFO lines name its proxy's port, which is not the server's URL under direct ingress; noop-rt
     # prints its own progress
@@ -152,18 +157,21 @@ def serve_forever(load: LoadOptions, options: ServeOptions) -> None:
     # The local cluster's processes inherit this environment; this process's own Serve client read its settings
     # when ray.serve was imported (`_imports`).
     saved_env = {name: os.environ.get(name) for name in DIRECT_INGRESS_SETTINGS}
+    saved_env[LOOPBACK_SWITCH] = saved_switch
     direct = own_ray and address is None and throughput_optimized(port)
     try:
         if own_ray:
             if address:
                 _connect(ray, address)
             else:
-                ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
-                         logging_level="WARNING")
+                ray.init(num_cpus=os.cpu_count() or 1, log_to_driver=False, logging_level="WARNING", **LOCAL_INIT)
         signals.install()  # ray.init sets its own SIGTERM handler
         local = own_ray and not address
         where = f"local cluster at {ray.get_runtime_context().gcs_address}" if local else f"cluster {address}"
         _log(f"Ray: {where}")
+        if local and not _is_loopback_address(ray.get_runtime_context().gcs_address):
+            _log("warning: the local Ray cluster listens beyond loopback (Ray was imported and set up before "
+                 f"noop-rt could set {LOOPBACK_SWITCH}=0)")
         resources = ray.cluster_resources()
         cpus = float(resources.get("CPU", 1.0))
         model_cpus, threads = replica_resources(options, cpus, local)
@@ -212,6 +220,14 @@ def serve_forever(load: LoadOptions, options: ServeOptions) -> None:
                 os.environ[name] = value
         _stop(ray, serve if started_serve else None, own_ray=own_ray, own_serve=own_serve,
               local=own_ray and not address)
+
+
+def _is_loopback_address(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def ray_has_direct_ingress() -> bool:
