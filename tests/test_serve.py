@@ -702,6 +702,35 @@ def test_the_server_and_its_local_ray_cluster_listen_on_loopback_only(server: An
 
 
 @needs_serve
+def test_a_request_of_many_images_does_not_hold_the_model(server: Any) -> None:
+    """192 images in one request go to the model in slices of --max-batch-size, a few at a time: a one-image request
+    sent while they run is answered long before them, not after all of them."""
+    import httpx
+
+    image = (EXAMPLES_DIR / "seven.png").read_bytes()
+    files = [("files", (f"{i}.png", image, "image/png")) for i in range(192)]
+    found: dict[str, Any] = {}
+
+    def big() -> None:
+        t0 = time.monotonic()
+        found["big"] = httpx.post(server.url + "/v1/classify", files=files, timeout=300)
+        found["big_s"] = time.monotonic() - t0
+
+    thread = threading.Thread(target=big)
+    thread.start()
+    time.sleep(0.5)  # the big request's images are decoded and in the model's queue
+    t0 = time.monotonic()
+    small = httpx.post(server.url + "/v1/classify", content=image, timeout=300)
+    small_s = time.monotonic() - t0
+    thread.join()
+    answers = found["big"].json()
+    assert found["big"].status_code == 200 and [a["top"][0]["class"] for a in answers] == ["seven"] * 192
+    assert [a["image"] for a in answers] == [f"{i}.png" for i in range(192)]  # in order
+    assert small.status_code == 200 and small.json()[0]["top"][0]["class"] == "seven"
+    assert small_s < found["big_s"] / 3, (small_s, found["big_s"])
+
+
+@needs_serve
 def test_a_replica_killed_mid_load_is_replaced_and_no_request_is_lost(server: Any) -> None:
     """ray.kill one of the two model replicas while requests flow: every request ends as a correct answer or a 5xx
     (both counted, none lost), Serve starts a new replica, and the server answers correctly afterwards."""

@@ -73,6 +73,8 @@ from noop_rt.serve.uploads import (
 
 MAX_HEADERS_ENV = "NOOP_RT_MAX_HEADERS"  # --max-headers, set in the ingress replica's process
 PROBES = OPEN_PATHS - {"/"}  # answered whatever the Host (an orchestrator's probe names the pod's address)
+SLICES_IN_FLIGHT = 2  # a request's slices of --max-batch-size images queued at once (default: the model's usual
+# concurrent batches)
 MODEL_TIMEOUT_S = 5.0  # longest wait for a model replica to answer a readiness/metadata question
 READY_FRESH_S = 10.0  # a model answer this recent makes /readyz true without asking again
 METRIC_PREFIXES = ("ray_serve_", "ray_noop_rt_", "noop_rt_")
@@ -541,6 +543,23 @@ class Ingress:
             return out
         raise AssertionError("unreachable")
 
+    async def _classify_all(self, arrays: list[np.ndarray], top_k: int) -> list[dict[str, Any]]:
+        """The images of one request, in order, sent to the model in slices of --max-batch-size with at most
+        `SLICES_IN_FLIGHT` slices of this request queued or running at once: a request of many images cannot fill
+        the model's queue ahead of everyone else's (a concurrent request's image waits for at most that many of
+        its slices, not for all of them)."""
+        size = self.options.max_batch_size
+        slots = asyncio.Semaphore(self.options.concurrent_batches or SLICES_IN_FLIGHT)
+        outs: list[dict[str, Any]] = [{} for _ in arrays]
+
+        async def one_slice(start: int) -> None:
+            async with slots:
+                done = await asyncio.gather(*(self._classify(a, top_k) for a in arrays[start:start + size]))
+            outs[start:start + len(done)] = done
+
+        await asyncio.gather(*(one_slice(start) for start in range(0, len(arrays), size)))
+        return outs
+
     # ------------------------------------------------------------------------------------------ routes
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:
@@ -604,7 +623,7 @@ class Ingress:
                                             f"{self.options.max_files}")
                 decoded = await self._decode(uploads, info["resolution"])
                 k = top_k or self.options.top_k
-                outs = await asyncio.gather(*(self._classify(array, k) for array, _ in decoded))
+                outs = await self._classify_all([array for array, _ in decoded], k)
                 total_ms = 1e3 * (time.perf_counter() - t0)
                 answers = []
                 for (name, _), (_, decode_ms), out in zip(uploads, decoded, outs, strict=True):
@@ -685,7 +704,7 @@ class Ingress:
                 else:
                     arrays = list(check_float_images(cast(np.ndarray, req.input.data), resolution,
                                                      self.options.max_files))
-                outs = await asyncio.gather(*(self._classify(a, len(info["classes"])) for a in arrays))
+                outs = await self._classify_all(arrays, len(info["classes"]))
                 probs = np.stack([o["probs"] for o in outs]).astype(np.float32)
                 content, headers = kserve.infer_response(info["name"], req, probs, [o["label"] for o in outs],
                                                          info["classes"])
