@@ -487,3 +487,21 @@ def test_a_manifest_with_two_class_names_swapped_is_refused(tmp_path) -> None:
     for args in (["classify", str(SEVEN), "--bundle", str(copy)], ["verify", str(copy)]):
         res = CliRunner().invoke(app, args)
         assert res.exit_code == 1 and res.stderr.count("\n") == 1 and "edited manifest" in res.stderr, res.output
+
+
+def test_an_image_unlike_the_training_data_says_so() -> None:
+    """Its top-1 probability under the validation profile's 5th percentile (the manifest's, read here): a remark in
+    the result's warnings, which `classify --json`, batch rows and the server's answers carry; a typical image has
+    none."""
+    import json
+
+    from PIL import Image, ImageOps
+
+    from noop_rt.demo import BUNDLE_DIR, EXAMPLES_DIR
+
+    bound = json.loads((BUNDLE_DIR / "manifest.json").read_text())["drift"]["top1_prob_p05"]
+    zero = Image.open(EXAMPLES_DIR / "zero.png").convert("RGB")
+    clf = noop_rt.load()
+    typical, inverted = clf.classify([np.asarray(zero), np.asarray(ImageOps.invert(zero))], top_k=1)
+    assert typical.prob >= bound and typical.warnings == []
+    assert inverted.prob < bound and any("unlike the training data" in w for w in inverted.to_json()["warnings"])

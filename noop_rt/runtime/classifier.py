@@ -258,10 +258,14 @@ class Classifier:
         n = len(names)
         per = {"preprocess": 1e3 * preprocess_s / n, "model": 1e3 * model_s / n,
                "scoring": 1e3 * (time.perf_counter() - t0) / n}
+        low = self.drift.low_prob if calibrated and self.drift is not None else None
         out = []
         for i, (name, said) in enumerate(zip(names, notes, strict=True)):
             top = [ClassScore(self.classes[c], float(probs[i, c]), float(scores.errors[i, c]))
                    for c in ranking[i].tolist()]
+            if low is not None and top[0].prob < low:  # the drift monitor's own bound, for this one image
+                said = [*said, f"unlike the training data: its top-1 probability {top[0].prob:.3f} is below what 95 % "
+                               f"of the validation images get ({low:.3f}); the label may well be wrong"]
             out.append(Result(image=name, label=top[0].label, top=top, method=method, backend=self.backend,
                               unet_evals=int(scores.unet_evals[i]), timings=dict(per), calibrated=calibrated,
                               zero_shot=list(self.class_set.zero_shot), warnings=said))
