@@ -38,7 +38,7 @@ class HttpLimits:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     max_header_bytes: int = 32 * 1024
-    max_connections: int = 500
+    max_connections: int = 1000
 
 
 def install(limits: HttpLimits) -> None:

@@ -48,7 +48,7 @@ class ServeOptions:
     body_timeout_s: float = 30.0  # longest pause between two pieces of a request body
     max_header_bytes: int = 32 * 1024  # request line and headers, in all (431 beyond)
     max_headers: int = 100  # header fields per request (431 beyond)
-    max_connections: int = 500  # open connections to the ingress; more are answered 503 and closed
+    max_connections: int = 1000  # open connections to the ingress; more are answered 503 and closed
     allowed_hosts: tuple[str, ...] = ()  # Host header names served (empty: origins.default_allowed_hosts; "*": any)
     cors_origins: tuple[str, ...] = ()  # web origins whose pages may call the API (CORS); none by default
     # SHA-256 digests of the Bearer keys every route but the probes requires (serve.auth.key_digest); no key is here
