@@ -24,6 +24,7 @@ import contextlib
 import gzip
 import io
 import json
+import re
 import socket
 import statistics
 import struct
@@ -342,7 +343,8 @@ def http_500s(url: str) -> dict[str, float]:
     for line in text.splitlines():
         if line.startswith("ray_serve_num_http_requests_total{"):
             labels, value = line.rsplit(" ", 1)
-            code = next((p.split("=")[1].strip('"') for p in labels.split(",") if "status_code" in p), "?")
+            found = re.search(r'status_code="([^"]*)"', labels)
+            code = found.group(1) if found else "?"
             counts[code] = counts.get(code, 0.0) + float(value)
     return counts
 
