@@ -68,6 +68,21 @@ def test_tls_files_must_load_as_a_pair(tmp_path: Path) -> None:
         tls_files(other_cert, key)  # a key that is not the certificate's
 
 
+@needs_serve
+def test_tls_and_keep_alive_reach_ray_serves_http_options(tmp_path: Path) -> None:
+    from ray.serve.config import HTTPOptions
+
+    from noop_rt.serve.options import ServeOptions
+    from noop_rt.serve.server import http_options
+
+    cert, key = tls_files(*make_certificate(tmp_path))
+    found = HTTPOptions(**http_options(ServeOptions(keep_alive_s=7, ssl_certfile=cert, ssl_keyfile=key),
+                                       "127.0.0.1", 8443))
+    assert (found.host, found.port, found.keep_alive_timeout_s) == ("127.0.0.1", 8443, 7)
+    assert (found.ssl_certfile, found.ssl_keyfile) == (cert, key)
+    assert HTTPOptions(**http_options(ServeOptions(), "::1", 80)).ssl_certfile is None
+
+
 @pytest.fixture(scope="module")
 def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     if not HAVE_SERVE:
