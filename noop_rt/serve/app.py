@@ -73,8 +73,8 @@ from noop_rt.serve.uploads import (
 
 MAX_HEADERS_ENV = "NOOP_RT_MAX_HEADERS"  # --max-headers, set in the ingress replica's process
 PROBES = OPEN_PATHS - {"/"}  # answered whatever the Host (an orchestrator's probe names the pod's address)
-SLICES_IN_FLIGHT = 2  # a request's slices of --max-batch-size images queued at once (default: the model's usual
-# concurrent batches)
+SLICES_IN_FLIGHT = 1  # a request's slices of --max-batch-size images queued or running at once: one, so that while
+# a replica runs one of its slices, its other concurrent batch serves the other requests
 MODEL_TIMEOUT_S = 5.0  # longest wait for a model replica to answer a readiness/metadata question
 READY_FRESH_S = 10.0  # a model answer this recent makes /readyz true without asking again
 METRIC_PREFIXES = ("ray_serve_", "ray_noop_rt_", "noop_rt_")
@@ -544,12 +544,11 @@ class Ingress:
         raise AssertionError("unreachable")
 
     async def _classify_all(self, arrays: list[np.ndarray], top_k: int) -> list[dict[str, Any]]:
-        """The images of one request, in order, sent to the model in slices of --max-batch-size with at most
-        `SLICES_IN_FLIGHT` slices of this request queued or running at once: a request of many images cannot fill
-        the model's queue ahead of everyone else's (a concurrent request's image waits for at most that many of
-        its slices, not for all of them)."""
+        """The images of one request, in order, sent to the model in slices of --max-batch-size, `SLICES_IN_FLIGHT`
+        slice of this request queued or running at a time: a request of many images cannot fill the model's queue
+        ahead of everyone else's (a concurrent request's image waits for at most a slice, not for all of them)."""
         size = self.options.max_batch_size
-        slots = asyncio.Semaphore(self.options.concurrent_batches or SLICES_IN_FLIGHT)
+        slots = asyncio.Semaphore(SLICES_IN_FLIGHT)
         outs: list[dict[str, Any]] = [{} for _ in arrays]
 
         async def one_slice(start: int) -> None:
