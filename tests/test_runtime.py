@@ -487,3 +487,22 @@ def test_a_manifest_with_two_class_names_swapped_is_refused(tmp_path) -> None:
     for args in (["classify", str(SEVEN), "--bundle", str(copy)], ["verify", str(copy)]):
         res = CliRunner().invoke(app, args)
         assert res.exit_code == 1 and res.stderr.count("\n") == 1 and "edited manifest" in res.stderr, res.output
+
+
+def test_an_image_unlike_the_training_data_says_so() -> None:
+    """Its best error above every validation image's (the manifest's cascade fit, read here): a remark in the
+    result's warnings, which `classify --json`, batch rows and the server's answers carry; a typical image has
+    none."""
+    import json
+
+    from PIL import Image, ImageOps
+
+    from noop_rt.demo import BUNDLE_DIR, EXAMPLES_DIR
+
+    bound = json.loads((BUNDLE_DIR / "manifest.json").read_text())["cascade"]["error_bound"]
+    zero = Image.open(EXAMPLES_DIR / "zero.png").convert("RGB")
+    clf = noop_rt.load()
+    typical, inverted = clf.classify([np.asarray(zero), np.asarray(ImageOps.invert(zero))], top_k=1)
+    assert typical.top[0].error <= bound and typical.warnings == []
+    assert inverted.top[0].error > bound
+    assert any("unlike the training data" in w for w in inverted.to_json()["warnings"])

@@ -658,6 +658,79 @@ def test_an_image_over_the_models_pixel_limit_is_refused_from_its_header(server:
 
 
 @needs_serve
+def test_other_hosts_and_other_origins_are_refused(server: Any) -> None:
+    """DNS rebinding (a Host that is not a loopback name) is a 400 on a loopback server; a state-changing request
+    from another web origin (a form post, a fetch) is a 403 and never reaches the model; the page's own origin, and
+    clients that send no Origin, pass. No CORS header is granted without --cors-origin."""
+    import httpx
+
+    image = (EXAMPLES_DIR / "seven.png").read_bytes()
+    own = server.url  # http://127.0.0.1:PORT
+    with httpx.Client(timeout=60) as client:
+        port = own.rsplit(":", 1)[1]
+        r = client.get(own + "/v1/model", headers={"Host": f"rebound.attacker.example:{port}"})
+        assert r.status_code == 400 and "--allowed-hosts" in r.json()["error"]
+        assert client.get(own + "/readyz", headers={"Host": "10.0.0.7"}).status_code == 200  # probes: any Host
+        assert client.get(own + "/v1/model", headers={"Host": f"localhost:{port}"}).status_code == 200
+        for headers in ({"Origin": "https://attacker.example", "Content-Type": "image/png"},
+                        {"Origin": "https://attacker.example", "Content-Type": "application/x-www-form-urlencoded"},
+                        {"Origin": "null", "Content-Type": "text/plain"},
+                        {"Sec-Fetch-Site": "cross-site", "Content-Type": "multipart/form-data; boundary=x"}):
+            r = client.post(own + "/v1/classify", content=image, headers=headers)
+            assert r.status_code == 403 and "--cors-origin" in r.json()["error"], headers
+        preflight = client.options(own + "/v1/classify", headers={"Origin": "https://attacker.example",
+                                                                  "Access-Control-Request-Method": "POST"})
+        assert preflight.status_code == 403 and "access-control-allow-origin" not in preflight.headers
+        same = client.post(own + "/v1/classify", content=image,
+                           headers={"Origin": own, "Sec-Fetch-Site": "same-origin"})
+        assert same.status_code == 200 and same.json()[0]["top"][0]["class"] == "seven"
+        read = client.get(own + "/v1/model", headers={"Origin": "https://attacker.example"})
+        assert read.status_code == 200 and "access-control-allow-origin" not in read.headers
+
+
+@needs_serve
+def test_the_server_and_its_local_ray_cluster_listen_on_loopback_only(server: Any) -> None:
+    """psutil lists the listening sockets of every process of the server's session (its local Ray cluster: GCS,
+    raylet, agents, Serve's controller, proxy and replicas): none is on a public interface or on all of them."""
+    from noop_rt.serve.launch import public_sockets
+
+    sockets = server.listening()
+    names = " ".join(name for _, _, name in sockets)
+    assert "gcs_server" in names and "raylet" in names and "ServeReplica" in names, sockets  # the cluster is seen
+    assert int(server.url.rsplit(":", 1)[1]) in {port for _, port, _ in sockets}
+    assert public_sockets(sockets) == []
+
+
+@needs_serve
+def test_a_request_of_many_images_does_not_hold_the_model(server: Any) -> None:
+    """192 images in one request go to the model in slices of --max-batch-size, a few at a time: a one-image request
+    sent while they run is answered long before them, not after all of them."""
+    import httpx
+
+    image = (EXAMPLES_DIR / "seven.png").read_bytes()
+    files = [("files", (f"{i}.png", image, "image/png")) for i in range(192)]
+    found: dict[str, Any] = {}
+
+    def big() -> None:
+        t0 = time.monotonic()
+        found["big"] = httpx.post(server.url + "/v1/classify", files=files, timeout=300)
+        found["big_s"] = time.monotonic() - t0
+
+    thread = threading.Thread(target=big)
+    thread.start()
+    time.sleep(0.5)  # the big request's images are decoded and in the model's queue
+    t0 = time.monotonic()
+    small = httpx.post(server.url + "/v1/classify", content=image, timeout=300)
+    small_s = time.monotonic() - t0
+    thread.join()
+    answers = found["big"].json()
+    assert found["big"].status_code == 200 and [a["top"][0]["class"] for a in answers] == ["seven"] * 192
+    assert [a["image"] for a in answers] == [f"{i}.png" for i in range(192)]  # in order
+    assert small.status_code == 200 and small.json()[0]["top"][0]["class"] == "seven"
+    assert small_s < found["big_s"] / 3, (small_s, found["big_s"])
+
+
+@needs_serve
 def test_a_replica_killed_mid_load_is_replaced_and_no_request_is_lost(server: Any) -> None:
     """ray.kill one of the two model replicas while requests flow: every request ends as a correct answer or a 5xx
     (both counted, none lost), Serve starts a new replica, and the server answers correctly afterwards."""

@@ -122,3 +122,43 @@ def test_docs_render_offline(server: Any, browser: Any) -> None:
     WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".swagger-ui .info .title"))
     assert "noop-rt" in browser.find_element(By.CSS_SELECTOR, ".swagger-ui .info .title").text
     assert browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")  # the routes are listed
+
+
+def test_page_at_390_px_shows_label_bars_and_probabilities_without_scrolling(server: Any, browser: Any,
+                                                                             tmp_path: Any) -> None:
+    """A phone's width (390 CSS px): the label, every bar and every probability inside the viewport, nothing wider
+    than the page; an image unlike the training data (an inverted digit) says so; a rejected file names itself
+    and leaves no broken-image icon."""
+    from PIL import Image, ImageOps
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                            {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True})
+    try:
+        browser.get(server.url + "/")
+        WebDriverWait(browser, 60).until(lambda d: "classes" in d.find_element(By.ID, "model").text)
+        label, bars, _ = upload_and_read(browser, str(EXAMPLES_DIR / "seven.png"))
+        assert label == "seven" and len(bars) == 3 and all(float(p) > 0 or p == "0.000" for _, p in bars)
+        width = browser.execute_script("return window.innerWidth")
+        assert width == 390
+        assert browser.execute_script("return document.documentElement.scrollWidth") <= width  # no sideways scroll
+        for selector in ("#label", "#bars .bar .name", "#bars .bar .track", "#bars .bar .prob"):
+            for element in browser.find_elements(By.CSS_SELECTOR, selector):
+                rect = browser.execute_script("return arguments[0].getBoundingClientRect().toJSON()", element)
+                assert rect["width"] > 0 and rect["left"] >= 0 and rect["right"] <= width, (selector, rect)
+        assert browser.find_element(By.ID, "warnings").text == ""
+
+        inverted = tmp_path / "inverted-zero.png"
+        ImageOps.invert(Image.open(EXAMPLES_DIR / "zero.png").convert("RGB")).save(inverted)
+        upload_and_read(browser, str(inverted))
+        assert "unlike the training data" in browser.find_element(By.ID, "warnings").text
+
+        bogus = tmp_path / "notes.png"
+        bogus.write_text("not an image at all")
+        browser.find_element(By.ID, "file").send_keys(str(bogus))
+        WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "error").text.strip())
+        assert browser.find_element(By.ID, "error").text.startswith("notes.png: ")
+        WebDriverWait(browser, 10).until(lambda d: not d.find_element(By.ID, "preview").is_displayed())
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})

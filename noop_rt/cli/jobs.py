@@ -221,6 +221,33 @@ def serve(
                                                       "(repeatable; also NOOP_RT_API_KEY).")] = None,
     api_key_file: Annotated[Path | None, typer.Option("--api-key-file", metavar="FILE", help="Keys, one per "
                                                       "line.")] = None,
+    ssl_certfile: Annotated[Path | None, typer.Option("--ssl-certfile", metavar="PEM", help="Serve HTTPS with this "
+                                                      "certificate chain (with --ssl-keyfile).")] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option("--ssl-keyfile", metavar="PEM", help="The certificate's "
+                                                     "private key (unencrypted PEM).")] = None,
+    keep_alive_s: Annotated[int, typer.Option("--keep-alive-s", min=1, metavar="X", help="Close an idle kept-alive "
+                                              "connection after X s.")] = ServeOptions.keep_alive_s,
+    header_timeout_s: Annotated[float, typer.Option("--header-timeout-s", min=0.001, metavar="X", help="A request's "
+                                                    "line and headers must arrive within X s (else 408, closed).")]
+    = ServeOptions.header_timeout_s,
+    body_timeout_s: Annotated[float, typer.Option("--body-timeout-s", min=0.001, metavar="X", help="Longest pause "
+                                                  "in a request body (else the connection is closed).")]
+    = ServeOptions.body_timeout_s,
+    max_header_kb: Annotated[int, typer.Option("--max-header-kb", min=1, metavar="N", help="Largest request line "
+                                               "and headers, in KiB (431 beyond).")]
+    = ServeOptions.max_header_bytes // 1024,
+    max_headers: Annotated[int, typer.Option("--max-headers", min=8, metavar="N", help="Most header fields in a "
+                                             "request (431 beyond).")] = ServeOptions.max_headers,
+    max_connections: Annotated[int, typer.Option("--max-connections", min=1, metavar="N", help="Most open "
+                                                 "connections (more: 503, closed).")] = ServeOptions.max_connections,
+    allowed_hosts: Annotated[list[str] | None, typer.Option("--allowed-hosts", metavar="NAME", help="Host header "
+                                                            "names served, e.g. api.example.org or *.example.org "
+                                                            "(repeatable; '*': any; default: loopback names on a "
+                                                            "loopback --host, else any).")] = None,
+    cors_origin: Annotated[list[str] | None, typer.Option("--cors-origin", metavar="ORIGIN", help="A web origin "
+                                                          "whose pages may call the API, e.g. "
+                                                          "https://app.example.org (repeatable; default: none).")]
+    = None,
     device: DeviceOpt = "auto", max_batch: MaxBatchOpt = None, engines: EnginesOpt = None, lora: LoraOpt = None,
     lora_scale: LoraScaleOpt = None,
 ) -> None:
@@ -240,7 +267,16 @@ def serve(
             print(f"warning: serving on {host} without an API key: anyone who reaches the port can use the model "
                   f"(--api-key KEY or {KEY_ENV})", file=sys.stderr)
         digests = tuple(key_digest(k) for k in keys)
-        run_server(load, ServeOptions(api_key_digests=digests, max_pixels=max_pixels,
+        from noop_rt.serve.options import tls_files
+        from noop_rt.serve.origins import check_origins
+
+        certfile, keyfile = tls_files(ssl_certfile, ssl_keyfile)
+        run_server(load, ServeOptions(api_key_digests=digests, max_pixels=max_pixels, ssl_certfile=certfile,
+                                      ssl_keyfile=keyfile, keep_alive_s=keep_alive_s,
+                                      header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s,
+                                      max_header_bytes=max_header_kb * 1024, max_headers=max_headers,
+                                      max_connections=max_connections, cors_origins=check_origins(cors_origin or ()),
+                                      allowed_hosts=tuple(h.strip().lower() for h in allowed_hosts or () if h.strip()),
                                       request_timeout_s=request_timeout_s, host=host, port=port,
                                       replicas=replicas, gpus_per_replica=gpus_per_replica, threads=threads,
                                       max_batch_size=max_batch_size,

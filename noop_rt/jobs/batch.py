@@ -8,6 +8,7 @@ gets an `error` row. The model is opened with `noop_rt.load(load)`: a bundle nev
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -466,26 +467,30 @@ def _run_ray(todo: list[str], load: LoadOptions, resolution: int, ident: str, op
              device: str = "cpu") -> dict[str, Any]:
     """Ray Data: an actor pool of `workers` classifiers, each decoding and classifying whole blocks of paths.
     Returns the plan and its timings: cluster start, first rows (actor start + model load + first block), steady
-    state (images/s after the first block), and per worker process its model-load time and CPU time per image."""
-    try:
-        import ray
-    except ImportError:
-        from noop_rt.runtime.errors import MissingDependencyError
-        from noop_rt.runtime.extras import install_hint
+    state (images/s after the first block), and per worker process its model-load time and CPU time per image. A
+    cluster started here listens on loopback only (`runtime/local_ray.py`)."""
+    from noop_rt.runtime.local_ray import LOCAL_INIT, loopback_cluster
 
-        raise MissingDependencyError(f"--ray needs Ray Data: {install_hint('ray')}") from None
-    from noop_rt.jobs.parallel import plan
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home from an offline cluster
     address = options.ray_address or os.environ.get("RAY_ADDRESS")
     t0 = time.perf_counter()
-    started_here = not ray.is_initialized()
-    if started_here:
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
+    with loopback_cluster() if not address else contextlib.nullcontext(False):  # before Ray reads its settings
+        try:
+            import ray
+        except ImportError:
+            from noop_rt.runtime.errors import MissingDependencyError
+            from noop_rt.runtime.extras import install_hint
+
+            raise MissingDependencyError(f"--ray needs Ray Data: {install_hint('ray')}") from None
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home from an offline cluster
+        started_here = not ray.is_initialized()
+        if started_here:
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=os.cpu_count() or 2, log_to_driver=False, **LOCAL_INIT)
     cluster_s = time.perf_counter() - t0
+    from noop_rt.jobs.parallel import plan
+
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = show_progress

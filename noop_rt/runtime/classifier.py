@@ -222,6 +222,15 @@ class Classifier:
         return {k: tuple(map(tuple, v)) if k == "stages" else v
                 for k, v in (fitted.get("escalation_options") or {}).items()}
 
+    def familiar_error_bound(self) -> float | None:
+        """The largest best NoOp error of the validation split (the cascade's fit), else the drift profile's 99th
+        percentile of it; None where neither was recorded. An image above it is unlike the training data."""
+        fitted = (self.model.info.cascade or {}).get("error_bound")
+        if fitted is not None:
+            return float(fitted)
+        quantile = ((self.model.info.drift or {}).get("best_error_quantiles") or {}).get("0.99")
+        return None if quantile is None else float(quantile)
+
     def calibrated(self, method: str, config: strategies.StrategyConfig) -> bool:
         """The fitted tau applies: NoOp, the trained classes and prompts, the loss it was fitted with."""
         info = self.model.info
@@ -301,10 +310,15 @@ class Classifier:
         n = len(names)
         per = {"preprocess": 1e3 * preprocess_s / n, "model": 1e3 * model_s / n,
                "scoring": 1e3 * (time.perf_counter() - t0) / n}
+        bound = self.familiar_error_bound() if calibrated else None
+        best = stage1.min(axis=1)
         out = []
         for i, (name, said) in enumerate(zip(names, notes, strict=True)):
             top = [ClassScore(self.classes[c], float(probs[i, c]), float(scores.errors[i, c]))
                    for c in ranking[i].tolist()]
+            if bound is not None and best[i] > bound:  # NoOp denoises it worse than any validation image
+                said = [*said, f"unlike the training data: its best error {best[i]:.4g} is above every validation "
+                               f"image's ({bound:.4g}); the label may well be wrong"]
             out.append(Result(image=name, label=top[0].label, top=top, method=method, backend=self.backend,
                               unet_evals=int(scores.unet_evals[i]), timings=dict(per),
                               calibrated=calibrated and not escalated[i], zero_shot=list(self.class_set.zero_shot),

@@ -70,7 +70,10 @@ def default_preprocessing(resolution: int) -> dict[str, Any]:
     """What `runtime/images.py` does to a file before the classifier graph sees it, for a runtime that has only the
     bundle (a third-party server must do the same to get the same labels)."""
     return {"resolution": resolution,
-            "decode": "the first frame of an animated image; EXIF orientation applied",
+            "decode": "the first frame of an animated image; EXIF orientation applied; an image 12 times its resized "
+                      "size or more first reduced to no less than 6 times it (JPEG: decoded at 1/2, 1/4 or 1/8 scale; "
+                      "others: Pillow reduce, a box average, alpha premultiplied), the resize keeping the full "
+                      "image's arithmetic",
             "alpha": "composited on white (255, 255, 255) before resizing (RGBA, LA, PA, and P with transparency)",
             "modes": "16-bit greyscale scaled by 65535 (by 255 when no value exceeds 255); palette, greyscale and CMYK "
                      "converted to RGB by Pillow",

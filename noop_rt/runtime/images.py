@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from pathlib import Path
 
@@ -12,6 +13,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from noop_rt.runtime.errors import BadInputError
 
 MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb warning limit
+REDUCE_FROM = 12.0  # images at least this many times their resized size are reduced early (decode_model_input) ...
+REDUCING_GAP = 6.0  # ... to no less than this many times it (a mean 0.1-0.3 grey level from the full-size path)
+REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA")  # reduced before the conversion to RGB (the alpha ones premultiplied)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
@@ -82,6 +86,58 @@ def decode_rgb(data: bytes, name: str | Path, notes: list[str] | None = None) ->
         raise BadInputError(f"cannot read image {name}: {reason}") from None
 
 
+def decode_model_input(data: bytes, name: str | Path, resolution: int, notes: list[str] | None = None) \
+        -> np.ndarray:
+    """Image file bytes -> the model's input (3, R, R) float32 in [-1, 1], decoding no more than the model needs:
+    `decode_rgb` then `to_model_input`, except that an image over REDUCE_FROM times its resized size is first
+    brought down to at least REDUCING_GAP times that size, before any full-size conversion: a JPEG decoded at a
+    reduced scale (Pillow's `draft`, DCT scaling), other formats reduced by an integer factor (Pillow's `reduce`,
+    a box average) right after decoding. The final bicubic resize and the crop keep the full image's arithmetic
+    (Pillow's own `reducing_gap` scheme): the result differs from the full-size path by a mean 0.1-0.3 grey level
+    (tests/test_decode_bounded.py); smaller images, the demo's among them, take the full-size path unchanged."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            with img:
+                return _decode_reduced(img, name, resolution, notes)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise BadInputError(f"cannot read image {name}: {_reason(exc)}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image format Pillow can decode (corrupt or truncated?)"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _decode_reduced(img: Image.Image, name: str | Path, resolution: int, notes: list[str] | None) -> np.ndarray:
+    width, height = img.size
+    if width * height > MAX_PIXELS:
+        raise BadInputError(f"cannot read image {name}: {width}x{height} pixels is over the "
+                            f"{MAX_PIXELS // 1_000_000} M pixel limit")
+    frames = int(getattr(img, "n_frames", 1) or 1)
+    if frames > 1 and notes is not None:
+        notes.append(f"an animated image of {frames} frames: the first is classified")
+    new_w, new_h = resized_size(width, height, resolution)
+    content = (float(width), float(height))  # the image's extent in the (reduced) pixels at hand
+    large = min(width / new_w, height / new_h) >= REDUCE_FROM
+    if large and img.format == "JPEG":
+        drafted = img.draft(img.mode, (math.ceil(new_w * REDUCING_GAP), math.ceil(new_h * REDUCING_GAP)))
+        if drafted is not None:
+            content = (float(drafted[1][2]), float(drafted[1][3]))
+    img.load()
+    before = img.size
+    img = ImageOps.exif_transpose(img)
+    if img.size != before:  # turned a quarter: so are the sizes
+        width, height, new_w, new_h, content = height, width, new_h, new_w, (content[1], content[0])
+    factor = int(min(content[0] / new_w, content[1] / new_h) / REDUCING_GAP)
+    if large and factor >= 2 and img.mode in REDUCIBLE_MODES:
+        img = img.reduce(factor)
+        content = (content[0] / factor, content[1] / factor)
+    return to_model_input(to_rgb(img), resolution, source=(width, height), box=(0.0, 0.0, *content))
+
+
 def open_rgb(path: str | Path, notes: list[str] | None = None) -> Image.Image:
     """Read and decode one image (local path or URI) to RGB."""
     return decode_rgb(read_bytes(path), path, notes)
@@ -101,12 +157,17 @@ def crop_offsets(width: int, height: int, resolution: int) -> tuple[int, int]:
     return round((width - resolution) / 2.0), round((height - resolution) / 2.0)
 
 
-def to_model_input(img: Image.Image, resolution: int) -> np.ndarray:
+def to_model_input(img: Image.Image, resolution: int, source: tuple[int, int] | None = None,
+                   box: tuple[float, float, float, float] | None = None) -> np.ndarray:
     """Resize the shorter side to `resolution` (bicubic), centre-crop square, scale to [-1, 1]: (3, R, R) float32.
-    The sizes and offsets follow torchvision's Resize + CenterCrop, so scores reproduce the reference code."""
-    w, h = img.size
+    The sizes and offsets follow torchvision's Resize + CenterCrop, so scores reproduce the reference code.
+    `source` and `box`: `img` is a reduced copy of an image of size `source`, whose content covers `box` of it (the
+    sizes still follow `source`)."""
+    w, h = source or img.size
     new_w, new_h = resized_size(w, h, resolution)
-    if (new_w, new_h) != (w, h):
+    if box is not None and source is not None and source != img.size:
+        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC, box=box)
+    elif (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
     left, top = crop_offsets(new_w, new_h, resolution)
     img = img.crop((left, top, left + resolution, top + resolution))
@@ -128,7 +189,7 @@ def _model_input(image: object, resolution: int, notes: list[str] | None) -> np.
     if isinstance(image, (str, Path)):
         return load_image(image, resolution, notes)
     if isinstance(image, (bytes, bytearray, memoryview)):
-        return to_model_input(decode_rgb(bytes(image), "<bytes>", notes), resolution)
+        return decode_model_input(bytes(image), "<bytes>", resolution, notes)
     if isinstance(image, Image.Image):
         return to_model_input(to_rgb(image), resolution)
     if isinstance(image, np.ndarray):
@@ -160,7 +221,7 @@ def preprocessed_batch(images: np.ndarray, resolution: int, *, unit_range: bool 
 
 
 def load_image(path: str | Path, resolution: int, notes: list[str] | None = None) -> np.ndarray:
-    """`open_rgb` then `to_model_input` (local path or URI): (3, R, R) float32 in [-1, 1]."""
-    return to_model_input(open_rgb(path, notes), resolution)
+    """`decode_model_input` of the file's bytes (local path or URI): (3, R, R) float32 in [-1, 1]."""
+    return decode_model_input(read_bytes(path), path, resolution, notes)
 
 

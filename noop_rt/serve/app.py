@@ -41,13 +41,26 @@ from ray.serve.handle import DeploymentHandle
 from ray.util import metrics
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from noop_rt import __version__
 from noop_rt.api import LoadOptions
 from noop_rt.runtime.errors import BadInputError
 from noop_rt.serve import kserve
 from noop_rt.serve.auth import CHALLENGE, DIGESTS_ENV, OPEN_PATHS, authorized
+from noop_rt.serve.http_limits import HttpLimits, install
 from noop_rt.serve.options import ServeOptions
+from noop_rt.serve.origins import (
+    ALLOWED_HOSTS_ENV,
+    CORS_ORIGINS_ENV,
+    PREFLIGHT_HEADERS,
+    UNSAFE_METHODS,
+    cors_headers,
+    cross_origin,
+    default_allowed_hosts,
+    host_allowed,
+)
+from noop_rt.serve.private_ray import keep_grpc_on_loopback
 from noop_rt.serve.uploads import (
     RequestError,
     check_declared_length,
@@ -58,6 +71,10 @@ from noop_rt.serve.uploads import (
     read_body,
 )
 
+MAX_HEADERS_ENV = "NOOP_RT_MAX_HEADERS"  # --max-headers, set in the ingress replica's process
+PROBES = OPEN_PATHS - {"/"}  # answered whatever the Host (an orchestrator's probe names the pod's address)
+SLICES_IN_FLIGHT = 1  # a request's slices of --max-batch-size images queued or running at once: one, so that while
+# a replica runs one of its slices, its other concurrent batch serves the other requests
 MODEL_TIMEOUT_S = 5.0  # longest wait for a model replica to answer a readiness/metadata question
 READY_FRESH_S = 10.0  # a model answer this recent makes /readyz true without asking again
 METRIC_PREFIXES = ("ray_serve_", "ray_noop_rt_", "noop_rt_")
@@ -106,6 +123,43 @@ async def _require_key(request: Request, call_next: Any) -> Response:
 
 
 @api.middleware("http")
+async def _header_count(request: Request, call_next: Any) -> Response:
+    """431 for a request with more header fields than --max-headers (their bytes are bounded below the
+    application, by http_limits)."""
+    limit = int(os.environ.get(MAX_HEADERS_ENV, "0") or 0)
+    if limit and len(request.scope["headers"]) > limit:
+        return JSONResponse({"error": f"{len(request.scope['headers'])} header fields; the limit is {limit} "
+                                      "(--max-headers)"}, status_code=431)
+    return await call_next(request)
+
+
+@api.middleware("http")
+async def _browsers(request: Request, call_next: Any) -> Response:
+    """The Host a request names (--allowed-hosts: DNS rebinding) and the web origin it comes from (--cors-origin; a
+    state-changing request from another origin is refused): serve.origins. Outside the key check, so that a CORS
+    preflight (which carries no key) is answered."""
+    host = request.headers.get("host")
+    allowed = [h for h in os.environ.get(ALLOWED_HOSTS_ENV, "*").split(",") if h]
+    if request.url.path not in PROBES and not host_allowed(host, allowed):
+        return JSONResponse({"error": f"Host {host!r} is not served here (--allowed-hosts)"}, status_code=400)
+    origin = request.headers.get("origin")
+    if not cross_origin(origin, host, request.url.scheme, request.headers.get("sec-fetch-site")):
+        return await call_next(request)
+    permitted = origin is not None and origin.lower() in os.environ.get(CORS_ORIGINS_ENV, "").split(",")
+    if request.method == "OPTIONS" and request.headers.get("access-control-request-method"):
+        if permitted:
+            return Response(status_code=204, headers={**cors_headers(origin or ""), **PREFLIGHT_HEADERS})
+        return JSONResponse({"error": f"origin {origin} may not call this server (--cors-origin)"}, status_code=403)
+    if not permitted and request.method in UNSAFE_METHODS:
+        return JSONResponse({"error": f"a {request.method} from another web origin ({origin or 'a cross-site page'}) "
+                                      "is refused (--cors-origin names the ones allowed)"}, status_code=403)
+    response = await call_next(request)
+    if permitted:
+        response.headers.update(cors_headers(origin or ""))
+    return response
+
+
+@api.middleware("http")
 async def _no_sniff(request: Request, call_next: Any) -> Response:
     """Every answer's type is the one it declares: browsers must not guess another (an upload echoed as HTML).
     Registered last, so it is the outermost: the key check's 401s carry it too."""
@@ -129,6 +183,16 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     parts = [f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()]
     return JSONResponse({"error": "; ".join(parts) or "invalid request"}, status_code=400)
+
+
+@api.exception_handler(ClientDisconnect)
+async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+    """The client went away before its request was read in full: one line in the log, and 499 (nginx's "client
+    closed request") in the metrics, never a 500. Nobody is left to read the answer."""
+    client = request.client
+    print(f"client {client.host if client else '?'}:{client.port if client else '?'} disconnected during "
+          f"{request.method} {request.url.path}: answered 499", file=sys.stderr, flush=True)
+    return Response(status_code=499)
 
 
 @api.exception_handler(Exception)
@@ -234,6 +298,8 @@ class ModelReplica:
     def __init__(self, load: LoadOptions, options: ServeOptions, threads: int | None) -> None:
         from noop_rt.api import load as open_model
 
+        keep_grpc_on_loopback()
+
         if load.threads is None and threads is not None:
             load = load.updated(threads=threads)
         self.classifier = open_model(load)
@@ -324,7 +390,14 @@ class Ingress:
     """HTTP in front of the model deployment."""
 
     def __init__(self, model: DeploymentHandle, options: ServeOptions) -> None:
+        keep_grpc_on_loopback()
         os.environ[DIGESTS_ENV] = ",".join(options.api_key_digests)
+        os.environ[MAX_HEADERS_ENV] = str(options.max_headers)
+        os.environ[ALLOWED_HOSTS_ENV] = ",".join(options.allowed_hosts or default_allowed_hosts(options.host))
+        os.environ[CORS_ORIGINS_ENV] = ",".join(options.cors_origins)
+        # before Serve starts this replica's HTTP server (after this constructor): its connections get the limits
+        install(HttpLimits(header_timeout_s=options.header_timeout_s, body_timeout_s=options.body_timeout_s,
+                           max_header_bytes=options.max_header_bytes, max_connections=options.max_connections))
         self.decode_slots = asyncio.Semaphore(os.cpu_count() or 1)  # decodes at once in this replica
         # A handle made here takes this replica's Serve settings (gRPC to the model replicas in Serve's
         # throughput-optimized mode); the one passed in keeps those of the process that built the application.
@@ -470,6 +543,22 @@ class Ingress:
             return out
         raise AssertionError("unreachable")
 
+    async def _classify_all(self, arrays: list[np.ndarray], top_k: int) -> list[dict[str, Any]]:
+        """The images of one request, in order, sent to the model in slices of --max-batch-size, `SLICES_IN_FLIGHT`
+        slice of this request queued or running at a time: a request of many images cannot fill the model's queue
+        ahead of everyone else's (a concurrent request's image waits for at most a slice, not for all of them)."""
+        size = self.options.max_batch_size
+        slots = asyncio.Semaphore(SLICES_IN_FLIGHT)
+        outs: list[dict[str, Any]] = [{} for _ in arrays]
+
+        async def one_slice(start: int) -> None:
+            async with slots:
+                done = await asyncio.gather(*(self._classify(a, top_k) for a in arrays[start:start + size]))
+            outs[start:start + len(done)] = done
+
+        await asyncio.gather(*(one_slice(start) for start in range(0, len(arrays), size)))
+        return outs
+
     # ------------------------------------------------------------------------------------------ routes
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:
@@ -533,7 +622,7 @@ class Ingress:
                                             f"{self.options.max_files}")
                 decoded = await self._decode(uploads, info["resolution"])
                 k = top_k or self.options.top_k
-                outs = await asyncio.gather(*(self._classify(array, k) for array, _ in decoded))
+                outs = await self._classify_all([array for array, _ in decoded], k)
                 total_ms = 1e3 * (time.perf_counter() - t0)
                 answers = []
                 for (name, _), (_, decode_ms), out in zip(uploads, decoded, outs, strict=True):
@@ -614,7 +703,7 @@ class Ingress:
                 else:
                     arrays = list(check_float_images(cast(np.ndarray, req.input.data), resolution,
                                                      self.options.max_files))
-                outs = await asyncio.gather(*(self._classify(a, len(info["classes"])) for a in arrays))
+                outs = await self._classify_all(arrays, len(info["classes"]))
                 probs = np.stack([o["probs"] for o in outs]).astype(np.float32)
                 content, headers = kserve.infer_response(info["name"], req, probs, [o["label"] for o in outs],
                                                          info["classes"])

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Sequence
 from types import TracebackType
+from typing import Any
 
 URL = re.compile(r"^https?://\S+$")
 RAY_LINE = re.compile(r"^Ray: local cluster at (\S+)")
@@ -64,6 +65,31 @@ class ServerProcess:
                 self.url = line.strip()
                 self._url_ready.set()
 
+    def processes(self) -> list[Any]:
+        """psutil.Process of the server and of everything it started (its session: its local Ray cluster)."""
+        import psutil
+
+        if self.proc is None:
+            return []
+        found = []
+        for p in psutil.process_iter():
+            with contextlib.suppress(psutil.Error, OSError):
+                if os.getsid(p.pid) == self.proc.pid:
+                    found.append(p)
+        return found
+
+    def listening(self) -> list[tuple[str, int, str]]:
+        """(address, port, process name) of every TCP socket the server and its cluster listen on."""
+        import psutil
+
+        found = []
+        for p in self.processes():
+            with contextlib.suppress(psutil.Error, OSError):
+                name = p.name()
+                found += [(c.laddr.ip, c.laddr.port, name) for c in p.net_connections(kind="inet")
+                          if c.status == psutil.CONN_LISTEN]
+        return sorted(found)
+
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.stderr[-lines:])
 
@@ -97,3 +123,15 @@ class ServerProcess:
                  tb: TracebackType | None) -> None:
         self.stop()
         self.kill()
+
+
+def public_sockets(sockets: list[tuple[str, int, str]]) -> list[tuple[str, int, str]]:
+    """Those of `ServerProcess.listening()` on an address other than a loopback one (all interfaces included)."""
+    import ipaddress
+
+    def loopback(ip: str) -> bool:
+        address = ipaddress.ip_address(ip.split("%")[0])
+        mapped = getattr(address, "ipv4_mapped", None)
+        return bool((mapped or address).is_loopback)
+
+    return [s for s in sockets if not loopback(s[0])]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from noop_rt.runtime.errors import BadInputError
 
@@ -39,6 +41,16 @@ class ServeOptions:
     request_timeout_s: float = 60.0  # a classify/infer request still running after this answers 504, its work dropped
     drain_timeout_s: float = 30.0  # longest wait for in-flight requests after SIGTERM/SIGINT
     drain_quiet_s: float = 1.0  # drained once no request has been in flight for this long
+    ssl_certfile: str | None = None  # TLS: the certificate chain (PEM), with ssl_keyfile; absolute paths (the
+    ssl_keyfile: str | None = None  # ingress replica's working directory is not the caller's)
+    keep_alive_s: int = 5  # an idle kept-alive connection is closed after this
+    header_timeout_s: float = 10.0  # a request line and headers must arrive in full within this (slow clients cut off)
+    body_timeout_s: float = 30.0  # longest pause between two pieces of a request body
+    max_header_bytes: int = 32 * 1024  # request line and headers, in all (431 beyond)
+    max_headers: int = 100  # header fields per request (431 beyond)
+    max_connections: int = 1000  # open connections to the ingress; more are answered 503 and closed
+    allowed_hosts: tuple[str, ...] = ()  # Host header names served (empty: origins.default_allowed_hosts; "*": any)
+    cors_origins: tuple[str, ...] = ()  # web origins whose pages may call the API (CORS); none by default
     # SHA-256 digests of the Bearer keys every route but the probes requires (serve.auth.key_digest); no key is here
     api_key_digests: tuple[str, ...] = field(default=(), repr=False)
 
@@ -54,6 +66,12 @@ class ServeOptions:
                   (0 <= self.port <= 65535, "--port must be 0..65535"),
                   (self.top_k >= 1, "--top-k must be at least 1"),
                   (self.request_timeout_s > 0, "--request-timeout-s must be positive"),
+                  ((self.ssl_certfile is None) == (self.ssl_keyfile is None),
+                   "--ssl-certfile and --ssl-keyfile go together"),
+                  (self.keep_alive_s >= 1 and self.header_timeout_s > 0 and self.body_timeout_s > 0,
+                   "--keep-alive-s, --header-timeout-s and --body-timeout-s must be positive"),
+                  (self.max_header_bytes >= 1024 and self.max_headers >= 8 and self.max_connections >= 1,
+                   "--max-header-kb must be at least 1, --max-headers at least 8, --max-connections at least 1"),
                   ((self.max_pixels or 1) >= 1 and self.max_files >= 1 and (self.max_request_pixels or 1) >= 1,
                    "--max-pixels, max_request_pixels and max_files must be positive")]
         for ok, message in checks:
@@ -66,5 +84,28 @@ class ServeOptions:
         return per_image, self.max_request_pixels or 4 * per_image
 
     @property
+    def tls(self) -> bool:
+        return self.ssl_certfile is not None
+
+    @property
     def max_upload_bytes(self) -> int | None:
         return int(self.max_upload_mb * 1024 * 1024) if self.max_upload_mb > 0 else None
+
+
+def tls_files(certfile: str | Path | None, keyfile: str | Path | None) -> tuple[str | None, str | None]:
+    """(certificate, key) as absolute paths once they are known to load as a pair (a wrong file is one line now,
+    not a replica that fails to start); (None, None) without TLS."""
+    if certfile is None and keyfile is None:
+        return None, None
+    if certfile is None or keyfile is None:
+        raise BadInputError("--ssl-certfile and --ssl-keyfile go together")
+    cert, key = (str(Path(p).expanduser().resolve()) for p in (certfile, keyfile))
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        raise BadInputError(f"--ssl-certfile {certfile} / --ssl-keyfile {keyfile}: not a PEM certificate and its "
+                            f"unencrypted private key ({exc.reason or exc})") from None
+    except OSError as exc:
+        raise BadInputError(f"cannot read the TLS certificate or key: {exc.strerror or exc} "
+                            f"({getattr(exc, 'filename', None) or cert})") from None
+    return cert, key

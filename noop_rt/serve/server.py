@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import ipaddress
 import logging
 import math
 import os
 import re
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from noop_rt.runtime import errors
 from noop_rt.runtime.errors import BadInputError, MissingDependencyError, NoopError
 from noop_rt.runtime.extras import install_hint
+from noop_rt.runtime.local_ray import LOCAL_INIT, LOOPBACK_SWITCH
 from noop_rt.serve.options import APP_NAME, ServeOptions
 
 if TYPE_CHECKING:
@@ -117,9 +120,18 @@ def check_port(host: str, port: int) -> None:
                                 "--port 0 for any free one)") from None
 
 
-def url_for(host: str, port: int) -> str:
+def url_for(host: str, port: int, tls: bool = False) -> str:
     shown = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
-    return f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
+    scheme = "https" if tls else "http"
+    return f"{scheme}://[{shown}]:{port}" if ":" in shown else f"{scheme}://{shown}:{port}"
+
+
+def http_options(options: ServeOptions, host: str, port: int) -> dict[str, Any]:
+    """Ray Serve's HTTPOptions for this server: where to listen, TLS, the keep-alive timeout (its uvicorn's)."""
+    found: dict[str, Any] = {"host": host, "port": port, "keep_alive_timeout_s": options.keep_alive_s}
+    if options.tls:
+        found.update(ssl_certfile=options.ssl_certfile, ssl_keyfile=options.ssl_keyfile)
+    return found
 
 
 def serve_forever(load: LoadOptions, options: ServeOptions) -> None:
@@ -129,6 +141,9 @@ def serve_forever(load: LoadOptions, options: ServeOptions) -> None:
         port = free_port(options.host)
     elif address is None:
         check_port(options.host, port)
+    saved_switch = os.environ.get(LOOPBACK_SWITCH)
+    if address is None:
+        os.environ[LOOPBACK_SWITCH] = "0"  # a local cluster on loopback (runtime.local_ray), whatever --host says
     ray, serve = _imports()
     # Serve's own INFO lines name its proxy's port, which is not the server's URL under direct ingress; noop-rt
     # prints its own progress
@@ -142,18 +157,21 @@ def serve_forever(load: LoadOptions, options: ServeOptions) -> None:
     # The local cluster's processes inherit this environment; this process's own Serve client read its settings
     # when ray.serve was imported (`_imports`).
     saved_env = {name: os.environ.get(name) for name in DIRECT_INGRESS_SETTINGS}
+    saved_env[LOOPBACK_SWITCH] = saved_switch
     direct = own_ray and address is None and throughput_optimized(port)
     try:
         if own_ray:
             if address:
                 _connect(ray, address)
             else:
-                ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
-                         logging_level="WARNING")
+                ray.init(num_cpus=os.cpu_count() or 1, log_to_driver=False, logging_level="WARNING", **LOCAL_INIT)
         signals.install()  # ray.init sets its own SIGTERM handler
         local = own_ray and not address
         where = f"local cluster at {ray.get_runtime_context().gcs_address}" if local else f"cluster {address}"
         _log(f"Ray: {where}")
+        if local and not _is_loopback_address(ray.get_runtime_context().gcs_address):
+            _log("warning: the local Ray cluster listens beyond loopback (Ray was imported and set up before "
+                 f"noop-rt could set {LOOPBACK_SWITCH}=0)")
         resources = ray.cluster_resources()
         cpus = float(resources.get("CPU", 1.0))
         model_cpus, threads = replica_resources(options, cpus, local)
@@ -164,7 +182,7 @@ def serve_forever(load: LoadOptions, options: ServeOptions) -> None:
         own_serve = not _serve_running(serve)
         # Direct ingress: the ingress replica listens on `port` itself; Serve's proxy (still started on the head
         # node) gets another free port, unused by noop-rt.
-        _start_serve(serve, options.host, free_port(options.host) if direct else port)
+        _start_serve(serve, http_options(options, options.host, free_port(options.host) if direct else port))
         started_serve = True
         from noop_rt.serve.app import build_app
 
@@ -179,7 +197,7 @@ def serve_forever(load: LoadOptions, options: ServeOptions) -> None:
         except Exception as exc:  # RuntimeError from Serve, or a Ray actor error (ActorDiedError) when a replica's
             # constructor raised while the deployment was still being watched: the replicas' own message either way
             raise _deploy_error(serve, exc) from None
-        url = url_for(options.host, port)
+        url = url_for(options.host, port, options.tls)
         try:
             _wait_ready(url)
         except NoopError as exc:
@@ -202,6 +220,14 @@ def serve_forever(load: LoadOptions, options: ServeOptions) -> None:
                 os.environ[name] = value
         _stop(ray, serve if started_serve else None, own_ray=own_ray, own_serve=own_serve,
               local=own_ray and not address)
+
+
+def _is_loopback_address(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def ray_has_direct_ingress() -> bool:
@@ -293,12 +319,12 @@ def replica_resources(options: ServeOptions, cpus: float, local: bool) -> tuple[
     return share, max(1, int((cpus - 1) // options.replicas))
 
 
-def _start_serve(serve: Any, host: str, port: int) -> None:
+def _start_serve(serve: Any, http: dict[str, Any]) -> None:
     """serve.start, once more if Serve's controller actor died while starting (seen on a loaded 2-core machine);
     a second failure is one line."""
     for attempt in (1, 2):
         try:
-            serve.start(http_options={"host": host, "port": port})
+            serve.start(http_options=http)
             return
         except Exception as exc:  # Ray raises its own actor errors (ActorDiedError, RayActorError)
             if attempt == 2 or "Actor" not in type(exc).__name__:
@@ -327,9 +353,12 @@ def _deploy_error(serve: Any, exc: Exception) -> NoopError:
 def _wait_ready(url: str) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     last = ""
+    # this process asks its own server whether it answers yet: under TLS the certificate is not what is checked
+    # (it may name a host other than the one asked here)
+    context = ssl._create_unverified_context() if url.startswith("https:") else None
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=10) as response:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=10, context=context) as response:
                 if response.status == 200:
                     return
         except urllib.error.HTTPError as exc:

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from noop_rt.runtime.errors import BadInputError
-from noop_rt.runtime.images import decode_rgb, to_model_input
+from noop_rt.runtime.images import decode_model_input
 
 # Formats a server decodes. Never EPS/PS (Pillow runs Ghostscript for them) nor the exotic plugins.
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
@@ -114,7 +114,7 @@ def decode_image(data: bytes, name: str, resolution: int, max_pixels: int) -> np
     """Encoded image bytes -> the model's input (3, R, R) float32 in [-1, 1], after the header check."""
     check_image_header(data, name, max_pixels)
     try:
-        return to_model_input(decode_rgb(data, name), resolution)
+        return decode_model_input(data, name, resolution)
     except BadInputError as exc:
         raise RequestError(400, str(exc)) from None
 
