@@ -32,7 +32,7 @@ HAVE_RAY = importlib.util.find_spec("ray") is not None
 EXAMPLES = sorted(EXAMPLES_DIR.glob("*.png"))
 DEMO = LoadOptions()  # noop_rt.load() with no source: the shipped demo bundle
 COLUMNS = ["path", "label", "prob", "top_classes", "top_probs", "top_errors", "method", "backend", "unet_evals",
-           "model_id", "error"]
+           "escalated", "model_id", "error"]
 
 
 @pytest.fixture()
