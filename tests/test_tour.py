@@ -19,7 +19,7 @@ SHRINK = {"demo-data": ["--shots", "2", "--val-shots", "2"],
 
 
 def tour_commands() -> list[list[str]]:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
     block = re.search(r"<!-- tour.*?-->\s*```bash\n(.*?)```\s*<!-- /tour -->", text, re.S)
     assert block is not None, "the README lost its tour block"
     commands = []

@@ -3,4 +3,4 @@ SD-shape fixtures that bench times. May import: noop_rt.train, noop_rt.runtime, 
 
 # The random-weight models of real architectures that `noop-rt bench --backbone NAME` times (shape_fixtures.py builds
 # them); named here so that the CLI can check a name without importing torch.
-SHAPE_FIXTURES = ("sd15-shape",)
+SHAPE_FIXTURES = ("sd15-shape", "sdxl-shape")

@@ -105,7 +105,8 @@ def batch(
 def bench(
     bundle: BundleOpt = None, ckpt: CkptOpt = None,
     backbone: Annotated[str, typer.Option("--backbone", metavar="NAME", help="'ckpt' (the bundle/ckpt/demo model) "
-                                          "or 'sd15-shape' (SD-1.5 architecture, random weights, 512 px).")] = "ckpt",
+                                          "or 'sd15-shape' / 'sdxl-shape' (SD-1.5 / SDXL UNet architecture, random "
+                                          "weights).")] = "ckpt",
     num_classes: Annotated[int, typer.Option("--num-classes", min=2, help="Classes for sd15-shape.")] = 37,
     baseline_noises: Annotated[int, typer.Option("--baseline-noises", min=1, help="Pairs of the baseline.")] = 100,
     measured_pairs: Annotated[int, typer.Option("--measured-pairs", min=1, help="Baseline pairs actually timed; "

@@ -81,14 +81,16 @@ def plan(backend: str, device: str, threads: int | None = None, concurrency: int
 
 def open_classifiers(load: LoadOptions, first: Any, engine: EnginePlan) -> list[Any]:
     """`engine.sessions` classifiers for `load` with `engine.threads` threads each. `first` (opened with `load`) is
-    kept when its threads already match, else replaced (closed). The extra classifiers share the first one's drift
-    monitor, so the report covers every image."""
+    kept when its threads already match, else replaced (closed). Every classifier shares `first`'s drift monitor and
+    its warning stream, so the report covers every image."""
     from noop_rt.api import load as open_model
 
     want = load.updated(threads=engine.threads) if engine.threads != load.threads else load
-    if want is not load:
+    if want is not load:  # reopened with the plan's threads: it keeps the first's drift monitor and where it reports
+        replaced = open_model(want)
+        replaced.drift, replaced._drift_lock, replaced.on_drift = first.drift, first._drift_lock, first.on_drift
         first.close()
-        first = open_model(want)
+        first = replaced
     out = [first]
     try:
         for _ in range(engine.sessions - 1):
