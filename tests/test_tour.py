@@ -42,7 +42,8 @@ def test_the_readme_tour_runs_in_order(tmp_path: Path) -> None:
             continue
         assert argv[0] == "noop-rt"
         res = subprocess.run([sys.executable, "-m", "noop_rt", *argv[1:], *SHRINK.get(command, [])], cwd=tmp_path,
-                             capture_output=True, text=True, timeout=600)
+                             capture_output=True, encoding="utf-8", timeout=600)  # not the locale's: a test
+        # before may have left the process in the C locale
         assert res.returncode == 0, f"{shlex.join(argv)}:\n{res.stderr[-2000:]}"
         outputs[command] = res.stdout
     assert "10/10 correct" in outputs["demo"]
