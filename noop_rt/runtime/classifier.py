@@ -303,9 +303,11 @@ class Classifier:
             if warning is not None:
                 self.on_drift(warning)
         escalated = np.zeros(len(names), bool) if scores.escalated is None else scores.escalated
-        for i in np.flatnonzero(escalated).tolist():  # the escalation's probabilities over its survivors
-            alive = scores.survivors[i]
-            probs[i] = scores.probabilities(strategies.uncalibrated_tau(scores.errors[i:i + 1, alive]))[i]
+        if escalated.any():  # the escalation's probabilities over its survivors, each row at its own 1/std scale
+            row_tau = np.ones((len(names), 1))
+            for i in np.flatnonzero(escalated).tolist():
+                row_tau[i] = strategies.uncalibrated_tau(scores.errors[i:i + 1, scores.survivors[i]])
+            probs[escalated] = scores.probabilities(row_tau)[escalated]
         ranking = scores.ranking()[:, :min(top_k, len(self.classes))]
         n = len(names)
         per = {"preprocess": 1e3 * preprocess_s / n, "model": 1e3 * model_s / n,
